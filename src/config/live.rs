@@ -1,0 +1,207 @@
+//! The live config handle: readers take a snapshot with one atomic load; reloads validate a new
+//! file completely before swapping, so a bad edit never replaces a good config.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use notify::{RecursiveMode, Watcher};
+use parking_lot::Mutex;
+
+use super::compile::ActiveConfig;
+use super::load::{load_file, ConfigError};
+use super::schema::Config;
+
+/// What one reload attempt did.
+#[derive(Debug)]
+pub enum ReloadOutcome {
+    /// The new config is serving. `restart_needed` names changed settings that only apply at start.
+    Applied {
+        generation: u64,
+        restart_needed: Vec<&'static str>,
+    },
+    /// The file's content is the same as the serving config's.
+    Unchanged { generation: u64 },
+    /// The file is invalid; the previous config keeps serving.
+    Rejected(ConfigError),
+}
+
+impl ReloadOutcome {
+    pub fn label(&self) -> &'static str {
+        match self {
+            ReloadOutcome::Applied { .. } => "applied",
+            ReloadOutcome::Unchanged { .. } => "unchanged",
+            ReloadOutcome::Rejected(_) => "rejected",
+        }
+    }
+}
+
+type OutcomeHook = Box<dyn Fn(&str, &ReloadOutcome) + Send + Sync>;
+
+pub struct LiveConfig {
+    current: ArcSwap<ActiveConfig>,
+    /// None when running on the embedded default: nothing to watch or reload.
+    path: Option<PathBuf>,
+    /// Serializes reloads and remembers the last text seen, to skip no-op reloads.
+    last_text: Mutex<String>,
+    on_outcome: Mutex<Option<OutcomeHook>>,
+}
+
+impl LiveConfig {
+    pub fn new(active: ActiveConfig, path: Option<PathBuf>, text: String) -> Arc<Self> {
+        Arc::new(Self {
+            current: ArcSwap::from_pointee(active),
+            path,
+            last_text: Mutex::new(text),
+            on_outcome: Mutex::new(None),
+        })
+    }
+
+    /// Snapshot for one request: it keeps this config until it finishes, whatever reloads do.
+    #[inline]
+    pub fn snapshot(&self) -> Arc<ActiveConfig> {
+        self.current.load_full()
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Called with the trigger (`file`, `sighup`, `admin`) and outcome of every reload.
+    pub fn set_outcome_hook(&self, hook: OutcomeHook) {
+        *self.on_outcome.lock() = Some(hook);
+    }
+
+    /// Re-reads the file and swaps it in if valid and different.
+    pub fn reload(&self, trigger: &str) -> ReloadOutcome {
+        let outcome = self.reload_inner();
+        if let Some(hook) = self.on_outcome.lock().as_ref() {
+            hook(trigger, &outcome);
+        }
+        outcome
+    }
+
+    fn reload_inner(&self) -> ReloadOutcome {
+        let Some(path) = &self.path else {
+            return ReloadOutcome::Unchanged {
+                generation: self.current.load().generation,
+            };
+        };
+        let mut last_text = self.last_text.lock();
+        let (config, text) = match load_file(path) {
+            Ok(loaded) => loaded,
+            Err(e) => return ReloadOutcome::Rejected(e),
+        };
+        let old = self.current.load_full();
+        if text == *last_text && *old.config == config {
+            return ReloadOutcome::Unchanged {
+                generation: old.generation,
+            };
+        }
+        let restart_needed = restart_only_changes(&old.config, &config);
+        let generation = old.generation + 1;
+        let active = match ActiveConfig::compile(config, generation) {
+            Ok(active) => active,
+            Err(message) => {
+                return ReloadOutcome::Rejected(ConfigError::Invalid {
+                    file: path.display().to_string(),
+                    problems: vec![super::load::Problem {
+                        line: 1,
+                        column: 1,
+                        message,
+                    }],
+                })
+            }
+        };
+        self.current.store(Arc::new(active));
+        *last_text = text;
+        ReloadOutcome::Applied {
+            generation,
+            restart_needed,
+        }
+    }
+}
+
+/// Settings read only at start: a change is reported instead of silently ignored.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if old.listen != new.listen {
+        changed.push("listen");
+    }
+    if old.threads != new.threads {
+        changed.push("threads");
+    }
+    if old.admin.listen != new.admin.listen {
+        changed.push("admin.listen");
+    }
+    if old.cache.memory != new.cache.memory {
+        changed.push("cache.memory");
+    }
+    if old.cache.redis != new.cache.redis {
+        changed.push("cache.redis");
+    }
+    if old.cache.max_entry_size != new.cache.max_entry_size {
+        changed.push("cache.max_entry_size");
+    }
+    let format_changed = |f: super::schema::AccessLogFormat| f != super::schema::AccessLogFormat::Off;
+    if old.telemetry.access_log != new.telemetry.access_log
+        && format_changed(old.telemetry.access_log)
+        && format_changed(new.telemetry.access_log)
+    {
+        changed.push("telemetry.access_log (json/text)");
+    }
+    if old.telemetry.service_name != new.telemetry.service_name {
+        changed.push("telemetry.service_name");
+    }
+    changed
+}
+
+/// How often the file is re-read even without a change event (events can be missed on some
+/// mounts); cheap because an unchanged file is a string compare.
+const POLL_INTERVAL: Duration = Duration::from_secs(5);
+/// Editors and kubelet produce bursts of events; wait for the burst to settle.
+const DEBOUNCE: Duration = Duration::from_millis(150);
+
+/// Watches the config file's directory (a ConfigMap swaps the `..data` symlink there rather than
+/// writing the file) and reloads on change. Runs until the runtime stops.
+pub fn spawn_watcher(live: Arc<LiveConfig>) -> Result<(), notify::Error> {
+    let Some(path) = live.path().map(Path::to_path_buf) else {
+        return Ok(());
+    };
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            let _ = tx.send(());
+        }
+    })?;
+    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    tokio::spawn(async move {
+        // The watcher stops when dropped; this task owns it for the process lifetime.
+        let _watcher = watcher;
+        let mut poll = tokio::time::interval(POLL_INTERVAL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let trigger = tokio::select! {
+                got = rx.recv() => {
+                    if got.is_none() {
+                        break;
+                    }
+                    tokio::time::sleep(DEBOUNCE).await;
+                    while rx.try_recv().is_ok() {}
+                    "file"
+                }
+                _ = poll.tick() => "poll",
+            };
+            let live = live.clone();
+            // File reads and YAML parsing are blocking work; keep them off the async workers.
+            let _ = tokio::task::spawn_blocking(move || live.reload(trigger)).await;
+        }
+    });
+    Ok(())
+}

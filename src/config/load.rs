@@ -1,0 +1,649 @@
+//! Turning YAML text into a validated [`Config`], collecting every problem with its position.
+//!
+//! serde stops at the first error, so each top-level section and each route is deserialized on
+//! its own, and problems found after parsing (a route naming a missing upstream, …) are located
+//! through a map from key paths to positions built by a separate YAML event pass.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde_yaml_ng::{Mapping, Value};
+use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
+use yaml_rust2::scanner::Marker;
+
+use super::schema::{Config, RouteConfig};
+
+/// One problem in a config file, with a 1-based position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read config: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{}", render_problems(file, problems))]
+    Invalid {
+        file: String,
+        problems: Vec<Problem>,
+    },
+}
+
+impl ConfigError {
+    /// Each problem as `FILE:LINE:COL: message`.
+    pub fn lines(&self) -> Vec<String> {
+        match self {
+            ConfigError::Read { .. } => vec![self.to_string()],
+            ConfigError::Invalid { file, problems } => problems
+                .iter()
+                .map(|p| format!("{file}:{}:{}: {}", p.line, p.column, p.message))
+                .collect(),
+        }
+    }
+}
+
+fn render_problems(file: &str, problems: &[Problem]) -> String {
+    let mut out = String::new();
+    for (i, p) in problems.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        out.push_str(&format!("{file}:{}:{}: {}", p.line, p.column, p.message));
+    }
+    out
+}
+
+/// Reads, interpolates, parses and validates a config file.
+pub fn load_file(path: &Path) -> Result<(Config, String), ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let config = parse_str(&text, &path.display().to_string())?;
+    Ok((config, text))
+}
+
+/// Parses YAML text (already read) into a validated config; `file` names it in messages.
+pub fn parse_str(text: &str, file: &str) -> Result<Config, ConfigError> {
+    let invalid = |problems| ConfigError::Invalid {
+        file: file.to_string(),
+        problems,
+    };
+    let text = interpolate_env(text, &|name| std::env::var(name).ok()).map_err(invalid)?;
+    let spans = SpanMap::build(&text).map_err(|p| invalid(vec![p]))?;
+    let root: Value = if text.trim().is_empty() {
+        Value::Mapping(Mapping::new())
+    } else {
+        serde_yaml_ng::from_str(&text).map_err(|e| {
+            let (line, column) = e
+                .location()
+                .map(|l| (l.line(), l.column()))
+                .unwrap_or((1, 1));
+            invalid(vec![Problem {
+                line,
+                column,
+                message: e.to_string(),
+            }])
+        })?
+    };
+    let mut problems = Vec::new();
+    let config = deserialize_sections(root, &spans, &mut problems);
+    if let Some(config) = &config {
+        validate(config, &spans, &mut problems);
+    }
+    match config {
+        Some(config) if problems.is_empty() => Ok(config),
+        _ => {
+            problems.sort_by_key(|p| (p.line, p.column));
+            problems.dedup();
+            Err(invalid(problems))
+        }
+    }
+}
+
+/// Replaces `${VAR}` and `${VAR:-default}`; `$${` is a literal `${`. An unset variable without
+/// a default is an error rather than an empty string, so a missing secret is noticed at load.
+pub fn interpolate_env(
+    text: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, Vec<Problem>> {
+    let mut out = String::with_capacity(text.len());
+    let mut problems = Vec::new();
+    for (line_index, line) in text.split_inclusive('\n').enumerate() {
+        let mut rest = line;
+        let mut column = 1;
+        while let Some(start) = rest.find('$') {
+            out.push_str(&rest[..start]);
+            column += rest[..start].chars().count();
+            let after = &rest[start..];
+            if after.starts_with("$${") {
+                out.push_str("${");
+                rest = &after[3..];
+                column += 3;
+                continue;
+            }
+            if !after.starts_with("${") {
+                out.push('$');
+                rest = &after[1..];
+                column += 1;
+                continue;
+            }
+            let Some(end) = after.find('}') else {
+                problems.push(Problem {
+                    line: line_index + 1,
+                    column,
+                    message: "unterminated `${` (write ${VAR} or ${VAR:-default}, or $${ for a literal)".into(),
+                });
+                out.push_str(after);
+                rest = "";
+                break;
+            };
+            let inner = &after[2..end];
+            let (name, default) = match inner.split_once(":-") {
+                Some((name, default)) => (name, Some(default)),
+                None => (inner, None),
+            };
+            let valid_name = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid_name {
+                problems.push(Problem {
+                    line: line_index + 1,
+                    column,
+                    message: format!("invalid environment variable name {name:?} in `${{{inner}}}`"),
+                });
+            } else {
+                match (lookup(name), default) {
+                    (Some(value), _) => out.push_str(&value),
+                    (None, Some(default)) => out.push_str(default),
+                    (None, None) => problems.push(Problem {
+                        line: line_index + 1,
+                        column,
+                        message: format!(
+                            "environment variable {name} is not set (use ${{{name}:-default}} to make it optional)"
+                        ),
+                    }),
+                }
+            }
+            column += after[..=end].chars().count();
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+    }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(problems)
+    }
+}
+
+/// Positions of keys and values by path (`routes[1].cache.ttl`).
+#[derive(Debug, Default)]
+pub struct SpanMap {
+    keys: HashMap<String, (usize, usize)>,
+    values: HashMap<String, (usize, usize)>,
+}
+
+impl SpanMap {
+    pub fn build(text: &str) -> Result<Self, Problem> {
+        let mut builder = SpanBuilder::default();
+        let mut parser = Parser::new_from_str(text);
+        parser.load(&mut builder, false).map_err(|e| Problem {
+            line: e.marker().line(),
+            column: e.marker().col() + 1,
+            message: format!("invalid YAML: {}", e.info()),
+        })?;
+        Ok(builder.map)
+    }
+
+    /// Position of the value at `path`, or of the nearest enclosing node that has one.
+    pub fn value_at(&self, path: &str) -> (usize, usize) {
+        let mut path = path.to_string();
+        loop {
+            if let Some(pos) = self.values.get(&path).or_else(|| self.keys.get(&path)) {
+                return *pos;
+            }
+            match parent_path(&path) {
+                Some(parent) => path = parent,
+                None => return (1, 1),
+            }
+        }
+    }
+
+    /// Position of the key at `path` (for "unknown field" errors), else of its value.
+    pub fn key_at(&self, path: &str) -> (usize, usize) {
+        self.keys
+            .get(path)
+            .copied()
+            .unwrap_or_else(|| self.value_at(path))
+    }
+
+    fn problem(&self, path: &str, message: impl Into<String>) -> Problem {
+        let (line, column) = self.value_at(path);
+        Problem {
+            line,
+            column,
+            message: message.into(),
+        }
+    }
+}
+
+fn parent_path(path: &str) -> Option<String> {
+    if path.is_empty() {
+        return None;
+    }
+    let cut = path.rfind(['.', '[']).unwrap_or(0);
+    Some(path[..cut].to_string())
+}
+
+fn join_key(parent: &str, key: &str) -> String {
+    if parent.is_empty() {
+        key.to_string()
+    } else {
+        format!("{parent}.{key}")
+    }
+}
+
+enum Frame {
+    Map { path: String, pending_key: Option<String> },
+    Seq { path: String, next: usize },
+}
+
+#[derive(Default)]
+struct SpanBuilder {
+    stack: Vec<Frame>,
+    map: SpanMap,
+}
+
+impl SpanBuilder {
+    /// The path a new node takes at the current position; `None` when the node is a map key.
+    fn place_node(&mut self) -> Option<String> {
+        match self.stack.last_mut() {
+            None => Some(String::new()),
+            Some(Frame::Seq { path, next }) => {
+                let p = format!("{path}[{next}]");
+                *next += 1;
+                Some(p)
+            }
+            Some(Frame::Map { path, pending_key }) => {
+                pending_key.take().map(|key| join_key(path, &key))
+            }
+        }
+    }
+}
+
+impl MarkedEventReceiver for SpanBuilder {
+    fn on_event(&mut self, ev: Event, mark: Marker) {
+        let pos = (mark.line(), mark.col() + 1);
+        match ev {
+            Event::Scalar(value, ..) => match self.place_node() {
+                Some(path) => {
+                    self.map.values.insert(path, pos);
+                }
+                None => {
+                    if let Some(Frame::Map { path, pending_key }) = self.stack.last_mut() {
+                        self.map.keys.insert(join_key(path, &value), pos);
+                        *pending_key = Some(value);
+                    }
+                }
+            },
+            Event::MappingStart(..) | Event::SequenceStart(..) => {
+                // A complex key cannot be addressed by path; give it a placeholder name.
+                let path = self.place_node().unwrap_or_else(|| "?".to_string());
+                self.map.values.entry(path.clone()).or_insert(pos);
+                if matches!(ev, Event::MappingStart(..)) {
+                    self.stack.push(Frame::Map {
+                        path,
+                        pending_key: None,
+                    });
+                } else {
+                    self.stack.push(Frame::Seq { path, next: 0 });
+                }
+            }
+            Event::MappingEnd | Event::SequenceEnd => {
+                self.stack.pop();
+            }
+            Event::Alias(_) => {
+                self.place_node();
+            }
+            _ => {}
+        }
+    }
+}
+
+fn deserialize_at<T: DeserializeOwned>(
+    value: Value,
+    base: &str,
+    spans: &SpanMap,
+    problems: &mut Vec<Problem>,
+) -> Option<T> {
+    match serde_path_to_error::deserialize::<_, T>(value) {
+        Ok(v) => Some(v),
+        Err(err) => {
+            let mut path = base.to_string();
+            for segment in err.path().iter() {
+                match segment {
+                    serde_path_to_error::Segment::Seq { index } => {
+                        path = format!("{path}[{index}]")
+                    }
+                    serde_path_to_error::Segment::Map { key } => path = join_key(&path, key),
+                    serde_path_to_error::Segment::Enum { .. }
+                    | serde_path_to_error::Segment::Unknown => {}
+                }
+            }
+            let message = err.into_inner().to_string();
+            let (line, column) = match unknown_field_name(&message) {
+                Some(field) => spans.key_at(&join_key(&path, field)),
+                None => spans.value_at(&path),
+            };
+            let label = if path.is_empty() {
+                String::new()
+            } else {
+                format!("{path}: ")
+            };
+            problems.push(Problem {
+                line,
+                column,
+                message: format!("{label}{message}"),
+            });
+            None
+        }
+    }
+}
+
+fn unknown_field_name(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("unknown field `")?;
+    rest.split('`').next()
+}
+
+fn deserialize_sections(
+    root: Value,
+    spans: &SpanMap,
+    problems: &mut Vec<Problem>,
+) -> Option<Config> {
+    let Value::Mapping(root) = root else {
+        problems.push(spans.problem("", "the config must be a mapping of keys to values"));
+        return None;
+    };
+    let mut sections = Mapping::new();
+    let mut routes = Vec::new();
+    let mut ok = true;
+    for (key, value) in root {
+        if key.as_str() == Some("routes") {
+            match value {
+                Value::Sequence(items) => {
+                    for (i, item) in items.into_iter().enumerate() {
+                        let base = format!("routes[{i}]");
+                        match deserialize_at::<RouteConfig>(item, &base, spans, problems) {
+                            Some(route) => routes.push(route),
+                            None => ok = false,
+                        }
+                    }
+                }
+                Value::Null => {}
+                _ => {
+                    problems.push(spans.problem("routes", "routes: expected a list of routes"));
+                    ok = false;
+                }
+            }
+            continue;
+        }
+        // Each section alone, so one bad section does not hide the problems of the others.
+        let mut single = Mapping::new();
+        single.insert(key.clone(), value.clone());
+        if deserialize_at::<Config>(Value::Mapping(single), "", spans, problems).is_none() {
+            ok = false;
+        }
+        sections.insert(key, value);
+    }
+    if !ok {
+        return None;
+    }
+    let mut config: Config = deserialize_at(Value::Mapping(sections), "", spans, problems)?;
+    config.routes = routes;
+    Some(config)
+}
+
+const KNOWN_METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT",
+];
+
+fn validate(config: &Config, spans: &SpanMap, problems: &mut Vec<Problem>) {
+    let mut check_addr = |path: &str, addr: &str| {
+        if addr.parse::<SocketAddr>().is_err() {
+            problems.push(spans.problem(
+                path,
+                format!("{path}: {addr:?} is not an IP:port address (e.g. 0.0.0.0:8080)"),
+            ));
+        }
+    };
+    check_addr("listen", &config.listen);
+    check_addr("admin.listen", &config.admin.listen);
+    if config.listen == config.admin.listen {
+        problems.push(spans.problem(
+            "admin.listen",
+            "admin.listen must differ from listen: the admin port is not the traffic port",
+        ));
+    }
+    if config.threads > 1024 {
+        problems.push(spans.problem("threads", "threads: at most 1024"));
+    }
+
+    for (name, upstream) in &config.upstreams {
+        let path = format!("upstreams.{name}");
+        if let Err(message) = super::compile::parse_upstream_url(&upstream.url) {
+            problems.push(spans.problem(&format!("{path}.url"), format!("{path}.url: {message}")));
+        }
+        if upstream.connect_timeout.get().is_zero() {
+            problems.push(spans.problem(
+                &format!("{path}.connect_timeout"),
+                format!("{path}.connect_timeout: must be greater than zero"),
+            ));
+        }
+        if upstream.timeout.get().is_zero() {
+            problems.push(spans.problem(
+                &format!("{path}.timeout"),
+                format!("{path}.timeout: must be greater than zero"),
+            ));
+        }
+    }
+
+    let redis = &config.cache.redis;
+    if !redis.url.is_empty() {
+        if let Err(e) = redis::Client::open(redis.url.as_str()) {
+            problems.push(spans.problem(
+                "cache.redis.url",
+                format!("cache.redis.url: not a valid Redis URL (redis://[:password@]host[:port][/db] or rediss://…): {e}"),
+            ));
+        }
+    }
+    if redis.timeout.get().is_zero() {
+        problems.push(spans.problem(
+            "cache.redis.timeout",
+            "cache.redis.timeout: must be greater than zero",
+        ));
+    }
+    if config.cache.default_ttl.get().is_zero() {
+        problems.push(spans.problem(
+            "cache.default_ttl",
+            "cache.default_ttl: must be greater than zero",
+        ));
+    }
+
+    if config.routes.is_empty() {
+        problems.push(spans.problem(
+            "routes",
+            "routes: at least one route is needed, or every request would be a 404",
+        ));
+    }
+    let mut seen = HashSet::new();
+    for (i, route) in config.routes.iter().enumerate() {
+        let base = format!("routes[{i}]");
+        if route.name.trim().is_empty() {
+            problems.push(spans.problem(&format!("{base}.name"), format!("{base}.name: must not be empty")));
+        } else if !seen.insert(route.name.as_str()) {
+            problems.push(spans.problem(
+                &format!("{base}.name"),
+                format!("{base}.name: duplicate route name {:?}", route.name),
+            ));
+        }
+        if !config.upstreams.contains_key(&route.upstream) {
+            let known: Vec<&str> = config.upstreams.keys().map(String::as_str).collect();
+            problems.push(spans.problem(
+                &format!("{base}.upstream"),
+                format!(
+                    "{base}.upstream: no upstream named {:?} (defined: {})",
+                    route.upstream,
+                    if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                ),
+            ));
+        }
+        let m = &route.matcher;
+        match (&m.path, &m.path_prefix) {
+            (None, None) => problems.push(spans.problem(
+                &format!("{base}.match"),
+                format!("{base}.match: needs `path` or `path_prefix` (use path_prefix: / to match everything)"),
+            )),
+            (Some(_), Some(_)) => problems.push(spans.problem(
+                &format!("{base}.match"),
+                format!("{base}.match: give either `path` or `path_prefix`, not both"),
+            )),
+            _ => {}
+        }
+        for (key, value) in [("path", &m.path), ("path_prefix", &m.path_prefix)] {
+            if let Some(p) = value {
+                if !p.starts_with('/') {
+                    problems.push(spans.problem(
+                        &format!("{base}.match.{key}"),
+                        format!("{base}.match.{key}: must start with '/' (got {p:?})"),
+                    ));
+                }
+            }
+        }
+        for (j, method) in m.methods.iter().enumerate() {
+            if !KNOWN_METHODS.contains(&method.to_ascii_uppercase().as_str()) {
+                problems.push(spans.problem(
+                    &format!("{base}.match.methods[{j}]"),
+                    format!("{base}.match.methods[{j}]: unknown HTTP method {method:?}"),
+                ));
+            }
+        }
+        if let Some(cache) = &route.cache {
+            if cache.ttl.is_some_and(|t| t.get().is_zero()) {
+                problems.push(spans.problem(
+                    &format!("{base}.cache.ttl"),
+                    format!("{base}.cache.ttl: must be greater than zero (remove `cache` to disable caching)"),
+                ));
+            }
+            if let Some(statuses) = &cache.statuses {
+                for (j, status) in statuses.iter().enumerate() {
+                    if !(100..=599).contains(status) {
+                        problems.push(spans.problem(
+                            &format!("{base}.cache.statuses[{j}]"),
+                            format!("{base}.cache.statuses[{j}]: {status} is not an HTTP status"),
+                        ));
+                    }
+                }
+            }
+            for (j, header) in cache.key.headers.iter().enumerate() {
+                if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+                    problems.push(spans.problem(
+                        &format!("{base}.cache.key.headers[{j}]"),
+                        format!("{base}.cache.key.headers[{j}]: {header:?} is not a valid header name"),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Where the config came from, for messages and for the reload watcher.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    pub path: PathBuf,
+}
+
+impl fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.path.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<String> {
+        match parse_str(text, "t.yaml") {
+            Ok(_) => vec![],
+            Err(e) => e.lines(),
+        }
+    }
+
+    const GOOD: &str = "upstreams:\n  app: { url: \"http://127.0.0.1:8000\" }\nroutes:\n  - name: all\n    match: { path_prefix: / }\n    upstream: app\n";
+
+    #[test]
+    fn minimal_config_is_valid() {
+        let config = parse_str(GOOD, "t.yaml").unwrap();
+        assert_eq!(config.listen, "0.0.0.0:8080");
+        assert_eq!(config.routes.len(), 1);
+    }
+
+    #[test]
+    fn unknown_key_points_at_the_key() {
+        let text = "upstreams:\n  app: { url: \"http://127.0.0.1:8000\", timout: 1s }\nroutes:\n  - name: all\n    match: { path_prefix: / }\n    upstream: app\n    cahce: {}\n";
+        let p = problems(text);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].starts_with("t.yaml:2:"), "{p:?}");
+        assert!(p[0].contains("unknown field `timout`"), "{p:?}");
+        assert!(p[1].starts_with("t.yaml:7:5: routes[0]: unknown field `cahce`"), "{p:?}");
+    }
+
+    #[test]
+    fn all_semantic_problems_are_listed_with_positions() {
+        let text = "upstreams:\n  app: { url: \"http://127.0.0.1:8000\" }\nroutes:\n  - name: a\n    match: { path_prefix: / }\n    upstream: nope\n  - name: a\n    match: { path: x }\n    upstream: app\n";
+        let p = problems(text);
+        assert!(p.iter().any(|l| l.starts_with("t.yaml:6:15:") && l.contains("no upstream named \"nope\"")), "{p:?}");
+        assert!(p.iter().any(|l| l.starts_with("t.yaml:7:11:") && l.contains("duplicate route name")), "{p:?}");
+        assert!(p.iter().any(|l| l.starts_with("t.yaml:8:") && l.contains("must start with '/'")), "{p:?}");
+    }
+
+    #[test]
+    fn bad_duration_and_syntax_errors_have_positions() {
+        let text = "upstreams:\n  app: { url: \"http://127.0.0.1:8000\", timeout: soon }\nroutes: []\n";
+        let p = problems(text);
+        assert!(p.iter().any(|l| l.starts_with("t.yaml:2:") && l.contains("invalid duration")), "{p:?}");
+        let p = problems("routes: [\n  - name: x\n");
+        assert_eq!(p.len(), 1);
+        assert!(p[0].contains("invalid YAML"), "{p:?}");
+    }
+
+    #[test]
+    fn env_interpolation() {
+        let lookup = |name: &str| (name == "SET").then(|| "value".to_string());
+        assert_eq!(interpolate_env("a: ${SET}", &lookup).unwrap(), "a: value");
+        assert_eq!(interpolate_env("a: ${UNSET:-dflt}", &lookup).unwrap(), "a: dflt");
+        assert_eq!(interpolate_env("a: ${UNSET:-}", &lookup).unwrap(), "a: ");
+        assert_eq!(interpolate_env("a: $${SET} $5", &lookup).unwrap(), "a: ${SET} $5");
+        let err = interpolate_env("x: 1\na: ${UNSET}", &lookup).unwrap_err();
+        assert_eq!((err[0].line, err[0].column), (2, 4));
+        assert!(interpolate_env("a: ${OPEN", &lookup).is_err());
+        assert!(interpolate_env("a: ${BAD-NAME}", &lookup).is_err());
+    }
+
+    #[test]
+    fn the_embedded_default_is_valid() {
+        let text = include_str!("../../config/outrider.yaml");
+        parse_str(text, "config/outrider.yaml").unwrap();
+    }
+}

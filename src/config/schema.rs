@@ -1,0 +1,282 @@
+//! The YAML schema as typed structs. Every struct rejects unknown keys, so a typo is an error
+//! instead of a silently ignored setting. Defaults live here, next to the field they belong to.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::units::{ByteSize, HumanDuration};
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Traffic listener. Changing it needs a restart.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Worker threads for the proxy (0 = one per CPU). Changing it needs a restart.
+    #[serde(default)]
+    pub threads: usize,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    #[serde(default)]
+    pub cache: CacheConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+fn default_listen() -> String {
+    "0.0.0.0:8080".to_string()
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Admin listener; loopback by default so it is never exposed by accident.
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+fn default_admin_listen() -> String {
+    "127.0.0.1:9901".to_string()
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `http://host:port` or `https://host[:port]`; a path is not allowed.
+    pub url: String,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: HumanDuration,
+    /// Longest wait for any read or write on the upstream connection.
+    #[serde(default = "default_upstream_timeout")]
+    pub timeout: HumanDuration,
+}
+
+fn default_connect_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(1))
+}
+
+fn default_upstream_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    #[serde(default)]
+    pub memory: MemoryCacheConfig,
+    #[serde(default)]
+    pub redis: RedisConfig,
+    #[serde(default = "default_ttl")]
+    pub default_ttl: HumanDuration,
+    /// Responses larger than this stream through uncached.
+    #[serde(default = "default_max_entry_size")]
+    pub max_entry_size: ByteSize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            memory: MemoryCacheConfig::default(),
+            redis: RedisConfig::default(),
+            default_ttl: default_ttl(),
+            max_entry_size: default_max_entry_size(),
+        }
+    }
+}
+
+fn default_ttl() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+
+fn default_max_entry_size() -> ByteSize {
+    ByteSize(8 * 1024 * 1024)
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryCacheConfig {
+    /// Byte bound of the in-process L1; `0` disables L1.
+    #[serde(default = "default_memory_max")]
+    pub max_size: ByteSize,
+}
+
+impl Default for MemoryCacheConfig {
+    fn default() -> Self {
+        Self {
+            max_size: default_memory_max(),
+        }
+    }
+}
+
+fn default_memory_max() -> ByteSize {
+    ByteSize(256 * 1024 * 1024)
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// Empty means no L2: the cache is in-process only.
+    #[serde(default)]
+    pub url: String,
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    /// Upper bound on what one Redis call may add to a request.
+    #[serde(default = "default_redis_timeout")]
+    pub timeout: HumanDuration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            key_prefix: default_key_prefix(),
+            timeout: default_redis_timeout(),
+        }
+    }
+}
+
+fn default_key_prefix() -> String {
+    "outrider:".to_string()
+}
+
+fn default_redis_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_millis(50))
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    #[serde(default)]
+    pub access_log: AccessLogFormat,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            service_name: default_service_name(),
+            access_log: AccessLogFormat::default(),
+        }
+    }
+}
+
+fn default_service_name() -> String {
+    "outrider".to_string()
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    #[default]
+    Json,
+    Text,
+    Off,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// Longest time in-flight requests get to finish after SIGTERM/SIGINT.
+    #[serde(default = "default_grace")]
+    pub grace_period: HumanDuration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            grace_period: default_grace(),
+        }
+    }
+}
+
+fn default_grace() -> HumanDuration {
+    HumanDuration(Duration::from_secs(25))
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: String,
+    #[serde(rename = "match")]
+    pub matcher: MatchConfig,
+    pub upstream: String,
+    #[serde(default)]
+    pub cache: Option<RouteCacheConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MatchConfig {
+    /// Exact path (without the query string).
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// Empty means any method.
+    #[serde(default)]
+    pub methods: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteCacheConfig {
+    /// Defaults to `cache.default_ttl`.
+    #[serde(default)]
+    pub ttl: Option<HumanDuration>,
+    #[serde(default)]
+    pub stale_while_revalidate: HumanDuration,
+    #[serde(default)]
+    pub stale_if_error: HumanDuration,
+    #[serde(default)]
+    pub key: CacheKeyConfig,
+    /// Share responses to requests carrying `Authorization`/`Cookie` (keyed by the credential).
+    #[serde(default)]
+    pub shared: bool,
+    /// Use the upstream's `s-maxage`/`max-age` instead of `ttl` when present.
+    #[serde(default)]
+    pub respect_origin: bool,
+    /// Statuses that may be stored; defaults to RFC 9111's heuristically cacheable set.
+    #[serde(default)]
+    pub statuses: Option<Vec<u16>>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CacheKeyConfig {
+    /// Include the query string in the key.
+    #[serde(default = "default_true")]
+    pub query: bool,
+    /// Request headers whose values split the cache (like `Vary`).
+    #[serde(default)]
+    pub headers: Vec<String>,
+}
+
+impl Default for CacheKeyConfig {
+    fn default() -> Self {
+        Self {
+            query: true,
+            headers: Vec::new(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}

@@ -1,0 +1,9 @@
+//! outrider: a Pingora reverse-proxy sidecar. `server::run` builds and runs everything from a
+//! config; `main.rs` is only the command line around it.
+
+pub mod admin;
+pub mod cache;
+pub mod config;
+pub mod proxy;
+pub mod server;
+pub mod telemetry;

@@ -1,0 +1,66 @@
+//! The command line: `outrider run`, `outrider check`, `outrider version`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "outrider", version, about = "Reverse-proxy sidecar for Python/FastAPI services")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (on the embedded default config when --config is not given).
+    Run {
+        #[arg(short, long, env = "OUTRIDER_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Validate a config file: exit 0 if valid, else print every problem as FILE:LINE:COL.
+    Check {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Print the version.
+    Version,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config } => match outrider::server::run(config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("outrider: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Check { config } => match outrider::server::load(Some(&config)) {
+            Ok((cfg, _)) => {
+                println!(
+                    "{}: ok ({} routes, {} upstreams)",
+                    config.display(),
+                    cfg.routes.len(),
+                    cfg.upstreams.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                for line in e.lines() {
+                    eprintln!("{line}");
+                }
+                ExitCode::from(1)
+            }
+        },
+        Command::Version => {
+            println!("outrider {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! The Pingora `ProxyHttp` implementation: only phase wiring. It matches the route, chooses the
+//! upstream, sets forwarding headers and maps failures to JSON errors; features live elsewhere.
+
+pub mod ctx;
+pub mod respond;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+
+use crate::config::schema::AccessLogFormat;
+use crate::config::LiveConfig;
+use crate::telemetry::logging::ACCESS_TARGET;
+use crate::telemetry::metrics::{method_label, status_class};
+use crate::telemetry::{request_id, Metrics};
+use ctx::{Ctx, InFlight};
+use respond::codes;
+
+/// State shared by the proxy and the process: set once SIGTERM/SIGINT arrives.
+#[derive(Default)]
+pub struct Lifecycle {
+    pub draining: AtomicBool,
+}
+
+pub struct Outrider {
+    pub live: Arc<LiveConfig>,
+    pub metrics: Arc<Metrics>,
+    pub lifecycle: Arc<Lifecycle>,
+}
+
+impl Outrider {
+    fn record_upstream_error(&self, ctx: &mut Ctx, kind: &'static str) {
+        ctx.upstream_error = Some(kind);
+        self.metrics
+            .upstream_errors
+            .with_label_values(&[ctx.route_name(), kind])
+            .inc();
+    }
+}
+
+/// Classifies an upstream failure for metrics and picks the status the client sees.
+fn classify_upstream_error(e: &Error) -> (&'static str, u16) {
+    match e.etype() {
+        ErrorType::ConnectRefused => ("connect_refused", 502),
+        ErrorType::ConnectTimedout => ("connect_timeout", 504),
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout => ("timeout", 504),
+        ErrorType::ConnectNoRoute | ErrorType::BindError => ("connect_error", 502),
+        ErrorType::ConnectError | ErrorType::SocketError => ("connect_error", 502),
+        ErrorType::TLSHandshakeFailure
+        | ErrorType::TLSHandshakeTimedout
+        | ErrorType::InvalidCert
+        | ErrorType::HandshakeError => ("tls", 502),
+        ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError => ("closed", 502),
+        ErrorType::InvalidHTTPHeader | ErrorType::H1Error | ErrorType::H2Error => ("protocol", 502),
+        ErrorType::Custom("dns") => ("dns", 502),
+        _ => ("other", 502),
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Outrider {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx::new(InFlight::enter(&self.metrics.in_flight))
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let config = self.live.snapshot();
+        ctx.request_id = session
+            .req_header()
+            .headers
+            .get("x-request-id")
+            .and_then(|v| request_id::accept(v.as_bytes()))
+            .map(str::to_string)
+            .unwrap_or_else(request_id::generate);
+        if self.lifecycle.draining.load(Ordering::Relaxed) {
+            // Tell keep-alive clients to reconnect elsewhere while we drain.
+            session.set_keepalive(None);
+        }
+        let req = session.req_header();
+        ctx.route = config.match_route(req.method.as_str(), req.uri.path());
+        let matched = ctx.route.is_some();
+        ctx.config = Some(config);
+        if !matched {
+            let message = format!(
+                "no route matches {} {}",
+                session.req_header().method,
+                session.req_header().uri.path()
+            );
+            respond::json_error(session, ctx, 404, codes::NO_ROUTE, &message, None).await?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let Some(route) = ctx.route() else {
+            return Err(Error::explain(ErrorType::InternalError, "no route selected"));
+        };
+        let upstream = route.upstream.clone();
+        let addr = match upstream.address().await {
+            Ok(addr) => addr,
+            Err(e) => {
+                return Err(Error::explain(
+                    ErrorType::Custom("dns"),
+                    format!("cannot resolve upstream {}: {e}", upstream.host),
+                )
+                .into_up())
+            }
+        };
+        let sni = if upstream.tls { upstream.host.clone() } else { String::new() };
+        let mut peer = HttpPeer::new(addr, upstream.tls, sni);
+        peer.options.connection_timeout = Some(upstream.connect_timeout);
+        peer.options.total_connection_timeout = Some(upstream.connect_timeout * 2);
+        peer.options.read_timeout = Some(upstream.timeout);
+        peer.options.write_timeout = Some(upstream.timeout);
+        peer.options.idle_timeout = Some(std::time::Duration::from_secs(60));
+        ctx.upstream_started = Some(Instant::now());
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        upstream_request.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
+            let ip = addr.ip().to_string();
+            let forwarded = match upstream_request.headers.get("x-forwarded-for") {
+                Some(prior) => match prior.to_str() {
+                    Ok(prior) => format!("{prior}, {ip}"),
+                    Err(_) => ip,
+                },
+                None => ip,
+            };
+            upstream_request.insert_header("x-forwarded-for", forwarded)?;
+        }
+        // Behind an ingress that terminated TLS the client's scheme is already recorded; keep it.
+        if !upstream_request.headers.contains_key("x-forwarded-proto") {
+            upstream_request.insert_header("x-forwarded-proto", "http")?;
+        }
+        if let Some(host) = upstream_request.headers.get(http::header::HOST).cloned() {
+            if !upstream_request.headers.contains_key("x-forwarded-host") {
+                upstream_request.insert_header("x-forwarded-host", host)?;
+            }
+        }
+        if let Some(route) = ctx.route() {
+            // A TLS upstream (a provider API) routes by Host; a local app sees the client's Host.
+            if route.upstream.tls {
+                let host = if route.upstream.port == 443 {
+                    route.upstream.host.clone()
+                } else {
+                    format!("{}:{}", route.upstream.host, route.upstream.port)
+                };
+                upstream_request.insert_header(http::header::HOST, host)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        _upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(started) = ctx.upstream_started {
+            let elapsed = started.elapsed();
+            ctx.upstream_elapsed = Some(elapsed);
+            self.metrics
+                .upstream_duration
+                .with_label_values(&[ctx.route_name()])
+                .observe(elapsed.as_secs_f64());
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        respond::add_timing_headers(upstream_response, ctx);
+        Ok(())
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        e: Box<Error>,
+    ) -> Box<Error> {
+        let (kind, _) = classify_upstream_error(&e);
+        self.record_upstream_error(ctx, kind);
+        e
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let upstream_side = matches!(e.esource(), ErrorSource::Upstream)
+            || matches!(e.etype(), ErrorType::Custom("dns"));
+        let (status, code, kind) = if upstream_side {
+            let (kind, status) = classify_upstream_error(e);
+            if ctx.upstream_error.is_none() {
+                self.record_upstream_error(ctx, kind);
+            }
+            (status, codes::UPSTREAM_UNAVAILABLE, Some(kind))
+        } else {
+            match e.esource() {
+                ErrorSource::Downstream => match e.etype() {
+                    // The client is gone; there is nobody to answer.
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
+                        ctx.own_status = Some(499);
+                        return FailToProxy {
+                            error_code: 0,
+                            can_reuse_downstream: false,
+                        };
+                    }
+                    _ => (400, codes::BAD_REQUEST, None),
+                },
+                _ => (500, codes::INTERNAL, None),
+            }
+        };
+        if session.response_written().is_some() {
+            // Headers already went out: the only honest signal left is closing the connection.
+            ctx.own_status = Some(status);
+            return FailToProxy {
+                error_code: status,
+                can_reuse_downstream: false,
+            };
+        }
+        let route = ctx.route_name().to_string();
+        let message = match (code, kind) {
+            (codes::UPSTREAM_UNAVAILABLE, Some(kind)) => {
+                format!("upstream for route {route} failed: {kind}")
+            }
+            _ => e.to_string(),
+        };
+        let extra = kind.map(|k| ("kind", k));
+        if let Err(write_error) =
+            respond::json_error(session, ctx, status, code, &message, extra).await
+        {
+            tracing::debug!(error = %write_error, "could not write error response");
+        }
+        FailToProxy {
+            error_code: status,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Ctx) {
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .or(ctx.own_status)
+            .unwrap_or(0);
+        let elapsed = ctx.started.elapsed();
+        let route = ctx.route_name();
+        let method = session.req_header().method.as_str();
+        self.metrics
+            .requests
+            .with_label_values(&[route, method_label(method), status_class(status)])
+            .inc();
+        self.metrics
+            .request_duration
+            .with_label_values(&[route])
+            .observe(elapsed.as_secs_f64());
+
+        let log_format = ctx
+            .config
+            .as_ref()
+            .map(|c| c.config.telemetry.access_log)
+            .unwrap_or_default();
+        if log_format == AccessLogFormat::Off {
+            return;
+        }
+        let req = session.req_header();
+        tracing::info!(
+            target: ACCESS_TARGET,
+            route,
+            method,
+            path = req.uri.path(),
+            status,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            upstream_ms = ctx.upstream_elapsed.map(|d| d.as_secs_f64() * 1000.0),
+            upstream_error = ctx.upstream_error,
+            request_id = ctx.request_id.as_str(),
+            client = session.client_addr().map(|a| a.to_string()),
+            error = error.map(|e| e.to_string()),
+            "request"
+        );
+    }
+}

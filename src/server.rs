@@ -1,0 +1,243 @@
+//! Assembles a running outrider from a config: the Pingora proxy service, the admin service,
+//! the reload triggers (file watch, SIGHUP) and graceful shutdown.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora_core::server::configuration::ServerConf;
+use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::admin::{self, AdminExtension, AdminState};
+use crate::config::{self, ActiveConfig, Config, ConfigError, LiveConfig, ReloadOutcome};
+use crate::proxy::{Lifecycle, Outrider};
+use crate::telemetry::{logging, metrics::MetricsError, Metrics};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Metrics(#[from] MetricsError),
+    #[error("cannot start the background runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("cannot listen for admin on {addr}: {source}")]
+    AdminListen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("invalid config: {0}")]
+    Compile(String),
+}
+
+/// Loads the config from `path`, or the embedded default when `path` is `None`.
+pub fn load(path: Option<&std::path::Path>) -> Result<(Config, String), ConfigError> {
+    match path {
+        Some(path) => config::load_file(path),
+        None => {
+            let text = config::EMBEDDED_DEFAULT.to_string();
+            let config = config::parse_str(&text, "<embedded config/outrider.yaml>")?;
+            Ok((config, text))
+        }
+    }
+}
+
+/// Runs the proxy until SIGTERM/SIGINT and a drain; returns when the process should exit 0.
+pub fn run(path: Option<PathBuf>) -> Result<(), StartError> {
+    let (config, text) = load(path.as_deref())?;
+    logging::init(config.telemetry.access_log);
+    let metrics = Arc::new(Metrics::new()?);
+    let threads = match config.threads {
+        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        n => n,
+    };
+    let listen = config.listen.clone();
+    let admin_listen = config.admin.listen.clone();
+    let grace = config.shutdown.grace_period.get();
+    let active = ActiveConfig::compile(config, 1).map_err(StartError::Compile)?;
+    let live = LiveConfig::new(active, path.clone(), text);
+    metrics.config_generation.set(1);
+    install_reload_hook(&live, &metrics);
+    let lifecycle = Arc::new(Lifecycle::default());
+
+    // Admin, reload triggers and other background work run on their own small runtime so they
+    // stay responsive when the proxy workers are saturated.
+    let background = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("outrider-bg")
+        .enable_all()
+        .build()
+        .map_err(StartError::Runtime)?;
+    let extensions: Vec<Arc<dyn AdminExtension>> = Vec::new();
+    let admin_listener = background
+        .block_on(tokio::net::TcpListener::bind(&admin_listen))
+        .map_err(|source| StartError::AdminListen {
+            addr: admin_listen.clone(),
+            source,
+        })?;
+    let admin_state = Arc::new(AdminState {
+        live: live.clone(),
+        metrics: metrics.clone(),
+        lifecycle: lifecycle.clone(),
+        extensions,
+    });
+    background.spawn(admin::serve(admin_listener, admin_state));
+    {
+        let _guard = background.enter();
+        if let Err(e) = config::live::spawn_watcher(live.clone()) {
+            tracing::warn!(error = %e, "config file watching is unavailable; SIGHUP and POST /reload still work");
+        }
+    }
+    background.spawn(reload_on_sighup(live.clone()));
+
+    let mut conf = ServerConf {
+        threads,
+        // Pingora sleeps this long after SIGTERM; the drain watcher below exits sooner once idle.
+        grace_period_seconds: Some(grace.as_secs().max(1)),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    conf.upstream_keepalive_pool_size = 256;
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let proxy = Outrider {
+        live: live.clone(),
+        metrics: metrics.clone(),
+        lifecycle: lifecycle.clone(),
+    };
+    let mut service = pingora_proxy::http_proxy_service_with_name(&server.configuration, proxy, "outrider");
+    service.add_tcp(&listen);
+    server.add_service(service);
+    tracing::info!(
+        listen = %listen,
+        admin = %admin_listen,
+        threads,
+        config = %path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "embedded default".into()),
+        version = env!("CARGO_PKG_VERSION"),
+        "outrider started"
+    );
+    server.run(RunArgs {
+        shutdown_signal: Box::new(DrainOnSignal {
+            lifecycle,
+            metrics,
+            live,
+        }),
+    });
+    tracing::info!("outrider stopped");
+    logging::flush();
+    drop(background);
+    Ok(())
+}
+
+fn install_reload_hook(live: &Arc<LiveConfig>, metrics: &Arc<Metrics>) {
+    let metrics = metrics.clone();
+    live.set_outcome_hook(Box::new(move |trigger, outcome| {
+        // The periodic safety poll finds nothing most of the time; that is not a reload attempt.
+        if trigger == "poll" && matches!(outcome, ReloadOutcome::Unchanged { .. }) {
+            return;
+        }
+        metrics
+            .config_reloads
+            .with_label_values(&[outcome.label()])
+            .inc();
+        match outcome {
+            ReloadOutcome::Applied {
+                generation,
+                restart_needed,
+            } => {
+                metrics.config_generation.set(*generation as i64);
+                tracing::info!(trigger, generation, "config reloaded");
+                if !restart_needed.is_empty() {
+                    tracing::warn!(
+                        trigger,
+                        settings = ?restart_needed,
+                        "changed settings take effect only after a restart; the running values stay"
+                    );
+                }
+            }
+            ReloadOutcome::Unchanged { generation } => {
+                tracing::info!(trigger, generation, "config unchanged")
+            }
+            ReloadOutcome::Rejected(e) => {
+                for line in e.lines() {
+                    tracing::error!(trigger, problem = %line, "config rejected; the previous config keeps serving");
+                }
+            }
+        }
+    }));
+}
+
+async fn reload_on_sighup(live: Arc<LiveConfig>) {
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        let live = live.clone();
+        let _ = tokio::task::spawn_blocking(move || live.reload("sighup")).await;
+    }
+}
+
+/// SIGTERM, SIGINT and SIGQUIT all mean "drain and exit": stop accepting, let in-flight requests
+/// finish (bounded by `shutdown.grace_period`), then exit 0 as soon as nothing is in flight.
+struct DrainOnSignal {
+    lifecycle: Arc<Lifecycle>,
+    metrics: Arc<Metrics>,
+    live: Arc<LiveConfig>,
+}
+
+/// How long the proxy must stay idle before exiting, to catch a request whose connection was
+/// accepted just before the listener closed.
+const IDLE_CONFIRM: Duration = Duration::from_millis(100);
+
+#[async_trait]
+impl ShutdownSignalWatch for DrainOnSignal {
+    async fn recv(&self) -> ShutdownSignal {
+        let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::quit()),
+        ) else {
+            tracing::error!("cannot install signal handlers; use SIGKILL to stop");
+            return std::future::pending().await;
+        };
+        let which = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+            _ = quit.recv() => "SIGQUIT",
+        };
+        let grace = self.live.snapshot().config.shutdown.grace_period.get();
+        tracing::info!(signal = which, in_flight = self.metrics.in_flight.get(), grace = ?grace, "draining");
+        self.lifecycle.draining.store(true, Ordering::SeqCst);
+        let metrics = self.metrics.clone();
+        std::thread::spawn(move || exit_when_idle(metrics, grace));
+        ShutdownSignal::GracefulTerminate
+    }
+}
+
+fn exit_when_idle(metrics: Arc<Metrics>, grace: Duration) {
+    let started = Instant::now();
+    let mut idle_since: Option<Instant> = None;
+    while started.elapsed() < grace {
+        if metrics.in_flight.get() <= 0 {
+            let since = *idle_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= IDLE_CONFIRM {
+                tracing::info!(after = ?started.elapsed(), "drained; exiting");
+                logging::flush();
+                std::process::exit(0);
+            }
+        } else {
+            idle_since = None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    tracing::warn!(in_flight = metrics.in_flight.get(), "grace period over; exiting with requests in flight");
+    logging::flush();
+    std::process::exit(0);
+}

@@ -1,0 +1,139 @@
+//! Proxy-level Prometheus metrics. Labels are bounded: route names come from the config and
+//! methods outside the standard set collapse to `OTHER`, so a scanner cannot explode cardinality.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Metric names, documented in docs/operations.md.
+pub mod names {
+    pub const REQUESTS: &str = "outrider_requests_total";
+    pub const REQUEST_DURATION: &str = "outrider_request_duration_seconds";
+    pub const UPSTREAM_DURATION: &str = "outrider_upstream_duration_seconds";
+    pub const IN_FLIGHT: &str = "outrider_requests_in_flight";
+    pub const UPSTREAM_ERRORS: &str = "outrider_upstream_errors_total";
+    pub const CONFIG_RELOADS: &str = "outrider_config_reloads_total";
+    pub const CONFIG_GENERATION: &str = "outrider_config_generation";
+    pub const BUILD_INFO: &str = "outrider_build_info";
+}
+
+/// Fine enough between 1 ms and 10 s to read p50/p95/p99 by interpolation.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15,
+    0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 30.0,
+];
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub upstream_duration: HistogramVec,
+    pub in_flight: IntGauge,
+    pub upstream_errors: IntCounterVec,
+    pub config_reloads: IntCounterVec,
+    pub config_generation: IntGauge,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("metrics registration failed: {0}")]
+pub struct MetricsError(#[from] prometheus::Error);
+
+impl Metrics {
+    pub fn new() -> Result<Self, MetricsError> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(names::REQUESTS, "Requests answered, by route, method and status class"),
+            &["route", "method", "status_class"],
+        )?;
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                names::REQUEST_DURATION,
+                "Time from request arrival to the end of the response, by route",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route"],
+        )?;
+        let upstream_duration = HistogramVec::new(
+            HistogramOpts::new(
+                names::UPSTREAM_DURATION,
+                "Time from sending the request upstream to its response header, by route",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route"],
+        )?;
+        let in_flight = IntGauge::new(names::IN_FLIGHT, "Requests being processed now")?;
+        let upstream_errors = IntCounterVec::new(
+            Opts::new(
+                names::UPSTREAM_ERRORS,
+                "Upstream failures by route and kind (connect_refused, connect_timeout, timeout, dns, closed, other)",
+            ),
+            &["route", "kind"],
+        )?;
+        let config_reloads = IntCounterVec::new(
+            Opts::new(names::CONFIG_RELOADS, "Config reload attempts by outcome (applied, unchanged, rejected)"),
+            &["outcome"],
+        )?;
+        let config_generation =
+            IntGauge::new(names::CONFIG_GENERATION, "Generation of the serving config (1 at start)")?;
+        let build_info = IntGaugeVec::new(
+            Opts::new(names::BUILD_INFO, "Build information; the value is always 1"),
+            &["version"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(request_duration.clone()))?;
+        registry.register(Box::new(upstream_duration.clone()))?;
+        registry.register(Box::new(in_flight.clone()))?;
+        registry.register(Box::new(upstream_errors.clone()))?;
+        registry.register(Box::new(config_reloads.clone()))?;
+        registry.register(Box::new(config_generation.clone()))?;
+        registry.register(Box::new(build_info))?;
+        Ok(Self {
+            registry,
+            requests,
+            request_duration,
+            upstream_duration,
+            in_flight,
+            upstream_errors,
+            config_reloads,
+            config_generation,
+        })
+    }
+
+    /// The Prometheus text exposition of every registered metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::with_capacity(16 * 1024);
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
+            tracing::warn!(error = %e, "metrics encoding failed");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// A bounded method label.
+pub fn method_label(method: &str) -> &'static str {
+    match method {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "PATCH" => "PATCH",
+        "OPTIONS" => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
