@@ -1,0 +1,454 @@
+//! The `Cache` facade: L1 then L2 lookups, stores, single-flight, purge and stats.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use prometheus::core::Collector;
+use serde_json::{json, Value};
+
+use super::breaker::{BreakerSettings, BreakerState};
+use super::flight::{Flight, Flights, RevalidationGuard, Revalidations};
+use super::key::parse_hex32;
+use super::l1::L1;
+use super::l2::{KeyFilter, L2Get, RedisState, L2};
+use super::metrics::CacheMetrics;
+use super::{CacheError, CacheKey, Freshness, StoredResponse};
+
+/// Global cache settings (the `cache:` section of the config, already parsed).
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    /// L1 budget in bytes; 0 disables L1 (Redis-only, e.g. to measure L2).
+    pub memory_max_bytes: u64,
+    /// `redis://` or `rediss://` (password in the URL works); `None` means L1 only.
+    pub redis_url: Option<String>,
+    pub redis_key_prefix: String,
+    /// The most any request waits on Redis.
+    pub redis_timeout: Duration,
+    /// Larger bodies are not stored (0 means no limit).
+    pub max_entry_size: usize,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings {
+            memory_max_bytes: 256 * 1024 * 1024,
+            redis_url: None,
+            redis_key_prefix: "outrider:".into(),
+            redis_timeout: Duration::from_millis(50),
+            max_entry_size: 8 * 1024 * 1024,
+        }
+    }
+}
+
+/// Rarely-changed tuning that is not part of the user config.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CacheOptions {
+    pub breaker: BreakerSettings,
+}
+
+/// Which tier answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    L1,
+    L2,
+    None,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::L1 => "l1",
+            Tier::L2 => "l2",
+            Tier::None => "none",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    /// Never `Expired`; may be stale (check [`StoredResponse::freshness`]).
+    pub entry: Option<Arc<StoredResponse>>,
+    pub tier: Tier,
+}
+
+/// A cache decision, as the proxy reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Hit { tier: Tier },
+    Miss,
+    Stale,
+    Bypass,
+    Expired,
+    Revalidated,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Hit { .. } => "hit",
+            Outcome::Miss => "miss",
+            Outcome::Stale => "stale",
+            Outcome::Bypass => "bypass",
+            Outcome::Expired => "expired",
+            Outcome::Revalidated => "revalidated",
+        }
+    }
+}
+
+/// What an admin purge removes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PurgeTarget {
+    /// Every entry of a route (or feature namespace such as `apq`).
+    Namespace(String),
+    /// Entries whose URL path starts with `prefix`, in one namespace or all.
+    PathPrefix {
+        namespace: Option<String>,
+        prefix: String,
+    },
+    /// One entry by its 64-digit hex key.
+    Key(String),
+    All,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PurgeReport {
+    pub l1: u64,
+    /// `None` when Redis is disabled or could not be purged (see `l2_error`).
+    pub l2: Option<u64>,
+    pub l2_error: Option<String>,
+}
+
+/// The two-tier cache. Share it as `Arc<Cache>`; every method takes `&self`.
+pub struct Cache {
+    settings: CacheSettings,
+    l1: Option<L1>,
+    l2: Option<L2>,
+    flights: Arc<Flights>,
+    revalidations: Arc<Revalidations>,
+    metrics: CacheMetrics,
+}
+
+impl Cache {
+    /// Registers the metrics and starts connecting to Redis in the background. Fails only for
+    /// settings that can never work or a metrics conflict, never because Redis is down.
+    pub fn new(
+        settings: CacheSettings,
+        metrics: &prometheus::Registry,
+    ) -> Result<Arc<Self>, CacheError> {
+        Self::with_metrics(settings, CacheOptions::default(), CacheMetrics::new(metrics)?)
+    }
+
+    /// Like [`Cache::new`] with explicit tuning and already registered metrics (a rebuilt cache
+    /// after a Redis URL change reuses the old one's metrics).
+    pub fn with_metrics(
+        settings: CacheSettings,
+        options: CacheOptions,
+        metrics: CacheMetrics,
+    ) -> Result<Arc<Self>, CacheError> {
+        let l1 = (settings.memory_max_bytes > 0).then(|| L1::new(settings.memory_max_bytes));
+        let l2 = match settings.redis_url.as_deref().map(str::trim) {
+            None | Some("") => {
+                metrics.breaker_state.set(0);
+                None
+            }
+            Some(url) => Some(L2::new(
+                url,
+                settings.redis_key_prefix.clone(),
+                settings.redis_timeout,
+                options.breaker,
+                metrics.clone(),
+            )?),
+        };
+        Ok(Arc::new(Cache {
+            settings,
+            l1,
+            l2,
+            flights: Arc::default(),
+            revalidations: Arc::default(),
+            metrics,
+        }))
+    }
+
+    pub fn settings(&self) -> &CacheSettings {
+        &self.settings
+    }
+
+    pub fn metrics(&self) -> &CacheMetrics {
+        &self.metrics
+    }
+
+    /// The synchronous L1 probe that [`Cache::lookup`] tries first; the proxy can call it to
+    /// answer hits without an await point.
+    #[inline]
+    pub fn lookup_l1(&self, key: &CacheKey) -> Option<Arc<StoredResponse>> {
+        self.l1.as_ref()?.get(&key.hash)
+    }
+
+    pub async fn lookup(&self, key: &CacheKey) -> Lookup {
+        if let Some(entry) = self.lookup_l1(key) {
+            return Lookup {
+                entry: Some(entry),
+                tier: Tier::L1,
+            };
+        }
+        if let Some(l2) = &self.l2 {
+            let rkey = l2.key(&key.namespace, &key.label, &key.hex());
+            if let L2Get::Hit(entry) = l2.get(&rkey).await {
+                if entry.freshness(SystemTime::now()) != Freshness::Expired {
+                    let entry = Arc::new(entry);
+                    if let Some(l1) = &self.l1 {
+                        l1.insert(key.hash, Arc::clone(&entry));
+                    }
+                    return Lookup {
+                        entry: Some(entry),
+                        tier: Tier::L2,
+                    };
+                }
+            }
+        }
+        Lookup {
+            entry: None,
+            tier: Tier::None,
+        }
+    }
+
+    /// Stores in L1 now and in Redis in the background. Returns the shared entry (hand it to
+    /// [`LeaderGuard::complete`](super::LeaderGuard::complete)) or `None` when it was not
+    /// stored (too large, or already past its retention).
+    pub async fn store(&self, key: &CacheKey, entry: StoredResponse) -> Option<Arc<StoredResponse>> {
+        self.store_now(key, entry)
+    }
+
+    /// The synchronous body of [`Cache::store`].
+    pub fn store_now(&self, key: &CacheKey, mut entry: StoredResponse) -> Option<Arc<StoredResponse>> {
+        let max = self.settings.max_entry_size;
+        if max > 0 && entry.body.len() > max {
+            return None;
+        }
+        let remaining = entry.remaining_retention(SystemTime::now());
+        if remaining.is_zero() {
+            return None;
+        }
+        // The key is the authority on where an entry lives; purge matches on these fields.
+        if entry.namespace != key.namespace {
+            entry.namespace.clone_from(&key.namespace);
+        }
+        if entry.label != key.label {
+            entry.label.clone_from(&key.label);
+        }
+        let entry = Arc::new(entry);
+        if let Some(l1) = &self.l1 {
+            l1.insert(key.hash, Arc::clone(&entry));
+            self.refresh_gauges();
+        }
+        if let Some(l2) = &self.l2 {
+            let rkey = l2.key(&key.namespace, &key.label, &key.hex());
+            l2.set(rkey, Arc::clone(&entry), remaining);
+        }
+        Some(entry)
+    }
+
+    /// Joins or starts the single upstream fetch for `key`.
+    pub fn single_flight(&self, key: &CacheKey) -> Flight {
+        self.flights.begin(
+            key.hash,
+            &self.metrics.sf_served,
+            &self.metrics.sf_fallthrough,
+        )
+    }
+
+    /// `Some` for the one caller that should refresh a stale entry in the background.
+    pub fn try_begin_revalidation(&self, key: &CacheKey) -> Option<RevalidationGuard> {
+        self.revalidations.try_begin(key.hash)
+    }
+
+    pub async fn purge(&self, target: PurgeTarget) -> Result<PurgeReport, CacheError> {
+        let filter = match target {
+            PurgeTarget::All => KeyFilter::All,
+            PurgeTarget::Namespace(ns) => KeyFilter::Namespace(ns),
+            PurgeTarget::PathPrefix { namespace, prefix } => {
+                if prefix.is_empty() {
+                    return Err(CacheError::InvalidTarget("empty path prefix".into()));
+                }
+                KeyFilter::PathPrefix { namespace, prefix }
+            }
+            PurgeTarget::Key(hex) => {
+                let hex = hex.trim().to_ascii_lowercase();
+                if parse_hex32(&hex).is_none() {
+                    return Err(CacheError::InvalidTarget(
+                        "key must be 64 hexadecimal digits".into(),
+                    ));
+                }
+                KeyFilter::Hex(hex)
+            }
+        };
+        let mut report = PurgeReport::default();
+        if let Some(l1) = &self.l1 {
+            report.l1 = match &filter {
+                KeyFilter::All => l1.purge(|_, _| true),
+                KeyFilter::Namespace(ns) => l1.purge(|_, e| e.namespace == *ns),
+                KeyFilter::PathPrefix { namespace, prefix } => l1.purge(|_, e| {
+                    namespace.as_deref().is_none_or(|ns| e.namespace == ns)
+                        && e.label.starts_with(prefix.as_str())
+                }),
+                KeyFilter::Hex(hex) => {
+                    let want = parse_hex32(hex);
+                    l1.purge(|k, _| Some(*k) == want)
+                }
+            };
+            l1.sync();
+            self.refresh_gauges();
+        }
+        if let Some(l2) = &self.l2 {
+            match l2.purge(&filter).await {
+                Ok(n) => report.l2 = Some(n),
+                Err(e) => report.l2_error = Some(e.to_string()),
+            }
+        }
+        Ok(report)
+    }
+
+    pub fn redis_state(&self) -> RedisState {
+        self.l2.as_ref().map_or(RedisState::Disabled, L2::state)
+    }
+
+    /// Counts a cache decision for `namespace`; hits are attributed to their tier.
+    pub fn record(&self, namespace: &str, outcome: Outcome) {
+        let tier = match outcome {
+            Outcome::Hit { tier } => tier,
+            _ => Tier::None,
+        };
+        self.record_at(namespace, tier, outcome);
+    }
+
+    /// Like [`Cache::record`] with an explicit tier (e.g. a stale entry served from L2).
+    pub fn record_at(&self, namespace: &str, tier: Tier, outcome: Outcome) {
+        self.metrics
+            .requests
+            .with_label_values(&[namespace, tier.as_str(), outcome.as_str()])
+            .inc();
+    }
+
+    /// Brings the L1 gauges up to date; cheap, call it from the metrics scrape.
+    pub fn refresh_gauges(&self) {
+        if let Some(l1) = &self.l1 {
+            self.metrics
+                .l1_bytes
+                .set(i64::try_from(l1.weighted_size()).unwrap_or(i64::MAX));
+            self.metrics
+                .l1_entries
+                .set(i64::try_from(l1.entry_count()).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Applies moka's deferred bookkeeping so sizes and evictions are exact (tests, stats).
+    pub fn sync_l1(&self) {
+        if let Some(l1) = &self.l1 {
+            l1.sync();
+        }
+    }
+
+    /// JSON for `GET /cache/stats`. Hit ratio = (hit + stale) / (hit + stale + miss + expired
+    /// + revalidated); bypasses are not cache lookups and are left out.
+    pub fn stats(&self) -> Value {
+        self.refresh_gauges();
+        // namespace -> tier -> outcome -> count
+        let mut by_ns: BTreeMap<String, BTreeMap<String, BTreeMap<String, u64>>> =
+            BTreeMap::new();
+        for mf in self.metrics.requests.collect() {
+            for m in mf.get_metric() {
+                let (mut route, mut tier, mut outcome) = ("", "", "");
+                for lp in m.get_label() {
+                    match lp.name() {
+                        "route" => route = lp.value(),
+                        "tier" => tier = lp.value(),
+                        "outcome" => outcome = lp.value(),
+                        _ => {}
+                    }
+                }
+                let v = m.get_counter().get_value() as u64;
+                *by_ns
+                    .entry(route.to_owned())
+                    .or_default()
+                    .entry(tier.to_owned())
+                    .or_default()
+                    .entry(outcome.to_owned())
+                    .or_default() += v;
+            }
+        }
+        let mut totals: BTreeMap<&str, u64> = BTreeMap::new();
+        let mut namespaces = serde_json::Map::new();
+        for (ns, tiers) in &by_ns {
+            let mut ns_totals: BTreeMap<&str, u64> = BTreeMap::new();
+            for outcomes in tiers.values() {
+                for (o, v) in outcomes {
+                    let o = match o.as_str() {
+                        "hit" => "hit",
+                        "miss" => "miss",
+                        "stale" => "stale",
+                        "bypass" => "bypass",
+                        "expired" => "expired",
+                        "revalidated" => "revalidated",
+                        _ => "other",
+                    };
+                    *ns_totals.entry(o).or_default() += v;
+                    *totals.entry(o).or_default() += v;
+                }
+            }
+            namespaces.insert(
+                ns.clone(),
+                json!({
+                    "tiers": tiers,
+                    "totals": ns_totals,
+                    "hit_ratio": hit_ratio(&ns_totals),
+                }),
+            );
+        }
+        let l1 = match &self.l1 {
+            Some(l1) => json!({
+                "enabled": true,
+                "bytes": l1.weighted_size(),
+                "entries": l1.entry_count(),
+                "max_bytes": self.settings.memory_max_bytes,
+            }),
+            None => json!({ "enabled": false }),
+        };
+        let (state, reason) = match (&self.l2, self.redis_state()) {
+            (None, _) => ("disabled", None),
+            (Some(_), RedisState::Up) => ("up", None),
+            (Some(l2), RedisState::Degraded { reason }) => (
+                match l2.breaker_state() {
+                    BreakerState::HalfOpen => "half_open",
+                    BreakerState::Open if reason == "connecting" => "down",
+                    _ => "open",
+                },
+                Some(reason),
+            ),
+            (Some(_), RedisState::Disabled) => ("disabled", None),
+        };
+        json!({
+            "namespaces": namespaces,
+            "totals": totals,
+            "hit_ratio": hit_ratio(&totals),
+            "l1": l1,
+            "redis": {
+                "state": state,
+                "reason": reason,
+                "breaker": self.metrics.breaker_state.get(),
+                "errors": self.metrics.redis_error_count(),
+            },
+            "single_flight": {
+                "in_flight": self.flights.len(),
+                "revalidating": self.revalidations.len(),
+            },
+        })
+    }
+}
+
+fn hit_ratio(t: &BTreeMap<&str, u64>) -> Option<f64> {
+    let get = |k: &str| t.get(k).copied().unwrap_or(0);
+    let served = get("hit") + get("stale");
+    let looked = served + get("miss") + get("expired") + get("revalidated");
+    (looked > 0).then(|| served as f64 / looked as f64)
+}

@@ -1,0 +1,256 @@
+//! Single-flight (one upstream fetch per key at a time) and the per-key revalidation latch for
+//! stale-while-revalidate.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use prometheus::IntCounter;
+use tokio::sync::watch;
+
+use super::StoredResponse;
+
+/// `None` while the leader works; `Some(result)` once it finished.
+type Slot = Option<Option<Arc<StoredResponse>>>;
+
+/// A poisoned lock only means another thread panicked mid-update of a plain map; the map is
+/// still structurally valid, so keep serving rather than propagating the panic.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(Default)]
+pub(crate) struct Flights {
+    inflight: Mutex<HashMap<[u8; 32], watch::Receiver<Slot>>>,
+}
+
+/// What a request that missed should do.
+pub enum Flight {
+    /// Fetch from upstream, store, then `complete` (or drop to release the followers).
+    Leader(LeaderGuard),
+    /// Another request is fetching this key: wait for it.
+    Follower(FollowerWait),
+}
+
+pub struct LeaderGuard {
+    flights: Arc<Flights>,
+    hash: [u8; 32],
+    tx: Option<watch::Sender<Slot>>,
+}
+
+pub struct FollowerWait {
+    rx: watch::Receiver<Slot>,
+    served: IntCounter,
+    fallthrough: IntCounter,
+}
+
+impl Flights {
+    pub(crate) fn begin(
+        self: &Arc<Self>,
+        hash: [u8; 32],
+        served: &IntCounter,
+        fallthrough: &IntCounter,
+    ) -> Flight {
+        let mut map = lock(&self.inflight);
+        if let Some(rx) = map.get(&hash) {
+            return Flight::Follower(FollowerWait {
+                rx: rx.clone(),
+                served: served.clone(),
+                fallthrough: fallthrough.clone(),
+            });
+        }
+        let (tx, rx) = watch::channel(None);
+        map.insert(hash, rx);
+        Flight::Leader(LeaderGuard {
+            flights: Arc::clone(self),
+            hash,
+            tx: Some(tx),
+        })
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        lock(&self.inflight).len()
+    }
+}
+
+impl LeaderGuard {
+    /// Hands the result to every follower. `None` (uncacheable or failed) sends them upstream.
+    pub fn complete(mut self, result: Option<Arc<StoredResponse>>) {
+        self.finish(result);
+    }
+
+    fn finish(&mut self, result: Option<Arc<StoredResponse>>) {
+        if let Some(tx) = self.tx.take() {
+            // Remove first: a request arriving after this point must not join a finished
+            // flight; it finds the stored entry or leads a new fetch.
+            lock(&self.flights.inflight).remove(&self.hash);
+            tx.send_replace(Some(result));
+        }
+    }
+}
+
+impl Drop for LeaderGuard {
+    fn drop(&mut self) {
+        self.finish(None);
+    }
+}
+
+impl FollowerWait {
+    /// The leader's response, or `None` when the leader failed, gave up, produced something
+    /// uncacheable, or took longer than `timeout`; the caller then goes upstream itself.
+    pub async fn wait(mut self, timeout: Duration) -> Option<Arc<StoredResponse>> {
+        let result = match tokio::time::timeout(timeout, self.rx.wait_for(Option::is_some)).await
+        {
+            Ok(Ok(slot)) => slot.clone().flatten(),
+            // Sender gone without a value cannot happen (Drop sends), but treat it as failure.
+            Ok(Err(_)) | Err(_) => None,
+        };
+        if result.is_some() {
+            self.served.inc();
+        } else {
+            self.fallthrough.inc();
+        }
+        result
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Revalidations {
+    active: Mutex<HashSet<[u8; 32]>>,
+}
+
+/// Held by the one background refresh of a key; dropping it allows the next one.
+pub struct RevalidationGuard {
+    owner: Arc<Revalidations>,
+    hash: [u8; 32],
+}
+
+impl Revalidations {
+    pub(crate) fn try_begin(self: &Arc<Self>, hash: [u8; 32]) -> Option<RevalidationGuard> {
+        if lock(&self.active).insert(hash) {
+            Some(RevalidationGuard {
+                owner: Arc::clone(self),
+                hash,
+            })
+        } else {
+            None
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        lock(&self.active).len()
+    }
+}
+
+impl Drop for RevalidationGuard {
+    fn drop(&mut self) {
+        lock(&self.owner.active).remove(&self.hash);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::entry::sample_entry;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn counters() -> (IntCounter, IntCounter) {
+        let s = IntCounter::new("s", "s").map_err(|e| e.to_string());
+        let f = IntCounter::new("f", "f").map_err(|e| e.to_string());
+        match (s, f) {
+            (Ok(s), Ok(f)) => (s, f),
+            _ => panic!("counter"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hundred_concurrent_one_leader_all_served() {
+        let flights = Arc::new(Flights::default());
+        let (served, fall) = counters();
+        let leaders = Arc::new(AtomicUsize::new(0));
+        let barrier = Arc::new(tokio::sync::Barrier::new(100));
+        let mut tasks = Vec::new();
+        for _ in 0..100 {
+            let (flights, leaders, barrier) = (flights.clone(), leaders.clone(), barrier.clone());
+            let (served, fall) = (served.clone(), fall.clone());
+            tasks.push(tokio::spawn(async move {
+                let flight = flights.begin([7; 32], &served, &fall);
+                barrier.wait().await;
+                match flight {
+                    Flight::Leader(g) => {
+                        leaders.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        g.complete(Some(Arc::new(sample_entry(3))));
+                        true
+                    }
+                    Flight::Follower(w) => w.wait(Duration::from_secs(10)).await.is_some(),
+                }
+            }));
+        }
+        for t in tasks {
+            assert!(matches!(t.await, Ok(true)));
+        }
+        assert_eq!(leaders.load(Ordering::SeqCst), 1);
+        assert_eq!(served.get(), 99);
+        assert_eq!(fall.get(), 0);
+        assert_eq!(flights.len(), 0, "in-flight map must not leak");
+    }
+
+    #[tokio::test]
+    async fn leader_drop_wakes_followers_with_none() {
+        let flights = Arc::new(Flights::default());
+        let (served, fall) = counters();
+        let leader = flights.begin([1; 32], &served, &fall);
+        let followers: Vec<_> = (0..5)
+            .map(|_| match flights.begin([1; 32], &served, &fall) {
+                Flight::Follower(w) => tokio::spawn(w.wait(Duration::from_secs(10))),
+                Flight::Leader(_) => panic!("second leader"),
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        drop(leader);
+        for f in followers {
+            assert!(matches!(f.await, Ok(None)));
+        }
+        assert_eq!(fall.get(), 5);
+        assert_eq!(flights.len(), 0);
+        // The key is free again.
+        assert!(matches!(
+            flights.begin([1; 32], &served, &fall),
+            Flight::Leader(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn follower_times_out_and_complete_none_falls_through() {
+        let flights = Arc::new(Flights::default());
+        let (served, fall) = counters();
+        let leader = flights.begin([2; 32], &served, &fall);
+        let Flight::Follower(w) = flights.begin([2; 32], &served, &fall) else {
+            panic!("expected follower");
+        };
+        assert!(w.wait(Duration::from_millis(10)).await.is_none());
+        let Flight::Follower(w2) = flights.begin([2; 32], &served, &fall) else {
+            panic!("expected follower");
+        };
+        let Flight::Leader(g) = leader else {
+            panic!("expected leader");
+        };
+        g.complete(None);
+        assert!(w2.wait(Duration::from_secs(5)).await.is_none());
+        assert_eq!(fall.get(), 2);
+        assert_eq!(flights.len(), 0);
+    }
+
+    #[test]
+    fn one_revalidation_per_key() {
+        let r = Arc::new(Revalidations::default());
+        let g = r.try_begin([3; 32]);
+        assert!(g.is_some());
+        assert!(r.try_begin([3; 32]).is_none());
+        assert!(r.try_begin([4; 32]).is_some());
+        drop(g);
+        assert!(r.try_begin([3; 32]).is_some());
+        assert_eq!(r.len(), 0);
+    }
+}

