@@ -49,7 +49,10 @@ impl ActiveConfig {
                     port,
                     connect_timeout: u.connect_timeout.get(),
                     timeout: u.timeout.get(),
-                    fixed: host.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, port)),
+                    fixed: host
+                        .parse::<IpAddr>()
+                        .ok()
+                        .map(|ip| SocketAddr::new(ip, port)),
                     resolved: ArcSwapOption::empty(),
                 }),
             );
@@ -131,7 +134,9 @@ pub fn parse_upstream_url(url: &str) -> Result<(bool, String, u16), String> {
         ));
     }
     if authority.contains('@') {
-        return Err(format!("{url:?}: credentials in upstream URLs are not supported"));
+        return Err(format!(
+            "{url:?}: credentials in upstream URLs are not supported"
+        ));
     }
     let default_port = if tls { 443 } else { 80 };
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
@@ -139,7 +144,9 @@ pub fn parse_upstream_url(url: &str) -> Result<(bool, String, u16), String> {
             .split_once(']')
             .ok_or_else(|| format!("{url:?}: unterminated IPv6 address"))?;
         let port = match after.strip_prefix(':') {
-            Some(p) => p.parse().map_err(|_| format!("{url:?}: invalid port {p:?}"))?,
+            Some(p) => p
+                .parse()
+                .map_err(|_| format!("{url:?}: invalid port {p:?}"))?,
             None if after.is_empty() => default_port,
             None => return Err(format!("{url:?}: unexpected text after the address")),
         };
@@ -148,7 +155,8 @@ pub fn parse_upstream_url(url: &str) -> Result<(bool, String, u16), String> {
         match authority.rsplit_once(':') {
             Some((host, p)) => (
                 host.to_string(),
-                p.parse().map_err(|_| format!("{url:?}: invalid port {p:?}"))?,
+                p.parse()
+                    .map_err(|_| format!("{url:?}: invalid port {p:?}"))?,
             ),
             None => (authority.to_string(), default_port),
         }
@@ -216,7 +224,10 @@ mod tests {
             parse_upstream_url("https://api.openai.com/"),
             Ok((true, "api.openai.com".into(), 443))
         );
-        assert_eq!(parse_upstream_url("http://[::1]:81"), Ok((false, "::1".into(), 81)));
+        assert_eq!(
+            parse_upstream_url("http://[::1]:81"),
+            Ok((false, "::1".into(), 81))
+        );
         assert!(parse_upstream_url("ftp://x").is_err());
         assert!(parse_upstream_url("http://x:8000/api").is_err());
         assert!(parse_upstream_url("http://x:port").is_err());
@@ -227,7 +238,11 @@ mod tests {
     fn first_matching_route_wins() {
         let text = "upstreams:\n  app: { url: \"http://127.0.0.1:1\" }\nroutes:\n  - { name: exact, match: { path: /a }, upstream: app }\n  - { name: get-only, match: { path_prefix: /a, methods: [get] }, upstream: app }\n  - { name: rest, match: { path_prefix: / }, upstream: app }\n";
         let active = ActiveConfig::compile(parse_str(text, "t").unwrap(), 1).unwrap();
-        let name = |m, p| active.match_route(m, p).map(|i| active.routes[i].name.to_string());
+        let name = |m, p| {
+            active
+                .match_route(m, p)
+                .map(|i| active.routes[i].name.to_string())
+        };
         assert_eq!(name("POST", "/a").as_deref(), Some("exact"));
         assert_eq!(name("GET", "/ab").as_deref(), Some("get-only"));
         assert_eq!(name("POST", "/ab").as_deref(), Some("rest"));

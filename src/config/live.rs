@@ -144,7 +144,8 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.cache.max_entry_size != new.cache.max_entry_size {
         changed.push("cache.max_entry_size");
     }
-    let format_changed = |f: super::schema::AccessLogFormat| f != super::schema::AccessLogFormat::Off;
+    let format_changed =
+        |f: super::schema::AccessLogFormat| f != super::schema::AccessLogFormat::Off;
     if old.telemetry.access_log != new.telemetry.access_log
         && format_changed(old.telemetry.access_log)
         && format_changed(new.telemetry.access_log)

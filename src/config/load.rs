@@ -96,12 +96,14 @@ pub fn parse_str(text: &str, file: &str) -> Result<Config, ConfigError> {
         })?
     };
     let mut problems = Vec::new();
-    let config = deserialize_sections(root, &spans, &mut problems);
-    if let Some(config) = &config {
-        validate(config, &spans, &mut problems);
+    // Even when some sections are malformed, the well-formed rest is checked too, so one run
+    // lists every problem.
+    let parsed = deserialize_sections(root, &spans, &mut problems);
+    if let Some(parsed) = &parsed {
+        validate(parsed, &spans, &mut problems);
     }
-    match config {
-        Some(config) if problems.is_empty() => Ok(config),
+    match parsed {
+        Some(parsed) if problems.is_empty() && parsed.complete => Ok(parsed.config),
         _ => {
             problems.sort_by_key(|p| (p.line, p.column));
             problems.dedup();
@@ -125,9 +127,9 @@ pub fn interpolate_env(
             out.push_str(&rest[..start]);
             column += rest[..start].chars().count();
             let after = &rest[start..];
-            if after.starts_with("$${") {
+            if let Some(literal) = after.strip_prefix("$${") {
                 out.push_str("${");
-                rest = &after[3..];
+                rest = literal;
                 column += 3;
                 continue;
             }
@@ -141,7 +143,9 @@ pub fn interpolate_env(
                 problems.push(Problem {
                     line: line_index + 1,
                     column,
-                    message: "unterminated `${` (write ${VAR} or ${VAR:-default}, or $${ for a literal)".into(),
+                    message:
+                        "unterminated `${` (write ${VAR} or ${VAR:-default}, or $${ for a literal)"
+                            .into(),
                 });
                 out.push_str(after);
                 rest = "";
@@ -152,15 +156,15 @@ pub fn interpolate_env(
                 Some((name, default)) => (name, Some(default)),
                 None => (inner, None),
             };
-            let valid_name = !name.is_empty()
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_');
+            let valid_name =
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !valid_name {
                 problems.push(Problem {
                     line: line_index + 1,
                     column,
-                    message: format!("invalid environment variable name {name:?} in `${{{inner}}}`"),
+                    message: format!(
+                        "invalid environment variable name {name:?} in `${{{inner}}}`"
+                    ),
                 });
             } else {
                 match (lookup(name), default) {
@@ -255,8 +259,14 @@ fn join_key(parent: &str, key: &str) -> String {
 }
 
 enum Frame {
-    Map { path: String, pending_key: Option<String> },
-    Seq { path: String, next: usize },
+    Map {
+        path: String,
+        pending_key: Option<String>,
+    },
+    Seq {
+        path: String,
+        next: usize,
+    },
 }
 
 #[derive(Default)]
@@ -343,7 +353,14 @@ fn deserialize_at<T: DeserializeOwned>(
             }
             let message = err.into_inner().to_string();
             let (line, column) = match unknown_field_name(&message) {
-                Some(field) => spans.key_at(&join_key(&path, field)),
+                Some(field) => {
+                    // The path may or may not already end with the unknown key itself.
+                    let own = join_key(&parent_path(&path).unwrap_or_default(), field);
+                    if path == own {
+                        path = parent_path(&path).unwrap_or_default();
+                    }
+                    spans.key_at(&join_key(&path, field))
+                }
                 None => spans.value_at(&path),
             };
             let label = if path.is_empty() {
@@ -366,34 +383,50 @@ fn unknown_field_name(message: &str) -> Option<&str> {
     rest.split('`').next()
 }
 
+/// The well-formed part of a config, and what was left out of it.
+struct Parsed {
+    config: Config,
+    /// Original index in the file of each route in `config.routes`.
+    route_indices: Vec<usize>,
+    failed_sections: HashSet<String>,
+    complete: bool,
+}
+
 fn deserialize_sections(
     root: Value,
     spans: &SpanMap,
     problems: &mut Vec<Problem>,
-) -> Option<Config> {
+) -> Option<Parsed> {
     let Value::Mapping(root) = root else {
         problems.push(spans.problem("", "the config must be a mapping of keys to values"));
         return None;
     };
     let mut sections = Mapping::new();
     let mut routes = Vec::new();
-    let mut ok = true;
+    let mut route_indices = Vec::new();
+    let mut failed_sections = HashSet::new();
     for (key, value) in root {
-        if key.as_str() == Some("routes") {
+        let name = key.as_str().unwrap_or("?").to_string();
+        if name == "routes" {
             match value {
                 Value::Sequence(items) => {
                     for (i, item) in items.into_iter().enumerate() {
                         let base = format!("routes[{i}]");
                         match deserialize_at::<RouteConfig>(item, &base, spans, problems) {
-                            Some(route) => routes.push(route),
-                            None => ok = false,
+                            Some(route) => {
+                                routes.push(route);
+                                route_indices.push(i);
+                            }
+                            None => {
+                                failed_sections.insert(name.clone());
+                            }
                         }
                     }
                 }
                 Value::Null => {}
                 _ => {
                     problems.push(spans.problem("routes", "routes: expected a list of routes"));
-                    ok = false;
+                    failed_sections.insert(name);
                 }
             }
             continue;
@@ -402,23 +435,28 @@ fn deserialize_sections(
         let mut single = Mapping::new();
         single.insert(key.clone(), value.clone());
         if deserialize_at::<Config>(Value::Mapping(single), "", spans, problems).is_none() {
-            ok = false;
+            failed_sections.insert(name);
+        } else {
+            sections.insert(key, value);
         }
-        sections.insert(key, value);
-    }
-    if !ok {
-        return None;
     }
     let mut config: Config = deserialize_at(Value::Mapping(sections), "", spans, problems)?;
     config.routes = routes;
-    Some(config)
+    Some(Parsed {
+        config,
+        route_indices,
+        complete: failed_sections.is_empty(),
+        failed_sections,
+    })
 }
 
 const KNOWN_METHODS: [&str; 9] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT",
 ];
 
-fn validate(config: &Config, spans: &SpanMap, problems: &mut Vec<Problem>) {
+fn validate(parsed: &Parsed, spans: &SpanMap, problems: &mut Vec<Problem>) {
+    let config = &parsed.config;
+    let failed = |section: &str| parsed.failed_sections.contains(section);
     let mut check_addr = |path: &str, addr: &str| {
         if addr.parse::<SocketAddr>().is_err() {
             problems.push(spans.problem(
@@ -427,9 +465,13 @@ fn validate(config: &Config, spans: &SpanMap, problems: &mut Vec<Problem>) {
             ));
         }
     };
-    check_addr("listen", &config.listen);
-    check_addr("admin.listen", &config.admin.listen);
-    if config.listen == config.admin.listen {
+    if !failed("listen") {
+        check_addr("listen", &config.listen);
+    }
+    if !failed("admin") {
+        check_addr("admin.listen", &config.admin.listen);
+    }
+    if config.listen == config.admin.listen && !failed("listen") && !failed("admin") {
         problems.push(spans.problem(
             "admin.listen",
             "admin.listen must differ from listen: the admin port is not the traffic port",
@@ -480,31 +522,38 @@ fn validate(config: &Config, spans: &SpanMap, problems: &mut Vec<Problem>) {
         ));
     }
 
-    if config.routes.is_empty() {
+    if config.routes.is_empty() && !failed("routes") {
         problems.push(spans.problem(
             "routes",
             "routes: at least one route is needed, or every request would be a 404",
         ));
     }
     let mut seen = HashSet::new();
-    for (i, route) in config.routes.iter().enumerate() {
+    for (route, i) in config.routes.iter().zip(&parsed.route_indices) {
         let base = format!("routes[{i}]");
         if route.name.trim().is_empty() {
-            problems.push(spans.problem(&format!("{base}.name"), format!("{base}.name: must not be empty")));
+            problems.push(spans.problem(
+                &format!("{base}.name"),
+                format!("{base}.name: must not be empty"),
+            ));
         } else if !seen.insert(route.name.as_str()) {
             problems.push(spans.problem(
                 &format!("{base}.name"),
                 format!("{base}.name: duplicate route name {:?}", route.name),
             ));
         }
-        if !config.upstreams.contains_key(&route.upstream) {
+        if !config.upstreams.contains_key(&route.upstream) && !failed("upstreams") {
             let known: Vec<&str> = config.upstreams.keys().map(String::as_str).collect();
             problems.push(spans.problem(
                 &format!("{base}.upstream"),
                 format!(
                     "{base}.upstream: no upstream named {:?} (defined: {})",
                     route.upstream,
-                    if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
                 ),
             ));
         }
@@ -559,7 +608,9 @@ fn validate(config: &Config, spans: &SpanMap, problems: &mut Vec<Problem>) {
                 if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
                     problems.push(spans.problem(
                         &format!("{base}.cache.key.headers[{j}]"),
-                        format!("{base}.cache.key.headers[{j}]: {header:?} is not a valid header name"),
+                        format!(
+                            "{base}.cache.key.headers[{j}]: {header:?} is not a valid header name"
+                        ),
                     ));
                 }
             }
@@ -606,23 +657,43 @@ mod tests {
         assert_eq!(p.len(), 2, "{p:?}");
         assert!(p[0].starts_with("t.yaml:2:"), "{p:?}");
         assert!(p[0].contains("unknown field `timout`"), "{p:?}");
-        assert!(p[1].starts_with("t.yaml:7:5: routes[0]: unknown field `cahce`"), "{p:?}");
+        assert!(
+            p[1].starts_with("t.yaml:7:5: routes[0]: unknown field `cahce`"),
+            "{p:?}"
+        );
     }
 
     #[test]
     fn all_semantic_problems_are_listed_with_positions() {
         let text = "upstreams:\n  app: { url: \"http://127.0.0.1:8000\" }\nroutes:\n  - name: a\n    match: { path_prefix: / }\n    upstream: nope\n  - name: a\n    match: { path: x }\n    upstream: app\n";
         let p = problems(text);
-        assert!(p.iter().any(|l| l.starts_with("t.yaml:6:15:") && l.contains("no upstream named \"nope\"")), "{p:?}");
-        assert!(p.iter().any(|l| l.starts_with("t.yaml:7:11:") && l.contains("duplicate route name")), "{p:?}");
-        assert!(p.iter().any(|l| l.starts_with("t.yaml:8:") && l.contains("must start with '/'")), "{p:?}");
+        assert!(
+            p.iter()
+                .any(|l| l.starts_with("t.yaml:6:15:") && l.contains("no upstream named \"nope\"")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|l| l.starts_with("t.yaml:7:11:") && l.contains("duplicate route name")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|l| l.starts_with("t.yaml:8:") && l.contains("must start with '/'")),
+            "{p:?}"
+        );
     }
 
     #[test]
     fn bad_duration_and_syntax_errors_have_positions() {
-        let text = "upstreams:\n  app: { url: \"http://127.0.0.1:8000\", timeout: soon }\nroutes: []\n";
+        let text =
+            "upstreams:\n  app: { url: \"http://127.0.0.1:8000\", timeout: soon }\nroutes: []\n";
         let p = problems(text);
-        assert!(p.iter().any(|l| l.starts_with("t.yaml:2:") && l.contains("invalid duration")), "{p:?}");
+        assert!(
+            p.iter()
+                .any(|l| l.starts_with("t.yaml:2:") && l.contains("invalid duration")),
+            "{p:?}"
+        );
         let p = problems("routes: [\n  - name: x\n");
         assert_eq!(p.len(), 1);
         assert!(p[0].contains("invalid YAML"), "{p:?}");
@@ -632,9 +703,15 @@ mod tests {
     fn env_interpolation() {
         let lookup = |name: &str| (name == "SET").then(|| "value".to_string());
         assert_eq!(interpolate_env("a: ${SET}", &lookup).unwrap(), "a: value");
-        assert_eq!(interpolate_env("a: ${UNSET:-dflt}", &lookup).unwrap(), "a: dflt");
+        assert_eq!(
+            interpolate_env("a: ${UNSET:-dflt}", &lookup).unwrap(),
+            "a: dflt"
+        );
         assert_eq!(interpolate_env("a: ${UNSET:-}", &lookup).unwrap(), "a: ");
-        assert_eq!(interpolate_env("a: $${SET} $5", &lookup).unwrap(), "a: ${SET} $5");
+        assert_eq!(
+            interpolate_env("a: $${SET} $5", &lookup).unwrap(),
+            "a: ${SET} $5"
+        );
         let err = interpolate_env("x: 1\na: ${UNSET}", &lookup).unwrap_err();
         assert_eq!((err[0].line, err[0].column), (2, 4));
         assert!(interpolate_env("a: ${OPEN", &lookup).is_err());

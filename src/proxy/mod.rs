@@ -56,7 +56,9 @@ fn classify_upstream_error(e: &Error) -> (&'static str, u16) {
         | ErrorType::TLSHandshakeTimedout
         | ErrorType::InvalidCert
         | ErrorType::HandshakeError => ("tls", 502),
-        ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError => ("closed", 502),
+        ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError => {
+            ("closed", 502)
+        }
         ErrorType::InvalidHTTPHeader | ErrorType::H1Error | ErrorType::H2Error => ("protocol", 502),
         ErrorType::Custom("dns") => ("dns", 502),
         _ => ("other", 502),
@@ -102,7 +104,10 @@ impl ProxyHttp for Outrider {
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         let Some(route) = ctx.route() else {
-            return Err(Error::explain(ErrorType::InternalError, "no route selected"));
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "no route selected",
+            ));
         };
         let upstream = route.upstream.clone();
         let addr = match upstream.address().await {
@@ -115,7 +120,11 @@ impl ProxyHttp for Outrider {
                 .into_up())
             }
         };
-        let sni = if upstream.tls { upstream.host.clone() } else { String::new() };
+        let sni = if upstream.tls {
+            upstream.host.clone()
+        } else {
+            String::new()
+        };
         let mut peer = HttpPeer::new(addr, upstream.tls, sni);
         peer.options.connection_timeout = Some(upstream.connect_timeout);
         peer.options.total_connection_timeout = Some(upstream.connect_timeout * 2);
@@ -247,6 +256,9 @@ impl ProxyHttp for Outrider {
             _ => e.to_string(),
         };
         let extra = kind.map(|k| ("kind", k));
+        // The connection may hold unread request bytes; say `Connection: close` so the client
+        // does not reuse it and race our close.
+        session.set_keepalive(None);
         if let Err(write_error) =
             respond::json_error(session, ctx, status, code, &message, extra).await
         {

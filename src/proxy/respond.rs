@@ -20,8 +20,14 @@ pub mod codes {
 pub fn add_timing_headers(resp: &mut ResponseHeader, ctx: &Ctx) {
     let total_ms = ctx.started.elapsed().as_secs_f64() * 1000.0;
     let mut timing = format!("total;dur={total_ms:.3}");
-    if let Some(upstream) = ctx.upstream_elapsed.or_else(|| ctx.upstream_started.map(|s| s.elapsed())) {
-        timing.push_str(&format!(", upstream;dur={:.3}", upstream.as_secs_f64() * 1000.0));
+    if let Some(upstream) = ctx
+        .upstream_elapsed
+        .or_else(|| ctx.upstream_started.map(|s| s.elapsed()))
+    {
+        timing.push_str(&format!(
+            ", upstream;dur={:.3}",
+            upstream.as_secs_f64() * 1000.0
+        ));
     }
     // Insertion only fails for invalid values, which these formats cannot produce.
     let _ = resp.insert_header("x-response-time-ms", format!("{total_ms:.3}"));
@@ -46,7 +52,10 @@ pub async fn json_error(
         "request_id": ctx.request_id,
     });
     if let (Some((key, value)), Some(map)) = (extra, body.as_object_mut()) {
-        map.insert(key.to_string(), serde_json::Value::String(value.to_string()));
+        map.insert(
+            key.to_string(),
+            serde_json::Value::String(value.to_string()),
+        );
     }
     let body = Bytes::from(body.to_string());
     let mut resp = ResponseHeader::build(status, Some(5))?;
@@ -56,7 +65,9 @@ pub async fn json_error(
     ctx.own_status = Some(status);
     add_timing_headers(&mut resp, ctx);
     let head_only = session.req_header().method == http::Method::HEAD;
-    session.write_response_header(Box::new(resp), head_only).await?;
+    session
+        .write_response_header(Box::new(resp), head_only)
+        .await?;
     if !head_only {
         session.write_response_body(Some(body), true).await?;
     }

@@ -1,0 +1,175 @@
+//! The admin service: every endpoint, its errors, and the metrics it exposes.
+
+mod support;
+
+use support::{client, metric_value, Backend, Proxy};
+
+fn config(app: &str) -> String {
+    format!(
+        r#"
+listen: "{{listen}}"
+admin: {{ listen: "{{admin}}" }}
+upstreams:
+  app: {{ url: "{app}" }}
+cache:
+  redis: {{ url: "redis://:hunter2@127.0.0.1:1/0" }}
+routes:
+  - name: items
+    match: {{ path_prefix: /api/items }}
+    upstream: app
+  - name: default
+    match: {{ path_prefix: / }}
+    upstream: app
+"#
+    )
+}
+
+#[tokio::test]
+async fn health_ready_config_and_errors() {
+    let app = Backend::start("app").await;
+    let proxy = Proxy::start(&config(&app.url())).await;
+    let c = client();
+
+    let health = c.get(proxy.admin("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    assert_eq!(
+        health.json::<serde_json::Value>().await.unwrap()["status"],
+        "ok"
+    );
+
+    let ready = c.get(proxy.admin("/ready")).send().await.unwrap();
+    assert_eq!(
+        ready.status(),
+        200,
+        "an unreachable Redis must not fail readiness"
+    );
+    let ready: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(ready["status"], "ready");
+    assert_eq!(ready["checks"]["config"]["generation"], 1);
+
+    let cfg: serde_json::Value = c
+        .get(proxy.admin("/config"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(cfg["generation"], 1);
+    assert_eq!(cfg["config"]["routes"][0]["name"], "items");
+    assert_eq!(
+        cfg["config"]["upstreams"]["app"]["timeout"], "30s",
+        "defaults are shown"
+    );
+    let url = cfg["config"]["cache"]["redis"]["url"].as_str().unwrap();
+    assert!(!url.contains("hunter2"), "password redacted: {url}");
+    assert!(url.contains("***"));
+
+    let missing = c.get(proxy.admin("/nope")).send().await.unwrap();
+    assert_eq!(missing.status(), 404);
+    assert_eq!(
+        missing.json::<serde_json::Value>().await.unwrap()["error"],
+        "not_found"
+    );
+    let wrong = c.post(proxy.admin("/health")).send().await.unwrap();
+    assert_eq!(wrong.status(), 405);
+    let wrong = c.get(proxy.admin("/reload")).send().await.unwrap();
+    assert_eq!(wrong.status(), 405);
+
+    // The admin port is not the traffic port: admin paths on the traffic port are proxied.
+    let proxied = c.get(proxy.url("/health")).send().await.unwrap();
+    assert_eq!(
+        proxied.json::<serde_json::Value>().await.unwrap()["backend"],
+        "app"
+    );
+}
+
+#[tokio::test]
+async fn metrics_cover_requests_latency_and_build() {
+    let app = Backend::start("app").await;
+    let proxy = Proxy::start(&config(&app.url())).await;
+    let c = client();
+    for _ in 0..3 {
+        c.get(proxy.url("/api/items/1"))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+    }
+    c.post(proxy.url("/other"))
+        .body("x")
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    c.request(
+        reqwest::Method::from_bytes(b"BREW").unwrap(),
+        proxy.url("/x"),
+    )
+    .send()
+    .await
+    .unwrap();
+
+    let resp = c.get(proxy.admin("/metrics")).send().await.unwrap();
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let m = resp.text().await.unwrap();
+    assert_eq!(
+        metric_value(
+            &m,
+            "outrider_requests_total",
+            &["route=\"items\"", "method=\"GET\"", "status_class=\"2xx\""]
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "outrider_requests_total",
+            &["route=\"default\"", "method=\"POST\""]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(&m, "outrider_requests_total", &["method=\"OTHER\""]),
+        Some(1.0),
+        "unknown methods collapse"
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "outrider_request_duration_seconds_count",
+            &["route=\"items\""]
+        ),
+        Some(3.0)
+    );
+    assert!(m.contains("outrider_request_duration_seconds_bucket{route=\"items\",le=\"0.001\"}"));
+    assert!(m.contains("le=\"10\""));
+    assert_eq!(
+        metric_value(
+            &m,
+            "outrider_upstream_duration_seconds_count",
+            &["route=\"items\""]
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric_value(&m, "outrider_requests_in_flight", &[]),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric_value(&m, "outrider_build_info", &["version=\""]),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(&m, "outrider_config_generation", &[]),
+        Some(1.0)
+    );
+    assert!(!m.contains("/api/items/1"), "raw paths never become labels");
+}

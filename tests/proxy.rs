@@ -1,0 +1,310 @@
+//! Forwarding, routing, latency headers and upstream failures, over real loopback sockets.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{client, free_port, metric_value, Backend, Proxy};
+
+fn config(app: &str, other: &str) -> String {
+    format!(
+        r#"
+listen: "{{listen}}"
+admin: {{ listen: "{{admin}}" }}
+threads: 2
+upstreams:
+  app: {{ url: "{app}", connect_timeout: 1s, timeout: 2s }}
+  other: {{ url: "{other}", timeout: 2s }}
+  dead: {{ url: "http://127.0.0.1:{dead}", connect_timeout: 500ms }}
+routes:
+  - name: exact
+    match: {{ path: /api/special }}
+    upstream: other
+  - name: posts-to-other
+    match: {{ path_prefix: /api, methods: [POST] }}
+    upstream: other
+  - name: api
+    match: {{ path_prefix: /api }}
+    upstream: app
+  - name: down
+    match: {{ path_prefix: /down }}
+    upstream: dead
+  - name: app-root
+    match: {{ path_prefix: /a }}
+    upstream: app
+  - name: slowpoke
+    match: {{ path_prefix: /slow }}
+    upstream: app
+  - name: misc
+    match: {{ path_prefix: /status }}
+    upstream: app
+  - name: bulk
+    match: {{ path_prefix: /big }}
+    upstream: app
+  - name: stream
+    match: {{ path_prefix: /chunked }}
+    upstream: app
+  - name: echo
+    match: {{ path_prefix: /echo }}
+    upstream: app
+"#,
+        dead = free_port()
+    )
+}
+
+async fn setup() -> (Backend, Backend, Proxy) {
+    let app = Backend::start("app").await;
+    let other = Backend::start("other").await;
+    let proxy = Proxy::start(&config(&app.url(), &other.url())).await;
+    (app, other, proxy)
+}
+
+#[tokio::test]
+async fn forwards_method_path_query_headers_and_body() {
+    let (_app, _other, proxy) = setup().await;
+    let c = client();
+    let body = vec![7u8; 200_000];
+    let resp = c
+        .put(proxy.url("/echo/x?y=1&z=%20"))
+        .header("x-custom", "abc")
+        .header("host", "example.test")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let echo: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(echo["method"], "PUT");
+    assert_eq!(echo["path"], "/echo/x");
+    assert_eq!(echo["query"], "y=1&z=%20");
+    assert_eq!(echo["headers"]["x-custom"], "abc");
+    assert_eq!(
+        echo["headers"]["host"], "example.test",
+        "client Host is preserved for a plain-HTTP app"
+    );
+    assert_eq!(echo["headers"]["x-forwarded-host"], "example.test");
+    assert_eq!(echo["headers"]["x-forwarded-proto"], "http");
+    assert_eq!(echo["headers"]["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(echo["body_len"], 200_000);
+    assert_eq!(
+        echo["body_blake3"],
+        blake3::hash(&body).to_hex().to_string()
+    );
+
+    // An existing X-Forwarded-For chain is extended, and a client's proto is kept.
+    let echo: serde_json::Value = c
+        .get(proxy.url("/echo"))
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("x-forwarded-proto", "https")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(echo["headers"]["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(echo["headers"]["x-forwarded-proto"], "https");
+}
+
+#[tokio::test]
+async fn streams_large_and_chunked_bodies_both_ways() {
+    let (_app, _other, proxy) = setup().await;
+    let c = client();
+    let big = c.get(proxy.url("/big/5000000")).send().await.unwrap();
+    assert_eq!(big.status(), 200);
+    let bytes = big.bytes().await.unwrap();
+    assert_eq!(bytes.len(), 5_000_000);
+    assert!(bytes.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
+
+    let chunked = c.get(proxy.url("/chunked/50")).send().await.unwrap();
+    assert_eq!(chunked.status(), 200);
+    let text = chunked.text().await.unwrap();
+    assert_eq!(
+        text,
+        (0..50).map(|i| format!("chunk{i};")).collect::<String>()
+    );
+
+    // A chunked request body (no content-length) arrives intact.
+    let parts: Vec<Result<bytes::Bytes, std::io::Error>> = (0..100)
+        .map(|i| Ok(bytes::Bytes::from(format!("part{i:03}"))))
+        .collect();
+    let expected: String = (0..100).map(|i| format!("part{i:03}")).collect();
+    let resp = c
+        .post(proxy.url("/echo/chunked"))
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(parts)))
+        .send()
+        .await
+        .unwrap();
+    let echo: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(echo["body_len"], expected.len());
+    assert_eq!(
+        echo["body_blake3"],
+        blake3::hash(expected.as_bytes()).to_hex().to_string()
+    );
+}
+
+#[tokio::test]
+async fn latency_headers_and_request_id() {
+    let (_app, _other, proxy) = setup().await;
+    let c = client();
+    let resp = c.get(proxy.url("/echo")).send().await.unwrap();
+    let rt = resp.headers()["x-response-time-ms"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let (whole, frac) = rt.split_once('.').expect("decimal point");
+    assert!(
+        whole.parse::<u64>().is_ok() && frac.len() == 3,
+        "3 decimals: {rt}"
+    );
+    let timing = resp.headers()["server-timing"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        timing.starts_with("total;dur=") && timing.contains(", upstream;dur="),
+        "{timing}"
+    );
+    let generated = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(generated.len(), 32);
+    let echo: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(
+        echo["headers"]["x-request-id"],
+        generated.as_str(),
+        "generated id is forwarded"
+    );
+
+    let resp = c
+        .get(proxy.url("/echo"))
+        .header("x-request-id", "req-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-request-id"], "req-42");
+    let echo: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(echo["headers"]["x-request-id"], "req-42");
+
+    // An unsafe id is replaced rather than passed on.
+    let resp = c
+        .get(proxy.url("/echo"))
+        .header("x-request-id", "a b<c>")
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(resp.headers()["x-request-id"], "a b<c>");
+
+    // Responses outrider writes itself carry the same headers.
+    let resp = c.get(proxy.url("/nowhere")).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    assert!(resp.headers().contains_key("x-response-time-ms"));
+    assert!(resp.headers().contains_key("server-timing"));
+    assert!(resp.headers().contains_key("x-request-id"));
+}
+
+#[tokio::test]
+async fn first_matching_route_wins() {
+    let (app, other, proxy) = setup().await;
+    let c = client();
+    let who = |r: serde_json::Value| r["backend"].as_str().unwrap().to_string();
+    let get = |p: &str| c.get(proxy.url(p)).send();
+    assert_eq!(
+        who(get("/api/special").await.unwrap().json().await.unwrap()),
+        "other"
+    );
+    assert_eq!(
+        who(get("/api/items").await.unwrap().json().await.unwrap()),
+        "app"
+    );
+    let posted = c
+        .post(proxy.url("/api/items"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        who(posted.json().await.unwrap()),
+        "other",
+        "method-restricted route before the catch-all"
+    );
+    assert_eq!(app.hits("/api/items"), 1);
+    assert_eq!(other.hits("/api/items"), 1);
+
+    let resp = get("/zzz").await.unwrap();
+    assert_eq!(resp.status(), 404);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "no_route");
+    assert!(body["message"].as_str().unwrap().contains("/zzz"));
+}
+
+#[tokio::test]
+async fn upstream_failures_are_json_errors() {
+    let (_app, _other, proxy) = setup().await;
+    let c = client();
+
+    let refused = c.get(proxy.url("/down/x")).send().await.unwrap();
+    assert_eq!(refused.status(), 502);
+    assert_eq!(refused.headers()["content-type"], "application/json");
+    assert!(refused.headers().contains_key("x-request-id"));
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["error"], "upstream_unavailable");
+    assert_eq!(body["kind"], "connect_refused");
+
+    // The upstream timeout is 2s; the backend sleeps 5s.
+    let slow = c.get(proxy.url("/slow/5000")).send().await.unwrap();
+    assert_eq!(slow.status(), 504);
+    let body: serde_json::Value = slow.json().await.unwrap();
+    assert_eq!(body["error"], "upstream_unavailable");
+    assert_eq!(body["kind"], "timeout");
+
+    // An upstream 5xx is the app's answer and passes through untouched.
+    let five = c.get(proxy.url("/status/503")).send().await.unwrap();
+    assert_eq!(five.status(), 503);
+    assert_eq!(five.text().await.unwrap(), "status 503");
+
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric_value(
+            &m,
+            "outrider_upstream_errors_total",
+            &["route=\"down\"", "kind=\"connect_refused\""]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "outrider_upstream_errors_total",
+            &["route=\"slowpoke\"", "kind=\"timeout\""]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "outrider_requests_total",
+            &["route=\"misc\"", "status_class=\"5xx\""]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "outrider_requests_total",
+            &["route=\"down\"", "status_class=\"5xx\""]
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn keepalive_connections_are_reused_upstream() {
+    let (app, _other, proxy) = setup().await;
+    let c = client();
+    for _ in 0..20 {
+        let r = c.get(proxy.url("/echo/k")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+    assert_eq!(app.hits("/echo/k"), 20);
+    let _ = Duration::from_secs(0);
+}

@@ -1,0 +1,99 @@
+//! Graceful shutdown: SIGTERM/SIGINT stop new connections, let in-flight requests finish and
+//! exit 0 as soon as nothing is in flight, well before the grace period.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{client, Backend, Proxy};
+
+fn config(app: &str) -> String {
+    format!(
+        r#"
+listen: "{{listen}}"
+admin: {{ listen: "{{admin}}" }}
+upstreams:
+  app: {{ url: "{app}", timeout: 10s }}
+shutdown:
+  grace_period: 20s
+routes:
+  - name: all
+    match: {{ path_prefix: / }}
+    upstream: app
+"#
+    )
+}
+
+async fn drains_on(signal: i32) {
+    let app = Backend::start("app").await;
+    let mut proxy = Proxy::start(&config(&app.url())).await;
+    let url = proxy.url("/slow/1500");
+    let in_flight = tokio::spawn(async move {
+        let resp = client().get(url).send().await.unwrap();
+        (resp.status(), resp.text().await.unwrap())
+    });
+    // Signal only once the slow request has reached the backend.
+    support::wait_for(
+        "the slow request upstream",
+        Duration::from_secs(10),
+        || async { (app.hits("/slow/1500") == 1).then_some(()) },
+    )
+    .await;
+    let signalled = Instant::now();
+    proxy.signal(signal);
+
+    // Readiness flips to draining so an orchestrator stops routing here.
+    let ready = client().get(proxy.admin("/ready")).send().await;
+    if let Ok(ready) = ready {
+        assert_eq!(ready.status(), 503);
+    }
+
+    let (status, body) = in_flight.await.unwrap();
+    assert_eq!(status, 200, "the in-flight request completes");
+    assert_eq!(body, "slept 1500");
+    let exit = tokio::task::spawn_blocking(move || {
+        let status = proxy.wait_exit(Duration::from_secs(15));
+        (status, proxy.log())
+    })
+    .await
+    .unwrap();
+    let (status, log) = exit;
+    let status = status.unwrap_or_else(|| panic!("outrider did not exit; log:\n{log}"));
+    assert!(status.success(), "exit 0, got {status}; log:\n{log}");
+    // Exits once drained rather than sleeping the whole 20 s grace period (generous bound).
+    assert!(
+        signalled.elapsed() < Duration::from_secs(12),
+        "{:?}",
+        signalled.elapsed()
+    );
+    assert!(log.contains("drained; exiting"), "{log}");
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests_then_exits_zero() {
+    drains_on(libc::SIGTERM).await;
+}
+
+#[tokio::test]
+async fn sigint_drains_too() {
+    drains_on(libc::SIGINT).await;
+}
+
+#[tokio::test]
+async fn idle_proxy_exits_promptly_and_stops_accepting() {
+    let app = Backend::start("app").await;
+    let mut proxy = Proxy::start(&config(&app.url())).await;
+    let port = proxy.port;
+    proxy.signal(libc::SIGTERM);
+    let status = tokio::task::spawn_blocking(move || {
+        let s = proxy.wait_exit(Duration::from_secs(10));
+        (s, proxy)
+    })
+    .await
+    .unwrap();
+    assert!(status.0.expect("exited").success());
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "listener closed"
+    );
+}

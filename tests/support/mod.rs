@@ -1,0 +1,488 @@
+//! Shared helpers for integration tests: a Rust test backend over real sockets, the outrider
+//! binary as a child process, a real redis-server, free ports and deadline polling.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+
+pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+type HitCounts = Arc<Mutex<HashMap<String, usize>>>;
+type BackendState = (String, HitCounts, Arc<AtomicUsize>);
+
+/// A port nobody listens on right now (bound then released).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Polls `f` until it returns Some or the deadline passes.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+/// A backend that echoes requests as JSON and offers a few behaviours by path:
+/// `/slow/{ms}`, `/status/{code}`, `/big/{bytes}`, `/chunked/{n}`, `/headers?name=value` (sets
+/// response headers from the query); everything else echoes. It counts hits per path.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub name: String,
+    hits: HitCounts,
+    total: Arc<AtomicUsize>,
+    _shutdown: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Backend {
+    pub async fn start(name: &str) -> Backend {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let hits: HitCounts = Arc::default();
+        let total = Arc::new(AtomicUsize::new(0));
+        let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+        let state = (name.to_string(), hits.clone(), total.clone());
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
+                    _ = &mut rx => break,
+                };
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let state = state.clone();
+                        async move { Ok::<_, Infallible>(backend_handle(state, req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Backend {
+            addr,
+            name: name.to_string(),
+            hits,
+            total,
+            _shutdown: tx,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn hits(&self, path: &str) -> usize {
+        self.hits.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+
+    pub fn total_hits(&self) -> usize {
+        self.total.load(Ordering::SeqCst)
+    }
+}
+
+fn full(body: impl Into<Bytes>) -> BoxBody {
+    Full::new(body.into()).boxed()
+}
+
+async fn backend_handle(
+    (name, hits, total): BackendState,
+    req: Request<Incoming>,
+) -> Response<BoxBody> {
+    let path = req.uri().path().to_string();
+    *hits.lock().unwrap().entry(path.clone()).or_default() += 1;
+    total.fetch_add(1, Ordering::SeqCst);
+    let query = req.uri().query().unwrap_or("").to_string();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["slow", ms, ..] => {
+            let ms: u64 = ms.parse().unwrap_or(100);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Response::new(full(format!("slept {ms}")))
+        }
+        ["status", code, ..] => {
+            let code: u16 = code.parse().unwrap_or(500);
+            let mut resp = Response::new(full(format!("status {code}")));
+            *resp.status_mut() = hyper::StatusCode::from_u16(code).unwrap();
+            resp
+        }
+        ["big", n, ..] => {
+            let n: usize = n.parse().unwrap_or(1 << 20);
+            let body: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+            Response::new(full(body))
+        }
+        ["chunked", n, ..] => {
+            let n: usize = n.parse().unwrap_or(5);
+            let stream = futures::stream::iter(
+                (0..n).map(|i| Ok::<_, Infallible>(Frame::data(Bytes::from(format!("chunk{i};"))))),
+            );
+            Response::new(BodyExt::boxed(StreamBody::new(stream)))
+        }
+        _ => {
+            let method = req.method().to_string();
+            let mut headers = serde_json::Map::new();
+            for (k, v) in req.headers() {
+                headers.insert(
+                    k.as_str().to_string(),
+                    serde_json::Value::String(String::from_utf8_lossy(v.as_bytes()).into()),
+                );
+            }
+            let mut set_headers = Vec::new();
+            if path == "/headers" {
+                for pair in query.split('&').filter(|p| !p.is_empty()) {
+                    if let Some((k, v)) = pair.split_once('=') {
+                        set_headers.push((k.to_string(), v.replace("%20", " ")));
+                    }
+                }
+            }
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let echo = serde_json::json!({
+                "backend": name,
+                "method": method,
+                "path": path,
+                "query": query,
+                "headers": headers,
+                "body_len": body.len(),
+                "body_blake3": blake3::hash(&body).to_hex().to_string(),
+            });
+            let mut resp = Response::new(full(echo.to_string()));
+            resp.headers_mut()
+                .insert("content-type", "application/json".parse().unwrap());
+            for (k, v) in set_headers {
+                resp.headers_mut().append(
+                    hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            resp
+        }
+    }
+}
+
+/// The outrider binary running on a config file in a temp dir; killed on drop.
+pub struct Proxy {
+    pub child: Child,
+    pub port: u16,
+    pub admin_port: u16,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    log_path: PathBuf,
+}
+
+/// Config text with `{listen}` and `{admin}` placeholders filled in.
+pub fn render(template: &str, port: u16, admin_port: u16) -> String {
+    template
+        .replace("{listen}", &format!("127.0.0.1:{port}"))
+        .replace("{admin}", &format!("127.0.0.1:{admin_port}"))
+}
+
+impl Proxy {
+    /// Starts outrider on `config` (a template with `{listen}`/`{admin}` placeholders).
+    pub async fn start(config: &str) -> Proxy {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("outrider.yaml");
+        Self::start_at(dir, config_path, config, &[]).await
+    }
+
+    pub async fn start_with_env(config: &str, env: &[(&str, &str)]) -> Proxy {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("outrider.yaml");
+        Self::start_at(dir, config_path, config, env).await
+    }
+
+    /// Starts with the config file at `config_path` (which may be a symlink the test sets up).
+    pub async fn start_at(
+        dir: tempfile::TempDir,
+        config_path: PathBuf,
+        config: &str,
+        env: &[(&str, &str)],
+    ) -> Proxy {
+        let port = free_port();
+        let admin_port = free_port();
+        let text = render(config, port, admin_port);
+        if !config_path.exists() {
+            std::fs::write(&config_path, text).expect("write config");
+        }
+        let log_path = dir.path().join("outrider.log");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outrider"));
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn outrider");
+        let mut proxy = Proxy {
+            child,
+            port,
+            admin_port,
+            dir,
+            config_path,
+            log_path,
+        };
+        proxy.wait_ready().await;
+        proxy
+    }
+
+    pub fn from_parts(
+        child: Child,
+        port: u16,
+        admin_port: u16,
+        dir: tempfile::TempDir,
+        config_path: PathBuf,
+        log_path: PathBuf,
+    ) -> Proxy {
+        Proxy {
+            child,
+            port,
+            admin_port,
+            dir,
+            config_path,
+            log_path,
+        }
+    }
+
+    pub async fn wait_until_ready(&self) {
+        let client = client();
+        let url = self.admin("/health");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let admin_up = client
+                .get(&url)
+                .send()
+                .await
+                .map(|r| r.status().is_success())
+                .unwrap_or(false);
+            if admin_up && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("outrider did not become ready; log:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    async fn wait_ready(&mut self) {
+        let client = client();
+        let url = self.admin("/health");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("outrider exited early ({status}); log:\n{}", self.log());
+            }
+            let admin_up = client
+                .get(&url)
+                .send()
+                .await
+                .map(|r| r.status().is_success())
+                .unwrap_or(false);
+            let traffic_up = std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok();
+            if admin_up && traffic_up {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("outrider did not become ready; log:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn admin(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: sending a signal to our own child process by PID.
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// Rewrites the config file in place (placeholders filled with this proxy's ports).
+    pub fn write_config(&self, template: &str) {
+        let text = render(template, self.port, self.admin_port);
+        let tmp = self.config_path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp).expect("tmp");
+        f.write_all(text.as_bytes()).expect("write");
+        f.sync_all().ok();
+        std::fs::rename(&tmp, &self.config_path).expect("rename");
+    }
+
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(self.admin("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    }
+
+    /// Waits for the child to exit, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Value of a counter/gauge line in Prometheus text, matched by name and label substrings.
+pub fn metric_value(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|needle| l.contains(needle)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .reduce(|a, b| a + b)
+}
+
+/// A real redis-server on a free loopback port, without persistence; killed on drop.
+pub struct Redis {
+    pub child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        Self::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> Redis {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (apt-get install redis-server)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Redis {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Runs a redis-cli command against this server.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn repo_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
