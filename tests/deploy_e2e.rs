@@ -138,7 +138,10 @@ fn write_config(dir: &Path, listen: u16, admin: u16, app: u16) -> PathBuf {
     // No Redis: L1 only. (Set explicitly: `${REDIS_URL:-}` is interpolated before parsing,
     // and re-serialising would drop the quotes that keep it an empty string.)
     cfg["cache"]["redis"]["url"] = "".into();
-    let path = dir.join("outrider.yaml");
+    // A directory of its own, like the compose bind mount: outrider watches the directory.
+    let conf_dir = dir.join("config");
+    std::fs::create_dir_all(&conf_dir).expect("config dir");
+    let path = conf_dir.join("outrider.yaml");
     std::fs::write(&path, serde_yaml_ng::to_string(&cfg).expect("yaml")).expect("write config");
     path
 }
