@@ -12,6 +12,7 @@ use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch}
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::admin::{self, AdminExtension, AdminState};
+use crate::cache::{Cache, CacheError, CacheSettings};
 use crate::config::{self, ActiveConfig, Config, ConfigError, LiveConfig, ReloadOutcome};
 use crate::proxy::{Lifecycle, Outrider};
 use crate::telemetry::{logging, metrics::MetricsError, Metrics};
@@ -31,6 +32,20 @@ pub enum StartError {
     },
     #[error("invalid config: {0}")]
     Compile(String),
+    #[error("cannot set up the cache: {0}")]
+    Cache(#[from] CacheError),
+}
+
+/// Cache settings are read once at start; changes are reported as needing a restart.
+fn cache_settings(config: &Config) -> CacheSettings {
+    let redis = &config.cache.redis;
+    CacheSettings {
+        memory_max_bytes: config.cache.memory.max_size.0,
+        redis_url: (!redis.url.trim().is_empty()).then(|| redis.url.clone()),
+        redis_key_prefix: redis.key_prefix.clone(),
+        redis_timeout: redis.timeout.get(),
+        max_entry_size: config.cache.max_entry_size.0 as usize,
+    }
 }
 
 /// Loads the config from `path`, or the embedded default when `path` is `None`.
@@ -51,7 +66,9 @@ pub fn run(path: Option<PathBuf>) -> Result<(), StartError> {
     logging::init(config.telemetry.access_log);
     let metrics = Arc::new(Metrics::new()?);
     let threads = match config.threads {
-        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
         n => n,
     };
     let listen = config.listen.clone();
@@ -71,7 +88,13 @@ pub fn run(path: Option<PathBuf>) -> Result<(), StartError> {
         .enable_all()
         .build()
         .map_err(StartError::Runtime)?;
-    let extensions: Vec<Arc<dyn AdminExtension>> = Vec::new();
+    let cache = {
+        // The Redis connection task needs a runtime; it lives on the background one.
+        let _guard = background.enter();
+        Cache::new(cache_settings(&live.snapshot().config), &metrics.registry)?
+    };
+    let extensions: Vec<Arc<dyn AdminExtension>> =
+        vec![Arc::new(admin::cache::CacheAdmin::new(cache.clone()))];
     let admin_listener = background
         .block_on(tokio::net::TcpListener::bind(&admin_listen))
         .map_err(|source| StartError::AdminListen {
@@ -107,8 +130,10 @@ pub fn run(path: Option<PathBuf>) -> Result<(), StartError> {
         live: live.clone(),
         metrics: metrics.clone(),
         lifecycle: lifecycle.clone(),
+        cache,
     };
-    let mut service = pingora_proxy::http_proxy_service_with_name(&server.configuration, proxy, "outrider");
+    let mut service =
+        pingora_proxy::http_proxy_service_with_name(&server.configuration, proxy, "outrider");
     service.add_tcp(&listen);
     server.add_service(service);
     tracing::info!(
@@ -237,7 +262,10 @@ fn exit_when_idle(metrics: Arc<Metrics>, grace: Duration) {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    tracing::warn!(in_flight = metrics.in_flight.get(), "grace period over; exiting with requests in flight");
+    tracing::warn!(
+        in_flight = metrics.in_flight.get(),
+        "grace period over; exiting with requests in flight"
+    );
     logging::flush();
     std::process::exit(0);
 }

@@ -14,6 +14,8 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
+pub mod cache;
+
 use crate::config::{LiveConfig, ReloadOutcome};
 use crate::proxy::Lifecycle;
 use crate::telemetry::Metrics;

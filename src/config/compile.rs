@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 
 use super::schema::{Config, RouteCacheConfig};
+use crate::cache::policy::{RoutePolicy, DEFAULT_STATUSES};
 
 /// A validated config plus its route table; swapped as one unit on reload.
 #[derive(Debug)]
@@ -26,6 +27,8 @@ pub struct Route {
     methods: u16,
     pub upstream: Arc<Upstream>,
     pub cache: Option<RouteCacheConfig>,
+    /// The route's cache rules, resolved against `cache.default_ttl` once per load.
+    pub cache_policy: Option<Arc<RoutePolicy>>,
 }
 
 #[derive(Debug)]
@@ -74,12 +77,33 @@ impl ActiveConfig {
                 .iter()
                 .map(|m| method_bit(&m.to_ascii_uppercase()))
                 .fold(0u16, |acc, bit| acc | bit);
+            let cache_policy = r.cache.as_ref().map(|c| {
+                Arc::new(RoutePolicy {
+                    ttl: c.ttl.unwrap_or(config.cache.default_ttl).get(),
+                    stale_while_revalidate: c.stale_while_revalidate.get(),
+                    stale_if_error: c.stale_if_error.get(),
+                    shared: c.shared,
+                    respect_origin: c.respect_origin,
+                    statuses: c
+                        .statuses
+                        .clone()
+                        .unwrap_or_else(|| DEFAULT_STATUSES.to_vec()),
+                    key_query: c.key.query,
+                    key_headers: c
+                        .key
+                        .headers
+                        .iter()
+                        .map(|h| h.to_ascii_lowercase())
+                        .collect(),
+                })
+            });
             routes.push(Route {
                 name: Arc::from(r.name.as_str()),
                 matcher,
                 methods,
                 upstream,
                 cache: r.cache.clone(),
+                cache_policy,
             });
         }
         Ok(ActiveConfig {

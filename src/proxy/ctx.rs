@@ -37,6 +37,8 @@ pub struct Ctx {
     pub own_status: Option<u16>,
     /// Kind of upstream failure, for metrics and the access log.
     pub upstream_error: Option<&'static str>,
+    /// Present when the matched route caches.
+    pub http_cache: Option<Box<super::http_cache::HttpCacheCtx>>,
 }
 
 impl Ctx {
@@ -51,6 +53,7 @@ impl Ctx {
             upstream_elapsed: None,
             own_status: None,
             upstream_error: None,
+            http_cache: None,
         }
     }
 

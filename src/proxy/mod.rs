@@ -2,6 +2,7 @@
 //! upstream, sets forwarding headers and maps failures to JSON errors; features live elsewhere.
 
 pub mod ctx;
+pub mod http_cache;
 pub mod respond;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,6 +15,7 @@ use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
+use crate::cache::Cache;
 use crate::config::schema::AccessLogFormat;
 use crate::config::LiveConfig;
 use crate::telemetry::logging::ACCESS_TARGET;
@@ -32,6 +34,7 @@ pub struct Outrider {
     pub live: Arc<LiveConfig>,
     pub metrics: Arc<Metrics>,
     pub lifecycle: Arc<Lifecycle>,
+    pub cache: Arc<Cache>,
 }
 
 impl Outrider {
@@ -88,9 +91,8 @@ impl ProxyHttp for Outrider {
         }
         let req = session.req_header();
         ctx.route = config.match_route(req.method.as_str(), req.uri.path());
-        let matched = ctx.route.is_some();
-        ctx.config = Some(config);
-        if !matched {
+        let Some(index) = ctx.route else {
+            ctx.config = Some(config);
             let message = format!(
                 "no route matches {} {}",
                 session.req_header().method,
@@ -98,6 +100,20 @@ impl ProxyHttp for Outrider {
             );
             respond::json_error(session, ctx, 404, codes::NO_ROUTE, &message, None).await?;
             return Ok(true);
+        };
+        let cache_stage = config.routes.get(index).and_then(|route| {
+            route
+                .cache_policy
+                .clone()
+                .map(|policy| (policy, route.name.clone(), route.upstream.clone()))
+        });
+        ctx.config = Some(config);
+        if let Some((policy, name, upstream)) = cache_stage {
+            let step =
+                http_cache::on_request(&self.cache, session, ctx, policy, &name, &upstream).await?;
+            if matches!(step, http_cache::Step::Answered) {
+                return Ok(true);
+            }
         }
         Ok(false)
     }
@@ -179,9 +195,14 @@ impl ProxyHttp for Outrider {
     async fn upstream_response_filter(
         &self,
         _session: &mut Session,
-        _upstream_response: &mut ResponseHeader,
+        upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        http_cache::on_upstream_response(
+            ctx,
+            upstream_response,
+            self.cache.settings().max_entry_size,
+        );
         if let Some(started) = ctx.upstream_started {
             let elapsed = started.elapsed();
             ctx.upstream_elapsed = Some(elapsed);
@@ -199,8 +220,20 @@ impl ProxyHttp for Outrider {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        http_cache::add_cache_headers(upstream_response, ctx);
         respond::add_timing_headers(upstream_response, ctx);
         Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<bytes::Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<std::time::Duration>> {
+        http_cache::on_body_chunk(&self.cache, ctx, body, end_of_stream);
+        Ok(None)
     }
 
     fn fail_to_connect(
@@ -248,6 +281,21 @@ impl ProxyHttp for Outrider {
                 can_reuse_downstream: false,
             };
         }
+        if upstream_side {
+            if let Some(stale) = http_cache::stale_for_error(ctx) {
+                match http_cache::serve_entry(session, ctx, &stale).await {
+                    Ok(()) => {
+                        return FailToProxy {
+                            error_code: stale.status,
+                            can_reuse_downstream: false,
+                        }
+                    }
+                    Err(write_error) => {
+                        tracing::debug!(error = %write_error, "could not write stale response");
+                    }
+                }
+            }
+        }
         let route = ctx.route_name().to_string();
         let message = match (code, kind) {
             (codes::UPSTREAM_UNAVAILABLE, Some(kind)) => {
@@ -278,6 +326,7 @@ impl ProxyHttp for Outrider {
             .unwrap_or(0);
         let elapsed = ctx.started.elapsed();
         let route = ctx.route_name();
+        http_cache::record(&self.cache, ctx, route);
         let method = session.req_header().method.as_str();
         self.metrics
             .requests

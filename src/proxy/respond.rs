@@ -29,6 +29,10 @@ pub fn add_timing_headers(resp: &mut ResponseHeader, ctx: &Ctx) {
             upstream.as_secs_f64() * 1000.0
         ));
     }
+    if let Some(cache) = ctx.http_cache.as_ref() {
+        timing.push_str(", cache;desc=");
+        timing.push_str(cache.server_timing_desc());
+    }
     // Insertion only fails for invalid values, which these formats cannot produce.
     let _ = resp.insert_header("x-response-time-ms", format!("{total_ms:.3}"));
     let _ = resp.append_header("server-timing", timing);

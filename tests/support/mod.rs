@@ -8,7 +8,7 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ use hyper_util::rt::TokioIo;
 
 pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 type HitCounts = Arc<Mutex<HashMap<String, usize>>>;
-type BackendState = (String, HitCounts, Arc<AtomicUsize>);
+type BackendState = (String, HitCounts, Arc<AtomicUsize>, Arc<AtomicBool>);
 
 /// A port nobody listens on right now (bound then released).
 pub fn free_port() -> u16 {
@@ -64,6 +64,7 @@ pub struct Backend {
     pub name: String,
     hits: HitCounts,
     total: Arc<AtomicUsize>,
+    failing: Arc<AtomicBool>,
     _shutdown: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -76,15 +77,24 @@ impl Backend {
         let hits: HitCounts = Arc::default();
         let total = Arc::new(AtomicUsize::new(0));
         let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
-        let state = (name.to_string(), hits.clone(), total.clone());
+        let failing = Arc::new(AtomicBool::new(false));
+        let state = (
+            name.to_string(),
+            hits.clone(),
+            total.clone(),
+            failing.clone(),
+        );
         tokio::spawn(async move {
+            // Connections live in this set so that stopping the backend also cuts them.
+            let mut connections = tokio::task::JoinSet::new();
             loop {
                 let (stream, _) = tokio::select! {
                     r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
                     _ = &mut rx => break,
                 };
+                while connections.try_join_next().is_some() {}
                 let state = state.clone();
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let state = state.clone();
                         async move { Ok::<_, Infallible>(backend_handle(state, req).await) }
@@ -100,6 +110,7 @@ impl Backend {
             name: name.to_string(),
             hits,
             total,
+            failing,
             _shutdown: tx,
         }
     }
@@ -112,6 +123,11 @@ impl Backend {
         self.hits.lock().unwrap().get(path).copied().unwrap_or(0)
     }
 
+    /// While set, every request gets a 503.
+    pub fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, Ordering::SeqCst);
+    }
+
     pub fn total_hits(&self) -> usize {
         self.total.load(Ordering::SeqCst)
     }
@@ -122,18 +138,26 @@ fn full(body: impl Into<Bytes>) -> BoxBody {
 }
 
 async fn backend_handle(
-    (name, hits, total): BackendState,
+    (name, hits, total, failing): BackendState,
     req: Request<Incoming>,
 ) -> Response<BoxBody> {
     let path = req.uri().path().to_string();
     *hits.lock().unwrap().entry(path.clone()).or_default() += 1;
-    total.fetch_add(1, Ordering::SeqCst);
+    let seq = total.fetch_add(1, Ordering::SeqCst) + 1;
+    if failing.load(Ordering::SeqCst) {
+        let mut resp = Response::new(full("backend failing"));
+        *resp.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+        return resp;
+    }
     let query = req.uri().query().unwrap_or("").to_string();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match segments.as_slice() {
         ["slow", ms, ..] => {
             let ms: u64 = ms.parse().unwrap_or(100);
             tokio::time::sleep(Duration::from_millis(ms)).await;
+            if query.contains("seq") {
+                return Response::new(full(format!("slept {ms} seq {seq}")));
+            }
             Response::new(full(format!("slept {ms}")))
         }
         ["status", code, ..] => {
@@ -179,6 +203,7 @@ async fn backend_handle(
                 .unwrap_or_default();
             let echo = serde_json::json!({
                 "backend": name,
+                "seq": seq,
                 "method": method,
                 "path": path,
                 "query": query,

@@ -1,0 +1,555 @@
+//! Wiring of the response cache into the request's phases. The decisions (what may be stored,
+//! for how long, what the headers say) are the cache module's pure functions; this file only
+//! moves bytes between Pingora's session and the cache.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use pingora_error::Result;
+use pingora_http::ResponseHeader;
+use pingora_proxy::Session;
+
+use crate::cache::policy::{
+    self, age_header_value, request_decision, response_storable, storable_headers, CacheStatus,
+    RequestDecision, RoutePolicy,
+};
+use crate::cache::{
+    Cache, CacheKey, Flight, Freshness, LeaderGuard, Outcome, StoredResponse, Tier,
+};
+use crate::config::Upstream;
+
+use super::ctx::Ctx;
+use super::respond::add_timing_headers;
+
+/// The cache's part of a request's state.
+pub struct HttpCacheCtx {
+    key: Option<CacheKey>,
+    policy: Arc<RoutePolicy>,
+    pub status: CacheStatus,
+    pub outcome: Outcome,
+    pub tier: Tier,
+    /// This request fetches for everyone waiting on the same key.
+    leader: Option<LeaderGuard>,
+    /// An entry past its freshness that may still answer if the upstream fails.
+    stale: Option<Arc<StoredResponse>>,
+    /// The upstream failed with a 5xx: its body is replaced by this entry's.
+    substitute: Option<Arc<StoredResponse>>,
+    capture: Option<Capture>,
+    /// HEAD responses have no body to store, and bypassed requests store nothing.
+    may_store: bool,
+}
+
+struct Capture {
+    status: u16,
+    headers: Vec<(String, Bytes)>,
+    ttl: Duration,
+    body: BytesMut,
+}
+
+pub enum Step {
+    /// The response was written from the cache.
+    Answered,
+    /// Go on to the upstream.
+    Forward,
+}
+
+/// Freshness judged by the route's current rules, so a TTL edited in the YAML applies to
+/// entries already stored (unless the origin's own max-age governs them).
+fn freshness(entry: &StoredResponse, policy: &RoutePolicy, now: SystemTime) -> Freshness {
+    let ttl = if policy.respect_origin {
+        entry.ttl
+    } else {
+        policy.ttl
+    };
+    let age = entry.age(now);
+    if age < ttl {
+        Freshness::Fresh
+    } else if age < ttl + policy.stale_while_revalidate {
+        Freshness::StaleWhileRevalidate
+    } else if age < ttl + policy.stale_if_error.max(policy.stale_while_revalidate) {
+        Freshness::StaleIfErrorOnly
+    } else {
+        Freshness::Expired
+    }
+}
+
+fn ttl_left(entry: &StoredResponse, policy: &RoutePolicy, now: SystemTime) -> i64 {
+    let ttl = if policy.respect_origin {
+        entry.ttl
+    } else {
+        policy.ttl
+    };
+    ttl.as_secs() as i64 - entry.age(now).as_secs() as i64
+}
+
+/// Looks the request up and answers it from the cache when it can.
+pub async fn on_request(
+    cache: &Arc<Cache>,
+    session: &mut Session,
+    ctx: &mut Ctx,
+    policy: Arc<RoutePolicy>,
+    route_name: &str,
+    upstream: &Arc<Upstream>,
+) -> Result<Step> {
+    let req = session.req_header();
+    let decision = request_decision(&req.method, &req.headers, &policy);
+    let head = req.method == http::Method::HEAD;
+    let mut state = HttpCacheCtx {
+        key: None,
+        policy: policy.clone(),
+        status: CacheStatus::Bypass,
+        outcome: Outcome::Bypass,
+        tier: Tier::None,
+        leader: None,
+        stale: None,
+        substitute: None,
+        capture: None,
+        may_store: false,
+    };
+    let (credential, client_refresh) = match decision {
+        RequestDecision::Bypass(reason) => {
+            tracing::debug!(route = route_name, reason = reason.as_str(), "cache bypass");
+            ctx.http_cache = Some(Box::new(state));
+            return Ok(Step::Forward);
+        }
+        RequestDecision::Lookup { credential } => (credential, false),
+        RequestDecision::Refresh { credential } => (credential, true),
+    };
+    // Like nginx's default key, the origin (not the client's Host) is part of the key, so
+    // replicas reached under different names share entries.
+    let host = upstream.name.as_str();
+    let vary = policy::vary_values(&req.headers, &policy);
+    let vary: Vec<(&str, &str)> = vary.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let query = if policy.key_query {
+        req.uri.query()
+    } else {
+        None
+    };
+    // HEAD shares the GET entry.
+    let key = CacheKey::http(
+        route_name,
+        "GET",
+        host,
+        req.uri.path(),
+        query,
+        &vary,
+        credential.as_deref(),
+    );
+    state.may_store = !head;
+
+    if client_refresh {
+        state.status = CacheStatus::Refresh { stored: false };
+        state.outcome = Outcome::Miss;
+        state.key = Some(key);
+        ctx.http_cache = Some(Box::new(state));
+        return Ok(Step::Forward);
+    }
+
+    let lookup = cache.lookup(&key).await;
+    let now = SystemTime::now();
+    state.outcome = Outcome::Miss;
+    state.status = CacheStatus::Miss { stored: false };
+    if let Some(entry) = lookup.entry {
+        match freshness(&entry, &policy, now) {
+            Freshness::Fresh => {
+                state.tier = lookup.tier;
+                state.outcome = Outcome::Hit { tier: lookup.tier };
+                state.status = CacheStatus::Hit {
+                    ttl: ttl_left(&entry, &policy, now),
+                };
+                ctx.http_cache = Some(Box::new(state));
+                serve_entry(session, ctx, &entry).await?;
+                return Ok(Step::Answered);
+            }
+            Freshness::StaleWhileRevalidate => {
+                state.tier = lookup.tier;
+                state.outcome = Outcome::Stale;
+                state.status = CacheStatus::StaleWhileRevalidate {
+                    ttl: ttl_left(&entry, &policy, now),
+                };
+                // One background refresh per key; everyone else keeps getting the stale copy.
+                if let Some(guard) = cache.try_begin_revalidation(&key) {
+                    let request = RefreshRequest::from_session(session, upstream, &entry);
+                    let (cache, policy, key, stale) =
+                        (cache.clone(), policy.clone(), key.clone(), entry.clone());
+                    let route = route_name.to_string();
+                    tokio::spawn(async move {
+                        refresh(cache, key, policy, request, stale, &route).await;
+                        drop(guard);
+                    });
+                }
+                ctx.http_cache = Some(Box::new(state));
+                serve_entry(session, ctx, &entry).await?;
+                return Ok(Step::Answered);
+            }
+            Freshness::StaleIfErrorOnly => {
+                state.outcome = Outcome::Expired;
+                state.status = CacheStatus::Expired { stored: false };
+                state.stale = Some(entry);
+            }
+            Freshness::Expired => {
+                state.outcome = Outcome::Expired;
+                state.status = CacheStatus::Expired { stored: false };
+            }
+        }
+    }
+
+    if head {
+        // A HEAD response cannot fill the entry; fetch without leading the flight.
+        state.key = Some(key);
+        ctx.http_cache = Some(Box::new(state));
+        return Ok(Step::Forward);
+    }
+    match cache.single_flight(&key) {
+        Flight::Leader(guard) => {
+            state.leader = Some(guard);
+        }
+        Flight::Follower(wait) => {
+            if let Some(entry) = wait.wait(upstream.timeout).await {
+                let now = SystemTime::now();
+                state.tier = Tier::L1;
+                state.outcome = Outcome::Hit { tier: Tier::L1 };
+                state.status = CacheStatus::Hit {
+                    ttl: ttl_left(&entry, &policy, now),
+                };
+                ctx.http_cache = Some(Box::new(state));
+                serve_entry(session, ctx, &entry).await?;
+                return Ok(Step::Answered);
+            }
+            // The leader's response was not storable or it failed: fetch for ourselves.
+        }
+    }
+    state.key = Some(key);
+    ctx.http_cache = Some(Box::new(state));
+    Ok(Step::Forward)
+}
+
+/// Writes a stored response (status, headers, body) to the client.
+pub async fn serve_entry(
+    session: &mut Session,
+    ctx: &mut Ctx,
+    entry: &StoredResponse,
+) -> Result<()> {
+    let mut resp = ResponseHeader::build(entry.status, Some(entry.headers.len() + 8))?;
+    for (name, value) in &entry.headers {
+        if name == "content-length" {
+            continue;
+        }
+        resp.append_header(name.clone(), value.as_ref())?;
+    }
+    resp.insert_header("content-length", entry.body.len().to_string())?;
+    resp.insert_header("age", age_header_value(entry.age(SystemTime::now())))?;
+    add_cache_headers(&mut resp, ctx);
+    add_timing_headers(&mut resp, ctx);
+    ctx.own_status = Some(entry.status);
+    let head = session.req_header().method == http::Method::HEAD;
+    session.write_response_header(Box::new(resp), head).await?;
+    if !head {
+        session
+            .write_response_body(Some(entry.body.clone()), true)
+            .await?;
+    }
+    Ok(())
+}
+
+/// `x-cache-status` and `cache-status`; `server-timing` gets its `cache` entry with the timings.
+pub fn add_cache_headers(resp: &mut ResponseHeader, ctx: &Ctx) {
+    let Some(state) = ctx.http_cache.as_ref() else {
+        return;
+    };
+    let _ = resp.insert_header("x-cache-status", state.status.x_cache_status());
+    let _ = resp.insert_header("cache-status", state.status.header_value());
+}
+
+impl HttpCacheCtx {
+    /// The `cache` entry of `server-timing`.
+    pub fn server_timing_desc(&self) -> &'static str {
+        match self.outcome {
+            Outcome::Hit { .. } => "hit",
+            Outcome::Stale => "stale",
+            Outcome::Bypass => "bypass",
+            _ => "miss",
+        }
+    }
+}
+
+/// The upstream's response header arrived: decide whether to capture it for the cache, or to
+/// replace an upstream error with a stale entry.
+pub fn on_upstream_response(ctx: &mut Ctx, resp: &mut ResponseHeader, max_entry_size: usize) {
+    let Some(state) = ctx.http_cache.as_mut() else {
+        return;
+    };
+    let status = resp.status.as_u16();
+    if status >= 500 {
+        if let Some(stale) = state.stale.take() {
+            let now = SystemTime::now();
+            state.status = CacheStatus::StaleIfError {
+                ttl: ttl_left(&stale, &state.policy, now),
+                fwd_status: Some(status),
+            };
+            state.outcome = Outcome::Stale;
+            if let Ok(mut replaced) = stale_header(&stale) {
+                std::mem::swap(resp, &mut replaced);
+                state.substitute = Some(stale);
+            }
+            state.leader.take();
+            return;
+        }
+    }
+    if !state.may_store || state.key.is_none() {
+        state.leader.take();
+        return;
+    }
+    let too_big = resp
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|len| max_entry_size > 0 && len > max_entry_size);
+    match response_storable(status, &resp.headers, &state.policy) {
+        Ok(ttl) if !too_big => {
+            state.capture = Some(Capture {
+                status,
+                headers: storable_headers(&resp.headers),
+                ttl,
+                body: BytesMut::new(),
+            });
+            set_stored(&mut state.status, true);
+        }
+        Ok(_) => {
+            tracing::debug!("response larger than cache.max_entry_size; not stored");
+            state.leader.take();
+        }
+        Err(reason) => {
+            tracing::debug!(reason = reason.as_str(), "response not storable");
+            state.leader.take();
+        }
+    }
+}
+
+fn set_stored(status: &mut CacheStatus, value: bool) {
+    match status {
+        CacheStatus::Miss { stored }
+        | CacheStatus::Expired { stored }
+        | CacheStatus::Refresh { stored }
+        | CacheStatus::Revalidated { stored } => *stored = value,
+        _ => {}
+    }
+}
+
+fn stale_header(entry: &StoredResponse) -> Result<ResponseHeader> {
+    let mut resp = ResponseHeader::build(entry.status, Some(entry.headers.len() + 8))?;
+    for (name, value) in &entry.headers {
+        if name == "content-length" {
+            continue;
+        }
+        resp.append_header(name.clone(), value.as_ref())?;
+    }
+    resp.insert_header("content-length", entry.body.len().to_string())?;
+    resp.insert_header("age", age_header_value(entry.age(SystemTime::now())))?;
+    Ok(resp)
+}
+
+/// Each body chunk on its way to the client: copied for the cache (never held back), or
+/// swapped for the stale entry's body.
+pub fn on_body_chunk(cache: &Cache, ctx: &mut Ctx, body: &mut Option<Bytes>, end_of_stream: bool) {
+    let Some(state) = ctx.http_cache.as_mut() else {
+        return;
+    };
+    if let Some(stale) = &state.substitute {
+        *body = if end_of_stream {
+            Some(stale.body.clone())
+        } else {
+            None
+        };
+        return;
+    }
+    let Some(capture) = state.capture.as_mut() else {
+        return;
+    };
+    if let Some(chunk) = body.as_ref() {
+        let max = cache.settings().max_entry_size;
+        if max > 0 && capture.body.len() + chunk.len() > max {
+            tracing::debug!("response grew past cache.max_entry_size; not stored");
+            state.capture = None;
+            state.leader.take();
+            set_stored(&mut state.status, false);
+            return;
+        }
+        capture.body.extend_from_slice(chunk);
+    }
+    if end_of_stream {
+        let (Some(capture), Some(key)) = (state.capture.take(), state.key.as_ref()) else {
+            return;
+        };
+        let entry = StoredResponse {
+            status: capture.status,
+            headers: capture.headers,
+            body: capture.body.freeze(),
+            stored_at: SystemTime::now(),
+            ttl: capture.ttl,
+            stale_while_revalidate: state.policy.stale_while_revalidate,
+            stale_if_error: state.policy.stale_if_error,
+            namespace: key.namespace.clone(),
+            label: key.label.clone(),
+        };
+        let stored = cache.store_now(key, entry);
+        if let Some(leader) = state.leader.take() {
+            leader.complete(stored);
+        }
+    }
+}
+
+/// The upstream could not be reached: answer with a stale entry if one is allowed.
+pub fn stale_for_error(ctx: &mut Ctx) -> Option<Arc<StoredResponse>> {
+    let state = ctx.http_cache.as_mut()?;
+    let stale = state.stale.take()?;
+    state.leader.take();
+    state.status = CacheStatus::StaleIfError {
+        ttl: ttl_left(&stale, &state.policy, SystemTime::now()),
+        fwd_status: None,
+    };
+    state.outcome = Outcome::Stale;
+    Some(stale)
+}
+
+/// Counts the request's cache outcome once, at the end.
+pub fn record(cache: &Cache, ctx: &Ctx, route: &str) {
+    if let Some(state) = ctx.http_cache.as_ref() {
+        cache.record_at(route, state.tier, state.outcome);
+    }
+}
+
+/// What a background revalidation needs from the request that triggered it.
+pub struct RefreshRequest {
+    url: String,
+    headers: reqwest::header::HeaderMap,
+    timeout: Duration,
+}
+
+impl RefreshRequest {
+    fn from_session(session: &Session, upstream: &Upstream, entry: &StoredResponse) -> Self {
+        let req = session.req_header();
+        let scheme = if upstream.tls { "https" } else { "http" };
+        let host = if upstream.host.contains(':') {
+            format!("[{}]", upstream.host)
+        } else {
+            upstream.host.clone()
+        };
+        let path_and_query = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let url = format!("{scheme}://{host}:{}{path_and_query}", upstream.port);
+        let mut headers = reqwest::header::HeaderMap::new();
+        for (name, value) in req.headers.iter() {
+            let skip = matches!(
+                name.as_str(),
+                "connection"
+                    | "keep-alive"
+                    | "te"
+                    | "trailer"
+                    | "transfer-encoding"
+                    | "upgrade"
+                    | "content-length"
+                    | "if-none-match"
+                    | "if-modified-since"
+                    | "cache-control"
+                    | "pragma"
+            ) || (upstream.tls && name == http::header::HOST);
+            if !skip {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        for (name, value) in &entry.headers {
+            let conditional = match name.as_str() {
+                "etag" => Some(http::header::IF_NONE_MATCH),
+                "last-modified" => Some(http::header::IF_MODIFIED_SINCE),
+                _ => None,
+            };
+            if let (Some(conditional), Ok(value)) =
+                (conditional, http::HeaderValue::from_bytes(value))
+            {
+                headers.insert(conditional, value);
+            }
+        }
+        headers.insert(
+            "x-outrider-revalidation",
+            http::HeaderValue::from_static("1"),
+        );
+        RefreshRequest {
+            url,
+            headers,
+            timeout: upstream.timeout,
+        }
+    }
+}
+
+fn refresh_client() -> &'static reqwest::Client {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(|| {
+        reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap_or_default()
+    })
+}
+
+/// Fetches a fresh copy of a stale entry (conditionally when it has validators) and stores it.
+async fn refresh(
+    cache: Arc<Cache>,
+    key: CacheKey,
+    policy: Arc<RoutePolicy>,
+    request: RefreshRequest,
+    stale: Arc<StoredResponse>,
+    route: &str,
+) {
+    let response = refresh_client()
+        .get(&request.url)
+        .headers(request.headers)
+        .timeout(request.timeout)
+        .send()
+        .await;
+    let response = match response {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(route, error = %e, "background revalidation failed; the stale entry stays");
+            return;
+        }
+    };
+    let status = response.status().as_u16();
+    if status == 304 {
+        let mut renewed = (*stale).clone();
+        renewed.stored_at = SystemTime::now();
+        cache.store_now(&key, renewed);
+        cache.record_at(route, Tier::None, Outcome::Revalidated);
+        return;
+    }
+    let headers = response.headers().clone();
+    let Ok(ttl) = response_storable(status, &headers, &policy) else {
+        return;
+    };
+    let max = cache.settings().max_entry_size;
+    if response
+        .content_length()
+        .is_some_and(|l| max > 0 && l as usize > max)
+    {
+        return;
+    }
+    let Ok(body) = response.bytes().await else {
+        return;
+    };
+    let entry = StoredResponse {
+        status,
+        headers: storable_headers(&headers),
+        body,
+        stored_at: SystemTime::now(),
+        ttl,
+        stale_while_revalidate: policy.stale_while_revalidate,
+        stale_if_error: policy.stale_if_error,
+        namespace: key.namespace.clone(),
+        label: key.label.clone(),
+    };
+    if cache.store_now(&key, entry).is_some() {
+        cache.record_at(route, Tier::None, Outcome::Revalidated);
+    }
+}
