@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# End-to-end benchmarks with ../shared/bench/bench.sh (nginx, HAProxy, nginx proxy_cache and
+# Varnish measured in the same run, every proxy on its own CPU with one worker):
+#
+#   bash scripts/bench.sh [fast|app|redis|bare]...      (default: fast bare)
+#
+#   fast   outrider with L1 caching GET /hit/*, passing /pass/* through; nginx backend
+#   app    the same in front of the FastAPI backend (~20 ms per call)
+#   redis  L1 disabled: every hit comes from Redis (L2), to read Redis-tier throughput/latency
+#   bare   a bare Pingora pass-through (examples/bare_pingora.rs) next to nginx, the baseline
+#          for outrider's own per-request cost
+#
+# Env: BENCH (path to bench.sh, default ../shared/bench/bench.sh), DURATION, CONNS, REPS as bench.sh.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$(pwd)
+BENCH=${BENCH:-$ROOT/../shared/bench/bench.sh}
+MODES=("${@:-fast bare}")
+read -r -a MODES <<<"${MODES[*]}"
+scripts/setup-debian.sh
+cargo build --release --bin outrider --example bare_pingora
+OUT=$(mktemp -d -t outrider-bench.XXXXXX)
+trap 'rm -rf "$OUT"; [[ -n ${REDIS_PID:-} ]] && kill "$REDIS_PID" 2>/dev/null || true' EXIT
+
+config() { # memory_max redis_url
+  cat <<YAML
+listen: 127.0.0.1:18100
+threads: 1
+admin: { listen: 127.0.0.1:18190 }
+upstreams:
+  be: { url: "http://127.0.0.1:18001", timeout: 30s }
+cache:
+  memory: { max_size: $1 }
+  redis: { url: "$2", timeout: 50ms }
+telemetry: { access_log: off }
+shutdown: { grace_period: 1s }
+routes:
+  - name: hit
+    match: { path_prefix: /hit/, methods: [GET, HEAD] }
+    upstream: be
+    cache: { ttl: 60s }
+  - name: pass
+    match: { path_prefix: / }
+    upstream: be
+YAML
+}
+
+for mode in "${MODES[@]}"; do
+  case $mode in
+    fast | app)
+      config 256MiB "" >"$OUT/outrider.yaml"
+      echo "### $mode: outrider (L1 cache) vs peers"
+      SUT_NAME=outrider SUT_CMD="$ROOT/target/release/outrider run --config $OUT/outrider.yaml" \
+        bash "$BENCH" "$mode"
+      ;;
+    redis)
+      port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+      taskset -c 0 redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null &
+      REDIS_PID=$!
+      config 0 "redis://127.0.0.1:$port" >"$OUT/outrider.yaml"
+      echo "### redis: outrider with L1 disabled (every hit from Redis) vs nginx proxy_cache"
+      PEERS="nginx-cache" SUT_NAME=outrider-l2 \
+        SUT_CMD="$ROOT/target/release/outrider run --config $OUT/outrider.yaml" bash "$BENCH" fast
+      kill "$REDIS_PID"; REDIS_PID=
+      ;;
+    bare)
+      echo "### bare: a bare Pingora pass-through vs nginx (baseline for outrider's own cost)"
+      PEERS="nginx" SUT_NAME=bare-pingora \
+        SUT_CMD="$ROOT/target/release/examples/bare_pingora 127.0.0.1:18100 127.0.0.1:18001" \
+        bash "$BENCH" fast
+      ;;
+    *) echo "unknown mode $mode" >&2; exit 2 ;;
+  esac
+done
