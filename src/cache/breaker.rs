@@ -199,7 +199,10 @@ mod tests {
             assert_eq!(b.admit(t), Admission::Probe);
             b.on_failure(t);
             let backoff = Duration::from_secs(expected.next().unwrap_or(4));
-            assert_eq!(b.admit(t + backoff - Duration::from_millis(1)), Admission::Rejected);
+            assert_eq!(
+                b.admit(t + backoff - Duration::from_millis(1)),
+                Admission::Rejected
+            );
             t += backoff;
         }
         assert_eq!(b.admit(t), Admission::Probe);
@@ -221,7 +224,10 @@ mod tests {
         let t1 = t + Duration::from_secs(1);
         assert_eq!(b.admit(t1), Admission::Probe);
         // The probe's caller vanished; after probe_timeout another probe is allowed.
-        assert_eq!(b.admit(t1 + Duration::from_millis(499)), Admission::Rejected);
+        assert_eq!(
+            b.admit(t1 + Duration::from_millis(499)),
+            Admission::Rejected
+        );
         assert_eq!(b.admit(t1 + Duration::from_millis(500)), Admission::Probe);
     }
 

@@ -136,7 +136,11 @@ impl Cache {
         settings: CacheSettings,
         metrics: &prometheus::Registry,
     ) -> Result<Arc<Self>, CacheError> {
-        Self::with_metrics(settings, CacheOptions::default(), CacheMetrics::new(metrics)?)
+        Self::with_metrics(
+            settings,
+            CacheOptions::default(),
+            CacheMetrics::new(metrics)?,
+        )
     }
 
     /// Like [`Cache::new`] with explicit tuning and already registered metrics (a rebuilt cache
@@ -216,12 +220,20 @@ impl Cache {
     /// Stores in L1 now and in Redis in the background. Returns the shared entry (hand it to
     /// [`LeaderGuard::complete`](super::LeaderGuard::complete)) or `None` when it was not
     /// stored (too large, or already past its retention).
-    pub async fn store(&self, key: &CacheKey, entry: StoredResponse) -> Option<Arc<StoredResponse>> {
+    pub async fn store(
+        &self,
+        key: &CacheKey,
+        entry: StoredResponse,
+    ) -> Option<Arc<StoredResponse>> {
         self.store_now(key, entry)
     }
 
     /// The synchronous body of [`Cache::store`].
-    pub fn store_now(&self, key: &CacheKey, mut entry: StoredResponse) -> Option<Arc<StoredResponse>> {
+    pub fn store_now(
+        &self,
+        key: &CacheKey,
+        mut entry: StoredResponse,
+    ) -> Option<Arc<StoredResponse>> {
         let max = self.settings.max_entry_size;
         if max > 0 && entry.body.len() > max {
             return None;
@@ -354,8 +366,7 @@ impl Cache {
     pub fn stats(&self) -> Value {
         self.refresh_gauges();
         // namespace -> tier -> outcome -> count
-        let mut by_ns: BTreeMap<String, BTreeMap<String, BTreeMap<String, u64>>> =
-            BTreeMap::new();
+        let mut by_ns: BTreeMap<String, BTreeMap<String, BTreeMap<String, u64>>> = BTreeMap::new();
         for mf in self.metrics.requests.collect() {
             for m in mf.get_metric() {
                 let (mut route, mut tier, mut outcome) = ("", "", "");

@@ -247,25 +247,34 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// A realistic entry for tests across the module.
+#[cfg(test)]
+pub(crate) fn sample_entry(body_len: usize) -> StoredResponse {
+    StoredResponse {
+        status: 200,
+        headers: vec![
+            (
+                "content-type".into(),
+                Bytes::from_static(b"application/json"),
+            ),
+            ("x-odd".into(), Bytes::from_static(b"\xff\x00bin")),
+        ],
+        body: Bytes::from(vec![b'x'; body_len]),
+        stored_at: UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789),
+        ttl: Duration::from_secs(60),
+        stale_while_revalidate: Duration::from_secs(30),
+        stale_if_error: Duration::from_secs(600),
+        namespace: "items".into(),
+        label: "/api/items/1".into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    pub(crate) fn sample(body_len: usize) -> StoredResponse {
-        StoredResponse {
-            status: 200,
-            headers: vec![
-                ("content-type".into(), Bytes::from_static(b"application/json")),
-                ("x-odd".into(), Bytes::from_static(b"\xff\x00bin")),
-            ],
-            body: Bytes::from(vec![b'x'; body_len]),
-            stored_at: UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789),
-            ttl: Duration::from_secs(60),
-            stale_while_revalidate: Duration::from_secs(30),
-            stale_if_error: Duration::from_secs(600),
-            namespace: "items".into(),
-            label: "/api/items/1".into(),
-        }
+    fn sample(n: usize) -> StoredResponse {
+        sample_entry(n)
     }
 
     #[test]
@@ -364,6 +373,3 @@ mod tests {
         assert_eq!(zero.freshness(t0), Freshness::Expired);
     }
 }
-
-#[cfg(test)]
-pub(crate) use tests::sample as sample_entry;

@@ -99,8 +99,7 @@ impl FollowerWait {
     /// The leader's response, or `None` when the leader failed, gave up, produced something
     /// uncacheable, or took longer than `timeout`; the caller then goes upstream itself.
     pub async fn wait(mut self, timeout: Duration) -> Option<Arc<StoredResponse>> {
-        let result = match tokio::time::timeout(timeout, self.rx.wait_for(Option::is_some)).await
-        {
+        let result = match tokio::time::timeout(timeout, self.rx.wait_for(Option::is_some)).await {
             Ok(Ok(slot)) => slot.clone().flatten(),
             // Sender gone without a value cannot happen (Drop sends), but treat it as failure.
             Ok(Err(_)) | Err(_) => None,

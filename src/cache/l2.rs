@@ -44,7 +44,9 @@ pub enum RedisState {
     Disabled,
     Up,
     /// Configured but not usable right now; requests are served from L1 and upstream.
-    Degraded { reason: String },
+    Degraded {
+        reason: String,
+    },
 }
 
 pub(crate) struct L2 {
@@ -287,7 +289,9 @@ impl L2 {
         let started = Instant::now();
         let res = tokio::time::timeout(
             inner.timeout,
-            redis::cmd("GET").arg(key).query_async::<Option<Bytes>>(&mut conn),
+            redis::cmd("GET")
+                .arg(key)
+                .query_async::<Option<Bytes>>(&mut conn),
         )
         .await;
         inner
@@ -470,7 +474,9 @@ impl Inner {
         drop(b);
         if before != after {
             match after {
-                BreakerState::Open => tracing::warn!("redis circuit opened; serving from L1 and upstream only"),
+                BreakerState::Open => {
+                    tracing::warn!("redis circuit opened; serving from L1 and upstream only")
+                }
                 BreakerState::Closed => tracing::info!("redis circuit closed; L2 back in use"),
                 BreakerState::HalfOpen => {}
             }
@@ -577,7 +583,10 @@ mod tests {
 
     #[test]
     fn redacts_password() {
-        assert_eq!(redact("redis://:secret@host:6379/0"), "redis://***@host:6379/0");
+        assert_eq!(
+            redact("redis://:secret@host:6379/0"),
+            "redis://***@host:6379/0"
+        );
         assert_eq!(redact("redis://host:6379"), "redis://host:6379");
     }
 }

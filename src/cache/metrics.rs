@@ -22,7 +22,11 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         "route, tier (l1|l2|none), outcome (hit|miss|stale|bypass|expired|revalidated)",
         "Cache decisions per route; tier says which tier answered (none when nothing did).",
     ),
-    (L1_BYTES, "", "Approximate bytes held by the in-process L1 cache."),
+    (
+        L1_BYTES,
+        "",
+        "Approximate bytes held by the in-process L1 cache.",
+    ),
     (L1_ENTRIES, "", "Entries held by the in-process L1 cache."),
     (
         REDIS_ERRORS_TOTAL,
@@ -85,7 +89,10 @@ impl RedisErrorKind {
 impl CacheMetrics {
     pub fn new(registry: &Registry) -> Result<Self, CacheError> {
         let requests = IntCounterVec::new(
-            Opts::new(REQUESTS_TOTAL, "Cache decisions by route, tier and outcome."),
+            Opts::new(
+                REQUESTS_TOTAL,
+                "Cache decisions by route, tier and outcome.",
+            ),
             &["route", "tier", "outcome"],
         )?;
         let l1_bytes = IntGauge::new(L1_BYTES, "Approximate bytes held by the L1 cache.")?;
@@ -164,6 +171,9 @@ mod tests {
                 assert!(names.iter().any(|n| n == name), "{name} missing: {names:?}");
             }
         }
-        assert!(CacheMetrics::new(&reg).is_err(), "double registration must be reported");
+        assert!(
+            CacheMetrics::new(&reg).is_err(),
+            "double registration must be reported"
+        );
     }
 }

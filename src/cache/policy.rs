@@ -257,7 +257,11 @@ pub fn response_storable(
         if d.name == "*" {
             return Err(NotStorable::VaryStar);
         }
-        if !route.key_headers.iter().any(|h| h.eq_ignore_ascii_case(&d.name)) {
+        if !route
+            .key_headers
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(&d.name))
+        {
             return Err(NotStorable::VaryNotKeyed(d.name));
         }
     }
@@ -312,18 +316,33 @@ pub fn storable_headers(resp: &HeaderMap) -> Vec<(String, Bytes)> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheStatus {
     /// Fresh hit; `ttl` = seconds of freshness left.
-    Hit { ttl: i64 },
+    Hit {
+        ttl: i64,
+    },
     /// Stale entry served while a background refresh runs; `ttl` is negative.
-    StaleWhileRevalidate { ttl: i64 },
+    StaleWhileRevalidate {
+        ttl: i64,
+    },
     /// The upstream failed and a stale entry was served instead.
-    StaleIfError { ttl: i64, fwd_status: Option<u16> },
-    Miss { stored: bool },
+    StaleIfError {
+        ttl: i64,
+        fwd_status: Option<u16>,
+    },
+    Miss {
+        stored: bool,
+    },
     /// An entry existed but was too old to use; fetched anew.
-    Expired { stored: bool },
+    Expired {
+        stored: bool,
+    },
     /// The client asked for a refresh (`no-cache`).
-    Refresh { stored: bool },
+    Refresh {
+        stored: bool,
+    },
     /// A stale entry was refreshed from upstream and the new response served.
-    Revalidated { stored: bool },
+    Revalidated {
+        stored: bool,
+    },
     Bypass,
 }
 
@@ -452,13 +471,15 @@ mod tests {
             RequestDecision::Bypass(BypassReason::Credentials)
         );
         r.shared = true;
-        let RequestDecision::Lookup { credential: Some(a) } =
-            request_decision(&Method::GET, &auth, &r)
+        let RequestDecision::Lookup {
+            credential: Some(a),
+        } = request_decision(&Method::GET, &auth, &r)
         else {
             panic!("expected lookup with credential");
         };
-        let RequestDecision::Lookup { credential: Some(b) } =
-            request_decision(&Method::GET, &h(&[("authorization", "Bearer b")]), &r)
+        let RequestDecision::Lookup {
+            credential: Some(b),
+        } = request_decision(&Method::GET, &h(&[("authorization", "Bearer b")]), &r)
         else {
             panic!("expected lookup with credential");
         };
@@ -474,7 +495,9 @@ mod tests {
                 &h(&[("authorization", "a"), ("cache-control", "no-cache")]),
                 &r
             ),
-            RequestDecision::Refresh { credential: Some(_) }
+            RequestDecision::Refresh {
+                credential: Some(_)
+            }
         ));
         assert_eq!(
             request_decision(
@@ -510,7 +533,10 @@ mod tests {
     fn response_directives() {
         let r = route();
         let s = |pairs| response_storable(200, &h(pairs), &r);
-        assert_eq!(s(&[("cache-control", "no-store")]), Err(NotStorable::NoStore));
+        assert_eq!(
+            s(&[("cache-control", "no-store")]),
+            Err(NotStorable::NoStore)
+        );
         assert_eq!(
             s(&[("cache-control", "public, PRIVATE")]),
             Err(NotStorable::Private)
@@ -519,10 +545,16 @@ mod tests {
             s(&[("cache-control", "private=\"set-cookie, x\"")]),
             Err(NotStorable::Private)
         );
-        assert_eq!(s(&[("cache-control", "no-cache")]), Err(NotStorable::NoCache));
+        assert_eq!(
+            s(&[("cache-control", "no-cache")]),
+            Err(NotStorable::NoCache)
+        );
         assert_eq!(s(&[("set-cookie", "a=b")]), Err(NotStorable::SetCookie));
         assert_eq!(s(&[("vary", "*")]), Err(NotStorable::VaryStar));
-        assert_eq!(s(&[("vary", "Accept, *")]), Err(NotStorable::VaryNotKeyed("accept".into())));
+        assert_eq!(
+            s(&[("vary", "Accept, *")]),
+            Err(NotStorable::VaryNotKeyed("accept".into()))
+        );
         assert_eq!(
             s(&[("vary", "Accept-Encoding")]),
             Err(NotStorable::VaryNotKeyed("accept-encoding".into()))
@@ -555,28 +587,43 @@ mod tests {
             s(&[("cache-control", "max-age=\"45\"")]),
             Ok(Duration::from_secs(45))
         );
-        assert_eq!(s(&[("cache-control", "s-maxage=0, max-age=60")]), Err(NotStorable::ZeroMaxAge));
-        assert_eq!(s(&[("cache-control", "max-age=0")]), Err(NotStorable::ZeroMaxAge));
+        assert_eq!(
+            s(&[("cache-control", "s-maxage=0, max-age=60")]),
+            Err(NotStorable::ZeroMaxAge)
+        );
+        assert_eq!(
+            s(&[("cache-control", "max-age=0")]),
+            Err(NotStorable::ZeroMaxAge)
+        );
         assert_eq!(s(&[("cache-control", "max-age=abc")]), Ok(r.ttl));
         assert_eq!(s(&[]), Ok(r.ttl));
         let zero = RoutePolicy {
             ttl: Duration::ZERO,
             ..route()
         };
-        assert_eq!(response_storable(200, &h(&[]), &zero), Err(NotStorable::ZeroTtl));
+        assert_eq!(
+            response_storable(200, &h(&[]), &zero),
+            Err(NotStorable::ZeroTtl)
+        );
     }
 
     #[test]
     fn directive_parsing_edge_cases() {
         let d = directives(
-            &h(&[("cache-control", " , max-age=5,,private=\"a,b\" , x=\"q\\\"\"")]),
+            &h(&[(
+                "cache-control",
+                " , max-age=5,,private=\"a,b\" , x=\"q\\\"\"",
+            )]),
             header::CACHE_CONTROL,
         );
         let names: Vec<_> = d.iter().map(|d| d.name.as_str()).collect();
         assert_eq!(names, ["max-age", "private", "x"]);
         assert_eq!(d[1].value.as_deref(), Some("a,b"));
         let mut m = HeaderMap::new();
-        m.append("cache-control", HeaderValue::from_bytes(b"no-store\xff").unwrap_or(HeaderValue::from_static("x")));
+        m.append(
+            "cache-control",
+            HeaderValue::from_bytes(b"no-store\xff").unwrap_or(HeaderValue::from_static("x")),
+        );
         let _ = directives(&m, header::CACHE_CONTROL);
     }
 
@@ -614,13 +661,19 @@ mod tests {
 
     #[test]
     fn status_headers() {
-        assert_eq!(CacheStatus::Hit { ttl: 42 }.header_value(), "outrider; hit; ttl=42");
+        assert_eq!(
+            CacheStatus::Hit { ttl: 42 }.header_value(),
+            "outrider; hit; ttl=42"
+        );
         assert_eq!(CacheStatus::Hit { ttl: 42 }.x_cache_status(), "HIT");
         assert_eq!(
             CacheStatus::Miss { stored: true }.header_value(),
             "outrider; fwd=miss; stored"
         );
-        assert_eq!(CacheStatus::Miss { stored: false }.header_value(), "outrider; fwd=miss");
+        assert_eq!(
+            CacheStatus::Miss { stored: false }.header_value(),
+            "outrider; fwd=miss"
+        );
         assert_eq!(
             CacheStatus::StaleWhileRevalidate { ttl: -3 }.header_value(),
             "outrider; hit; ttl=-3"
@@ -641,7 +694,10 @@ mod tests {
             CacheStatus::Expired { stored: true }.header_value(),
             "outrider; fwd=stale; stored"
         );
-        assert_eq!(CacheStatus::Expired { stored: true }.x_cache_status(), "EXPIRED");
+        assert_eq!(
+            CacheStatus::Expired { stored: true }.x_cache_status(),
+            "EXPIRED"
+        );
         assert_eq!(
             CacheStatus::Revalidated { stored: true }.x_cache_status(),
             "REVALIDATED"

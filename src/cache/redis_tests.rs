@@ -37,7 +37,10 @@ fn cache(url: Option<String>, l1_bytes: u64) -> Arc<Cache> {
 fn entry(ns: &str, label: &str, body: &str) -> StoredResponse {
     StoredResponse {
         status: 200,
-        headers: vec![("content-type".into(), bytes::Bytes::from_static(b"text/plain"))],
+        headers: vec![(
+            "content-type".into(),
+            bytes::Bytes::from_static(b"text/plain"),
+        )],
         body: bytes::Bytes::from(body.to_owned()),
         stored_at: SystemTime::now(),
         ttl: Duration::from_secs(60),
@@ -91,10 +94,16 @@ async fn l2_roundtrip_fills_l1_of_another_replica_and_sets_ttl() {
     let stored = a.store(&k, entry("items", "/api/items/1", "hello")).await;
     assert!(stored.is_some());
     assert_eq!(a.lookup(&k).await.tier, Tier::L1);
-    wait_until("write reaches redis", Duration::from_secs(5), || exists(&redis, &k)).await;
+    wait_until("write reaches redis", Duration::from_secs(5), || {
+        exists(&redis, &k)
+    })
+    .await;
 
     let mut c = redis.conn();
-    let pttl: i64 = redis::cmd("PTTL").arg(rkey(&k)).query(&mut c).expect("pttl");
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(rkey(&k))
+        .query(&mut c)
+        .expect("pttl");
     assert!(pttl > 0 && pttl <= 180_000, "pttl {pttl}");
 
     let first = b.lookup(&k).await;
@@ -117,7 +126,10 @@ async fn redis_only_when_l1_disabled() {
     let k = key("r", "/x");
     c.store(&k, entry("r", "/x", "body")).await;
     assert!(c.lookup_l1(&k).is_none());
-    wait_until("write reaches redis", Duration::from_secs(5), || exists(&redis, &k)).await;
+    wait_until("write reaches redis", Duration::from_secs(5), || {
+        exists(&redis, &k)
+    })
+    .await;
     for _ in 0..3 {
         let l = c.lookup(&k).await;
         assert_eq!(l.tier, Tier::L2);
@@ -142,7 +154,10 @@ async fn purge_by_namespace_prefix_and_key() {
         c.store(k, entry(&k.namespace, &k.label, "x")).await;
     }
     for k in &keys {
-        wait_until("write reaches redis", Duration::from_secs(5), || exists(&redis, k)).await;
+        wait_until("write reaches redis", Duration::from_secs(5), || {
+            exists(&redis, k)
+        })
+        .await;
     }
 
     let r = c
@@ -167,10 +182,16 @@ async fn purge_by_namespace_prefix_and_key() {
     assert_eq!((r.l1, r.l2), (1, Some(1)), "{r:?}");
     assert!(exists(&redis, &keys[5]));
 
-    let r = c.purge(PurgeTarget::Key(keys[5].hex().to_uppercase())).await.expect("purge");
+    let r = c
+        .purge(PurgeTarget::Key(keys[5].hex().to_uppercase()))
+        .await
+        .expect("purge");
     assert_eq!((r.l1, r.l2), (1, Some(1)), "{r:?}");
 
-    let r = c.purge(PurgeTarget::Namespace("users".into())).await.expect("purge");
+    let r = c
+        .purge(PurgeTarget::Namespace("users".into()))
+        .await
+        .expect("purge");
     assert_eq!((r.l1, r.l2), (1, Some(1)), "{r:?}");
     assert!(exists(&redis, &keys[2]));
 
@@ -191,12 +212,22 @@ async fn corrupt_value_in_redis_is_a_miss_and_is_overwritten() {
     let k = key("items", "/bad");
     let mut conn = redis.conn();
     for junk in [&b"not an entry"[..], b"ORC\0\x09rest", b""] {
-        let _: () = redis::cmd("SET").arg(rkey(&k)).arg(junk).query(&mut conn).expect("set");
+        let _: () = redis::cmd("SET")
+            .arg(rkey(&k))
+            .arg(junk)
+            .query(&mut conn)
+            .expect("set");
         let l = c.lookup(&k).await;
         assert!(l.entry.is_none());
         assert_eq!(l.tier, Tier::None);
     }
-    assert!(c.metrics().redis_errors.with_label_values(&["decode"]).get() >= 2);
+    assert!(
+        c.metrics()
+            .redis_errors
+            .with_label_values(&["decode"])
+            .get()
+            >= 2
+    );
     // Decode failures are not Redis failures: the breaker stays closed.
     assert_eq!(c.redis_state(), RedisState::Up);
     c.store(&k, entry("items", "/bad", "good")).await;
@@ -259,13 +290,20 @@ async fn redis_killed_then_restarted() {
     let probe = key("k", "/probe");
     let deadline = Instant::now() + Duration::from_secs(20);
     while c.redis_state() != RedisState::Up {
-        assert!(Instant::now() < deadline, "did not recover: {:?}", c.redis_state());
+        assert!(
+            Instant::now() < deadline,
+            "did not recover: {:?}",
+            c.redis_state()
+        );
         let _ = c.lookup(&probe).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let k = key("k", "/after");
     c.store(&k, entry("k", "/after", "back")).await;
-    wait_until("write after recovery", Duration::from_secs(5), || exists(&redis, &k)).await;
+    wait_until("write after recovery", Duration::from_secs(5), || {
+        exists(&redis, &k)
+    })
+    .await;
     assert_eq!(c.lookup(&k).await.tier, Tier::L2);
     assert_eq!(c.metrics().breaker_state.get(), 0);
 }
@@ -281,16 +319,34 @@ async fn hung_redis_costs_at_most_the_timeout_then_opens_breaker() {
     for i in 0..10 {
         let s = Instant::now();
         assert!(c.lookup(&key("h", &format!("/{i}"))).await.entry.is_none());
-        assert!(s.elapsed() < Duration::from_secs(2), "lookup {i} took {:?}", s.elapsed());
+        assert!(
+            s.elapsed() < Duration::from_secs(2),
+            "lookup {i} took {:?}",
+            s.elapsed()
+        );
     }
     // 3 timeouts open the breaker; the other 7 skip Redis, so the total stays small.
-    assert!(t.elapsed() < Duration::from_secs(2), "total {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "total {:?}",
+        t.elapsed()
+    );
     assert!(matches!(c.redis_state(), RedisState::Degraded { .. }));
-    assert!(c.metrics().redis_errors.with_label_values(&["timeout"]).get() >= 3);
+    assert!(
+        c.metrics()
+            .redis_errors
+            .with_label_values(&["timeout"])
+            .get()
+            >= 3
+    );
     redis.signal("-CONT");
     let deadline = Instant::now() + Duration::from_secs(20);
     while c.redis_state() != RedisState::Up {
-        assert!(Instant::now() < deadline, "did not recover: {:?}", c.redis_state());
+        assert!(
+            Instant::now() < deadline,
+            "did not recover: {:?}",
+            c.redis_state()
+        );
         let _ = c.lookup(&key("h", "/probe")).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -313,7 +369,11 @@ async fn black_hole_redis_never_delays_requests() {
         let s = Instant::now();
         let l = c.lookup(&key("b", &format!("/miss{i}"))).await;
         assert!(l.entry.is_none());
-        assert!(s.elapsed() < Duration::from_secs(2), "lookup took {:?}", s.elapsed());
+        assert!(
+            s.elapsed() < Duration::from_secs(2),
+            "lookup took {:?}",
+            s.elapsed()
+        );
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
     assert_eq!(c.lookup(&k).await.tier, Tier::L1);

@@ -58,7 +58,10 @@ impl RedisServer {
                     }
                 }
             }
-            assert!(Instant::now() < deadline, "redis-server did not become ready");
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not become ready"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
