@@ -364,6 +364,8 @@ impl Cache {
     /// JSON for `GET /cache/stats`. Hit ratio = (hit + stale) / (hit + stale + miss + expired
     /// + revalidated); bypasses are not cache lookups and are left out.
     pub fn stats(&self) -> Value {
+        // moka counts lazily; settle it so the numbers an operator reads are current.
+        self.sync_l1();
         self.refresh_gauges();
         // namespace -> tier -> outcome -> count
         let mut by_ns: BTreeMap<String, BTreeMap<String, BTreeMap<String, u64>>> = BTreeMap::new();
@@ -462,4 +464,122 @@ fn hit_ratio(t: &BTreeMap<&str, u64>) -> Option<f64> {
     let served = get("hit") + get("stale");
     let looked = served + get("miss") + get("expired") + get("revalidated");
     (looked > 0).then(|| served as f64 / looked as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::entry::sample_entry;
+
+    fn l1_only(max_entry: usize) -> Arc<Cache> {
+        let settings = CacheSettings {
+            max_entry_size: max_entry,
+            ..CacheSettings::default()
+        };
+        match Cache::new(settings, &prometheus::Registry::new()) {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn fresh(body: usize) -> StoredResponse {
+        let mut e = sample_entry(body);
+        e.stored_at = SystemTime::now();
+        e
+    }
+
+    #[tokio::test]
+    async fn store_limits_and_key_authority() {
+        let c = l1_only(1000);
+        let k = CacheKey::http("route-a", "GET", "h", "/p", None, &[], None);
+        assert!(c.store(&k, fresh(1001)).await.is_none(), "too large");
+        let mut old = fresh(10);
+        old.stored_at = SystemTime::now() - Duration::from_secs(3600);
+        assert!(c.store(&k, old).await.is_none(), "past retention");
+        let stored = c.store(&k, fresh(1000)).await;
+        assert_eq!(
+            stored.as_ref().map(|e| e.namespace.as_str()),
+            Some("route-a")
+        );
+        assert_eq!(stored.as_ref().map(|e| e.label.as_str()), Some("/p"));
+        let l = c.lookup(&k).await;
+        assert_eq!(l.tier, Tier::L1);
+        assert_eq!(c.redis_state(), RedisState::Disabled);
+    }
+
+    #[tokio::test]
+    async fn stats_and_record() {
+        let c = l1_only(0);
+        let k = CacheKey::http("items", "GET", "h", "/p", None, &[], None);
+        c.store(&k, fresh(10)).await;
+        c.record("items", Outcome::Hit { tier: Tier::L1 });
+        c.record("items", Outcome::Hit { tier: Tier::L1 });
+        c.record("items", Outcome::Hit { tier: Tier::L2 });
+        c.record("items", Outcome::Miss);
+        c.record("items", Outcome::Bypass);
+        c.record_at("other", Tier::L2, Outcome::Stale);
+        let s = c.stats();
+        assert_eq!(s["namespaces"]["items"]["tiers"]["l1"]["hit"], 2);
+        assert_eq!(s["namespaces"]["items"]["tiers"]["l2"]["hit"], 1);
+        assert_eq!(s["namespaces"]["items"]["totals"]["miss"], 1);
+        assert_eq!(s["namespaces"]["items"]["hit_ratio"], 0.75);
+        assert_eq!(s["namespaces"]["other"]["tiers"]["l2"]["stale"], 1);
+        assert_eq!(s["hit_ratio"], 0.8);
+        assert_eq!(s["redis"]["state"], "disabled");
+        assert_eq!(s["l1"]["enabled"], true);
+        assert_eq!(s["l1"]["entries"], 1);
+        assert_eq!(c.metrics().l1_entries.get(), 1);
+        assert!(c.metrics().l1_bytes.get() > 0);
+    }
+
+    #[tokio::test]
+    async fn l1_purge_without_redis() {
+        let c = l1_only(0);
+        for p in ["/a/1", "/a/2", "/b"] {
+            let k = CacheKey::http("r", "GET", "h", p, None, &[], None);
+            c.store(&k, fresh(1)).await;
+        }
+        let r = c
+            .purge(PurgeTarget::PathPrefix {
+                namespace: None,
+                prefix: "/a/".into(),
+            })
+            .await
+            .map_err(|e| e.to_string());
+        assert_eq!(
+            r,
+            Ok(PurgeReport {
+                l1: 2,
+                l2: None,
+                l2_error: None
+            })
+        );
+        assert!(c
+            .purge(PurgeTarget::PathPrefix {
+                namespace: None,
+                prefix: String::new()
+            })
+            .await
+            .is_err());
+    }
+
+    #[tokio::test]
+    async fn flights_through_the_cache_do_not_leak() {
+        let c = l1_only(0);
+        let k = CacheKey::from_parts("apq", "q", &[b"x"]);
+        let Flight::Leader(g) = c.single_flight(&k) else {
+            panic!("first caller leads");
+        };
+        let Flight::Follower(w) = c.single_flight(&k) else {
+            panic!("second caller follows");
+        };
+        let stored = c.store(&k, fresh(5)).await;
+        g.complete(stored);
+        assert!(w.wait(Duration::from_secs(1)).await.is_some());
+        assert_eq!(c.stats()["single_flight"]["in_flight"], 0);
+        let r = c.try_begin_revalidation(&k);
+        assert!(r.is_some() && c.try_begin_revalidation(&k).is_none());
+        drop(r);
+        assert!(c.try_begin_revalidation(&k).is_some());
+    }
 }
