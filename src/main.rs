@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "outrider", version, about = "Reverse-proxy sidecar for Python/FastAPI services")]
+#[command(
+    name = "outrider",
+    version,
+    about = "Reverse-proxy sidecar for Python/FastAPI services"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

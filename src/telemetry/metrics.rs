@@ -43,7 +43,10 @@ impl Metrics {
     pub fn new() -> Result<Self, MetricsError> {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new(names::REQUESTS, "Requests answered, by route, method and status class"),
+            Opts::new(
+                names::REQUESTS,
+                "Requests answered, by route, method and status class",
+            ),
             &["route", "method", "status_class"],
         )?;
         let request_duration = HistogramVec::new(
@@ -71,13 +74,21 @@ impl Metrics {
             &["route", "kind"],
         )?;
         let config_reloads = IntCounterVec::new(
-            Opts::new(names::CONFIG_RELOADS, "Config reload attempts by outcome (applied, unchanged, rejected)"),
+            Opts::new(
+                names::CONFIG_RELOADS,
+                "Config reload attempts by outcome (applied, unchanged, rejected)",
+            ),
             &["outcome"],
         )?;
-        let config_generation =
-            IntGauge::new(names::CONFIG_GENERATION, "Generation of the serving config (1 at start)")?;
+        let config_generation = IntGauge::new(
+            names::CONFIG_GENERATION,
+            "Generation of the serving config (1 at start)",
+        )?;
         let build_info = IntGaugeVec::new(
-            Opts::new(names::BUILD_INFO, "Build information; the value is always 1"),
+            Opts::new(
+                names::BUILD_INFO,
+                "Build information; the value is always 1",
+            ),
             &["version"],
         )?;
         build_info

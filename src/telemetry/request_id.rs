@@ -8,9 +8,9 @@ pub fn accept(value: &[u8]) -> Option<&str> {
     if value.is_empty() || value.len() > MAX_LEN {
         return None;
     }
-    let ok = value
-        .iter()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'/' | b'+' | b'='));
+    let ok = value.iter().all(|b| {
+        b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'/' | b'+' | b'=')
+    });
     if ok {
         std::str::from_utf8(value).ok()
     } else {
