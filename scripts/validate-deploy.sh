@@ -123,6 +123,16 @@ def duration_s(text):
     return float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 
+def size_bytes(text):
+    """Kubernetes quantities (Mi, Gi, M, G) and outrider sizes (MiB, GiB, MB, KiB...)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?)?B?\s*", str(text))
+    if not m:
+        raise ValueError(f"unparsable size {text!r}")
+    unit = m.group(2) or ""
+    power = " KMGT".index(unit[0]) if unit else 0
+    return float(m.group(1)) * ((1024 if unit.endswith("i") else 1000) ** power)
+
+
 def port_of(listen):
     return int(str(listen).rsplit(":", 1)[1])
 
@@ -312,6 +322,16 @@ for dep in deployments:
         err(f"{dname}: terminationGracePeriodSeconds {tgps} must exceed shutdown.grace_period {grace}s + preStop {prestop}s")
     else:
         ok(f"{dname}: terminationGracePeriodSeconds {tgps} > grace_period {grace:g}s + preStop {prestop}s")
+
+    # The L1 cache lives inside the container's memory limit, next to a ~40Mi baseline.
+    limit = sidecar.get("resources", {}).get("limits", {}).get("memory")
+    cache_max = cfg.get("cache", {}).get("memory", {}).get("max_size", "256MiB")
+    if limit is None:
+        err(f"{dname}: outrider has no memory limit")
+    elif size_bytes(limit) < size_bytes(cache_max) + 64 * 2**20:
+        err(f"{dname}: outrider memory limit {limit} leaves under 64Mi above cache.memory.max_size {cache_max}")
+    else:
+        ok(f"{dname}: memory limit {limit} covers cache.memory.max_size {cache_max} + baseline")
 
     up = cfg["upstreams"]["app"]["url"]
     app = pspec["containers"][0]
