@@ -13,6 +13,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 struct Bare {
     upstream: std::net::SocketAddr,
+    /// With `BARE_TIMEOUTS=1`, per-read/write upstream timeouts like outrider sets.
+    timeouts: bool,
 }
 
 #[async_trait]
@@ -21,7 +23,13 @@ impl ProxyHttp for Bare {
     fn new_ctx(&self) {}
 
     async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut ()) -> Result<Box<HttpPeer>> {
-        Ok(Box::new(HttpPeer::new(self.upstream, false, String::new())))
+        let mut peer = HttpPeer::new(self.upstream, false, String::new());
+        if self.timeouts {
+            peer.options.connection_timeout = Some(std::time::Duration::from_secs(1));
+            peer.options.read_timeout = Some(std::time::Duration::from_secs(30));
+            peer.options.write_timeout = Some(std::time::Duration::from_secs(30));
+        }
+        Ok(Box::new(peer))
     }
 }
 
@@ -41,7 +49,13 @@ fn main() {
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let mut service = pingora_proxy::http_proxy_service(&server.configuration, Bare { upstream });
+    let mut service = pingora_proxy::http_proxy_service(
+        &server.configuration,
+        Bare {
+            upstream,
+            timeouts: std::env::var("BARE_TIMEOUTS").is_ok_and(|v| v == "1"),
+        },
+    );
     service.add_tcp(&listen);
     server.add_service(service);
     server.run_forever();

@@ -114,6 +114,16 @@ async fn metrics_cover_requests_latency_and_build() {
     .await
     .unwrap();
 
+    // Requests are counted when they finish, just after the client has its response.
+    support::wait_for(
+        "all five requests counted",
+        std::time::Duration::from_secs(10),
+        || async {
+            let m = proxy.metrics().await;
+            (metric_value(&m, "outrider_requests_total", &[]) == Some(5.0)).then_some(())
+        },
+    )
+    .await;
     let resp = c.get(proxy.admin("/metrics")).send().await.unwrap();
     assert!(resp.headers()["content-type"]
         .to_str()

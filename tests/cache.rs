@@ -140,7 +140,7 @@ async fn miss_then_hit_with_headers_and_metrics() {
         .unwrap();
     assert_eq!(post.headers()["x-cache-status"], "BYPASS");
 
-    let m = proxy.metrics().await;
+    let m = support::metric_eventually(&proxy, "outrider_requests_total", &[], 5.0).await;
     assert_eq!(
         metric_value(
             &m,
@@ -285,7 +285,7 @@ async fn single_flight_one_upstream_request_for_100_concurrent_misses() {
         "one upstream fetch for the cold key"
     );
     assert_eq!(bodies.len(), 1);
-    let m = proxy.metrics().await;
+    let m = support::metric_eventually(&proxy, "outrider_requests_total", &[], 100.0).await;
     assert!(
         metric_value(
             &m,
@@ -453,7 +453,7 @@ async fn second_replica_gets_the_first_ones_entry_from_redis() {
     let again = get(&two, "/echo/items/shared", &[]).await;
     assert_eq!(again.cache, "HIT");
     assert_eq!(app.hits("/echo/items/shared"), 1);
-    let m = two.metrics().await;
+    let m = support::metric_eventually(&two, "outrider_requests_total", &[], 2.0).await;
     assert_eq!(
         metric_value(
             &m,

@@ -261,7 +261,7 @@ async fn upstream_failures_are_json_errors() {
     assert_eq!(five.status(), 503);
     assert_eq!(five.text().await.unwrap(), "status 503");
 
-    let m = proxy.metrics().await;
+    let m = support::metric_eventually(&proxy, "outrider_requests_total", &[], 3.0).await;
     assert_eq!(
         metric_value(
             &m,

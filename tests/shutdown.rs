@@ -43,10 +43,17 @@ async fn drains_on(signal: i32) {
     proxy.signal(signal);
 
     // Readiness flips to draining so an orchestrator stops routing here.
-    let ready = client().get(proxy.admin("/ready")).send().await;
-    if let Ok(ready) = ready {
-        assert_eq!(ready.status(), 503);
-    }
+    // The slow request is still in flight (1.5 s), so the admin port is still up meanwhile.
+    let admin = proxy.admin("/ready");
+    support::wait_for(
+        "/ready to report draining",
+        Duration::from_secs(5),
+        || async {
+            let ready = client().get(&admin).send().await.ok()?;
+            (ready.status() == 503).then_some(())
+        },
+    )
+    .await;
 
     let (status, body) = in_flight.await.unwrap();
     assert_eq!(status, 200, "the in-flight request completes");

@@ -10,7 +10,7 @@ use notify::{RecursiveMode, Watcher};
 use parking_lot::Mutex;
 
 use super::compile::ActiveConfig;
-use super::load::{load_file, ConfigError};
+use super::load::{parse_str, ConfigError};
 use super::schema::Config;
 
 /// What one reload attempt did.
@@ -45,6 +45,8 @@ pub struct LiveConfig {
     path: Option<PathBuf>,
     /// Serializes reloads and remembers the last text seen, to skip no-op reloads.
     last_text: Mutex<String>,
+    /// The last file content that was rejected, so watch-driven retries do not re-log it.
+    last_rejected: Mutex<Option<String>>,
     on_outcome: Mutex<Option<OutcomeHook>>,
 }
 
@@ -54,6 +56,7 @@ impl LiveConfig {
             current: ArcSwap::from_pointee(active),
             path,
             last_text: Mutex::new(text),
+            last_rejected: Mutex::new(None),
             on_outcome: Mutex::new(None),
         })
     }
@@ -75,24 +78,46 @@ impl LiveConfig {
 
     /// Re-reads the file and swaps it in if valid and different.
     pub fn reload(&self, trigger: &str) -> ReloadOutcome {
-        let outcome = self.reload_inner();
+        // Watch-driven reloads skip a file already judged; explicit ones always re-evaluate.
+        let automatic = matches!(trigger, "file" | "poll");
+        let outcome = self.reload_inner(automatic);
         if let Some(hook) = self.on_outcome.lock().as_ref() {
             hook(trigger, &outcome);
         }
         outcome
     }
 
-    fn reload_inner(&self) -> ReloadOutcome {
+    fn reload_inner(&self, automatic: bool) -> ReloadOutcome {
         let Some(path) = &self.path else {
             return ReloadOutcome::Unchanged {
                 generation: self.current.load().generation,
             };
         };
         let mut last_text = self.last_text.lock();
-        let (config, text) = match load_file(path) {
-            Ok(loaded) => loaded,
-            Err(e) => return ReloadOutcome::Rejected(e),
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(source) => {
+                return ReloadOutcome::Rejected(ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })
+            }
         };
+        let mut last_rejected = self.last_rejected.lock();
+        if automatic && (text == *last_text || last_rejected.as_deref() == Some(text.as_str())) {
+            // Nothing new to say: the same good file, or the same bad file already reported.
+            return ReloadOutcome::Unchanged {
+                generation: self.current.load().generation,
+            };
+        }
+        let config = match parse_str(&text, &path.display().to_string()) {
+            Ok(config) => config,
+            Err(e) => {
+                *last_rejected = Some(text);
+                return ReloadOutcome::Rejected(e);
+            }
+        };
+        *last_rejected = None;
         let old = self.current.load_full();
         if text == *last_text && *old.config == config {
             return ReloadOutcome::Unchanged {
@@ -176,8 +201,21 @@ pub fn spawn_watcher(live: Arc<LiveConfig>) -> Result<(), notify::Error> {
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let file_name = path.file_name().map(|n| n.to_os_string());
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        // Only events about the config file itself or a ConfigMap's `..data`/`..<timestamp>`
+        // entries matter; a busy directory (like /tmp) must not cause a re-read per event.
+        // Access events (including our own reads of the file) must never trigger a reload.
+        let relevant = event.is_ok_and(|event| {
+            !matches!(event.kind, notify::EventKind::Access(_))
+                && event.paths.iter().any(|p| {
+                    p.file_name().is_some_and(|name| {
+                        Some(name) == file_name.as_deref()
+                            || name.to_string_lossy().starts_with("..")
+                    })
+                })
+        });
+        if relevant {
             let _ = tx.send(());
         }
     })?;

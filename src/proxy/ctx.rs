@@ -37,6 +37,8 @@ pub struct Ctx {
     pub own_status: Option<u16>,
     /// Kind of upstream failure, for metrics and the access log.
     pub upstream_error: Option<&'static str>,
+    /// Metric handles of the matched route (or `none`).
+    pub metrics: Option<Arc<crate::telemetry::metrics::RouteMetrics>>,
     /// Present when the matched route caches.
     pub http_cache: Option<Box<super::http_cache::HttpCacheCtx>>,
 }
@@ -54,6 +56,7 @@ impl Ctx {
             own_status: None,
             upstream_error: None,
             http_cache: None,
+            metrics: None,
         }
     }
 

@@ -19,7 +19,6 @@ use crate::cache::Cache;
 use crate::config::schema::AccessLogFormat;
 use crate::config::LiveConfig;
 use crate::telemetry::logging::ACCESS_TARGET;
-use crate::telemetry::metrics::{method_label, status_class};
 use crate::telemetry::{request_id, Metrics};
 use ctx::{Ctx, InFlight};
 use respond::codes;
@@ -91,6 +90,12 @@ impl ProxyHttp for Outrider {
         }
         let req = session.req_header();
         ctx.route = config.match_route(req.method.as_str(), req.uri.path());
+        let route_name = ctx
+            .route
+            .and_then(|i| config.routes.get(i))
+            .map(|r| &*r.name)
+            .unwrap_or("none");
+        ctx.metrics = Some(self.metrics.route(route_name));
         let Some(index) = ctx.route else {
             ctx.config = Some(config);
             let message = format!(
@@ -146,7 +151,6 @@ impl ProxyHttp for Outrider {
         peer.options.total_connection_timeout = Some(upstream.connect_timeout * 2);
         peer.options.read_timeout = Some(upstream.timeout);
         peer.options.write_timeout = Some(upstream.timeout);
-        peer.options.idle_timeout = Some(std::time::Duration::from_secs(60));
         ctx.upstream_started = Some(Instant::now());
         Ok(Box::new(peer))
     }
@@ -206,10 +210,9 @@ impl ProxyHttp for Outrider {
         if let Some(started) = ctx.upstream_started {
             let elapsed = started.elapsed();
             ctx.upstream_elapsed = Some(elapsed);
-            self.metrics
-                .upstream_duration
-                .with_label_values(&[ctx.route_name()])
-                .observe(elapsed.as_secs_f64());
+            if let Some(metrics) = &ctx.metrics {
+                metrics.upstream_duration.observe(elapsed.as_secs_f64());
+            }
         }
         Ok(())
     }
@@ -328,14 +331,12 @@ impl ProxyHttp for Outrider {
         let route = ctx.route_name();
         http_cache::record(&self.cache, ctx, route);
         let method = session.req_header().method.as_str();
-        self.metrics
-            .requests
-            .with_label_values(&[route, method_label(method), status_class(status)])
-            .inc();
-        self.metrics
-            .request_duration
-            .with_label_values(&[route])
-            .observe(elapsed.as_secs_f64());
+        let metrics = match &ctx.metrics {
+            Some(m) => m.clone(),
+            None => self.metrics.route(route),
+        };
+        metrics.count_request(method, status);
+        metrics.duration.observe(elapsed.as_secs_f64());
 
         let log_format = ctx
             .config

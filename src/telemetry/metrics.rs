@@ -1,9 +1,13 @@
 //! Proxy-level Prometheus metrics. Labels are bounded: route names come from the config and
 //! methods outside the standard set collapse to `OTHER`, so a scanner cannot explode cardinality.
 
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::RwLock;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Metric names, documented in docs/operations.md.
@@ -33,6 +37,45 @@ pub struct Metrics {
     pub upstream_errors: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub config_generation: IntGauge,
+    /// Per-route handles, so the request path does not hash label values on every request.
+    routes: RwLock<HashMap<String, Arc<RouteMetrics>>>,
+}
+
+const METHODS: [&str; 8] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "OTHER",
+];
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// One route's metric children, resolved once. Request counters are created on first use so
+/// that only label combinations that happened appear in `/metrics`.
+pub struct RouteMetrics {
+    route: String,
+    requests_vec: IntCounterVec,
+    requests: [[OnceLock<IntCounter>; 5]; 8],
+    pub duration: Histogram,
+    pub upstream_duration: Histogram,
+}
+
+impl RouteMetrics {
+    pub fn count_request(&self, method: &str, status: u16) {
+        let m = METHODS
+            .iter()
+            .position(|known| *known == method_label(method))
+            .unwrap_or(METHODS.len() - 1);
+        let class = CLASSES
+            .iter()
+            .position(|c| *c == status_class(status))
+            .unwrap_or(CLASSES.len() - 1);
+        self.requests[m][class]
+            .get_or_init(|| {
+                self.requests_vec.with_label_values(&[
+                    self.route.as_str(),
+                    METHODS[m],
+                    CLASSES[class],
+                ])
+            })
+            .inc();
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,7 +154,27 @@ impl Metrics {
             upstream_errors,
             config_reloads,
             config_generation,
+            routes: RwLock::new(HashMap::new()),
         })
+    }
+
+    /// The metric handles of a route (or `none`), created on first use.
+    pub fn route(&self, route: &str) -> Arc<RouteMetrics> {
+        if let Some(handles) = self.routes.read().get(route) {
+            return handles.clone();
+        }
+        let handles = Arc::new(RouteMetrics {
+            route: route.to_string(),
+            requests_vec: self.requests.clone(),
+            requests: Default::default(),
+            duration: self.request_duration.with_label_values(&[route]),
+            upstream_duration: self.upstream_duration.with_label_values(&[route]),
+        });
+        self.routes
+            .write()
+            .entry(route.to_string())
+            .or_insert(handles)
+            .clone()
     }
 
     /// The Prometheus text exposition of every registered metric.

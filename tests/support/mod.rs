@@ -426,6 +426,23 @@ impl Drop for Proxy {
     }
 }
 
+/// Waits until a metric reaches `want` (requests are counted just after their response is
+/// sent, so a scrape right after a response can race the count), then returns the text.
+pub async fn metric_eventually(proxy: &Proxy, name: &str, labels: &[&str], want: f64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = proxy.metrics().await;
+        let got = metric_value(&text, name, labels);
+        if got == Some(want) {
+            return text;
+        }
+        if Instant::now() > deadline {
+            panic!("{name}{labels:?} is {got:?}, expected {want}; metrics:\n{text}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Value of a counter/gauge line in Prometheus text, matched by name and label substrings.
 pub fn metric_value(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
     text.lines()
