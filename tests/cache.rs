@@ -604,3 +604,43 @@ async fn ttl_change_by_reload_applies_to_the_next_request() {
     );
     assert_eq!(app.hits("/echo/items/t"), 2);
 }
+
+#[tokio::test]
+async fn expired_entries_with_validators_are_revalidated_with_a_conditional_request() {
+    let app = Backend::start("app").await;
+    let cfg = config(&app.url(), "", "")
+        .replace(
+            "cache: { ttl: 1s, stale_while_revalidate: 1h, stale_if_error: 1h }",
+            "cache: { ttl: 1s, stale_if_error: 1h }",
+        )
+        .replace("path_prefix: /echo/short", "path_prefix: /etag");
+    let proxy = Proxy::start(&cfg).await;
+    let first = get(&proxy, "/etag/v1", &[]).await;
+    assert_eq!((first.status, first.cache.as_str()), (200, "MISS"));
+    assert_eq!(first.body, "etag body 1");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let revalidated = get(&proxy, "/etag/v1", &[]).await;
+    assert_eq!(
+        (revalidated.status, revalidated.cache.as_str()),
+        (200, "REVALIDATED"),
+        "{}",
+        revalidated.cache_status
+    );
+    assert_eq!(
+        revalidated.body, "etag body 1",
+        "the stored body, renewed by the 304"
+    );
+    assert_eq!(app.hits("/etag/v1"), 2);
+    let hit = get(&proxy, "/etag/v1", &[]).await;
+    assert_eq!(hit.cache, "HIT", "the renewed entry is fresh again");
+    assert_eq!(hit.age, Some(0));
+
+    // A client's own conditional request is passed through untouched.
+    let resp = client()
+        .get(proxy.url("/etag/v2"))
+        .header("if-none-match", "\"v2\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 304);
+}

@@ -33,8 +33,13 @@ pub struct HttpCacheCtx {
     leader: Option<LeaderGuard>,
     /// An entry past its freshness that may still answer if the upstream fails.
     stale: Option<Arc<StoredResponse>>,
+    /// An old entry with validators: the upstream request is made conditional, and a 304
+    /// answer renews and serves it (`REVALIDATED`).
+    revalidating: Option<Arc<StoredResponse>>,
     /// The upstream failed with a 5xx: its body is replaced by this entry's.
     substitute: Option<Arc<StoredResponse>>,
+    /// Renewed by a 304, waiting to be written in place of the upstream response.
+    renewed: Option<Arc<StoredResponse>>,
     capture: Option<Capture>,
     /// HEAD responses have no body to store, and bypassed requests store nothing.
     may_store: bool,
@@ -45,6 +50,13 @@ struct Capture {
     headers: Vec<(String, Bytes)>,
     ttl: Duration,
     body: BytesMut,
+}
+
+/// What to do with the upstream's response header.
+pub enum UpstreamVerdict {
+    Forward,
+    /// The upstream confirmed (304) a stored entry: answer with it instead.
+    AnswerFromCache,
 }
 
 pub enum Step {
@@ -103,7 +115,9 @@ pub async fn on_request(
         tier: Tier::None,
         leader: None,
         stale: None,
+        revalidating: None,
         substitute: None,
+        renewed: None,
         capture: None,
         may_store: false,
     };
@@ -186,11 +200,13 @@ pub async fn on_request(
             Freshness::StaleIfErrorOnly => {
                 state.outcome = Outcome::Expired;
                 state.status = CacheStatus::Expired { stored: false };
+                state.revalidating = revalidation_candidate(&entry, &session.req_header().headers);
                 state.stale = Some(entry);
             }
             Freshness::Expired => {
                 state.outcome = Outcome::Expired;
                 state.status = CacheStatus::Expired { stored: false };
+                state.revalidating = revalidation_candidate(&entry, &session.req_header().headers);
             }
         }
     }
@@ -274,13 +290,73 @@ impl HttpCacheCtx {
     }
 }
 
-/// The upstream's response header arrived: decide whether to capture it for the cache, or to
-/// replace an upstream error with a stale entry.
-pub fn on_upstream_response(ctx: &mut Ctx, resp: &mut ResponseHeader, max_entry_size: usize) {
-    let Some(state) = ctx.http_cache.as_mut() else {
+/// An entry worth revalidating: it has a validator, and the client did not send conditions of
+/// its own (those are the client's business and pass through untouched).
+fn revalidation_candidate(
+    entry: &Arc<StoredResponse>,
+    request: &http::HeaderMap,
+) -> Option<Arc<StoredResponse>> {
+    let client_conditional = request.contains_key(http::header::IF_NONE_MATCH)
+        || request.contains_key(http::header::IF_MODIFIED_SINCE);
+    let has_validator = entry
+        .headers
+        .iter()
+        .any(|(name, _)| name == "etag" || name == "last-modified");
+    (has_validator && !client_conditional).then(|| entry.clone())
+}
+
+/// Makes the upstream request conditional when an old entry can be revalidated.
+pub fn on_upstream_request(ctx: &Ctx, request: &mut pingora_http::RequestHeader) {
+    let Some(entry) = ctx
+        .http_cache
+        .as_ref()
+        .and_then(|c| c.revalidating.as_ref())
+    else {
         return;
     };
+    for (name, value) in &entry.headers {
+        let condition = match name.as_str() {
+            "etag" => http::header::IF_NONE_MATCH,
+            "last-modified" => http::header::IF_MODIFIED_SINCE,
+            _ => continue,
+        };
+        if let Ok(value) = http::HeaderValue::from_bytes(value) {
+            let _ = request.insert_header(condition, value);
+        }
+    }
+}
+
+/// The upstream's response header arrived: decide whether to capture it for the cache, or to
+/// replace it with a stored entry (stale on error, or renewed after a 304).
+pub fn on_upstream_response(
+    cache: &Cache,
+    ctx: &mut Ctx,
+    resp: &mut ResponseHeader,
+    max_entry_size: usize,
+) -> UpstreamVerdict {
+    let Some(state) = ctx.http_cache.as_mut() else {
+        return UpstreamVerdict::Forward;
+    };
     let status = resp.status.as_u16();
+    if let Some(old) = state.revalidating.take() {
+        if status == 304 {
+            let mut renewed = (*old).clone();
+            renewed.stored_at = SystemTime::now();
+            let renewed = match state.key.as_ref() {
+                Some(key) => cache.store_now(key, renewed).unwrap_or(old),
+                None => old,
+            };
+            state.status = CacheStatus::Revalidated { stored: true };
+            state.outcome = Outcome::Revalidated;
+            if let Some(leader) = state.leader.take() {
+                leader.complete(Some(renewed.clone()));
+            }
+            // A 304 has no body to swap; the proxy abandons the upstream response and writes
+            // the renewed entry itself.
+            state.renewed = Some(renewed);
+            return UpstreamVerdict::AnswerFromCache;
+        }
+    }
     if status >= 500 {
         if let Some(stale) = state.stale.take() {
             let now = SystemTime::now();
@@ -294,12 +370,12 @@ pub fn on_upstream_response(ctx: &mut Ctx, resp: &mut ResponseHeader, max_entry_
                 state.substitute = Some(stale);
             }
             state.leader.take();
-            return;
+            return UpstreamVerdict::Forward;
         }
     }
     if !state.may_store || state.key.is_none() {
         state.leader.take();
-        return;
+        return UpstreamVerdict::Forward;
     }
     let too_big = resp
         .headers
@@ -326,6 +402,7 @@ pub fn on_upstream_response(ctx: &mut Ctx, resp: &mut ResponseHeader, max_entry_
             state.leader.take();
         }
     }
+    UpstreamVerdict::Forward
 }
 
 fn set_stored(status: &mut CacheStatus, value: bool) {
@@ -399,6 +476,11 @@ pub fn on_body_chunk(cache: &Cache, ctx: &mut Ctx, body: &mut Option<Bytes>, end
             leader.complete(stored);
         }
     }
+}
+
+/// The entry a 304 renewed, to be written instead of the upstream's response.
+pub fn take_renewed(ctx: &mut Ctx) -> Option<Arc<StoredResponse>> {
+    ctx.http_cache.as_mut()?.renewed.take()
 }
 
 /// The upstream could not be reached: answer with a stale entry if one is allowed.

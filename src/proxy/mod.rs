@@ -23,6 +23,10 @@ use crate::telemetry::{request_id, Metrics};
 use ctx::{Ctx, InFlight};
 use respond::codes;
 
+const REVALIDATED_NAME: &str = "revalidated";
+/// Marks the deliberate abandonment of a 304 upstream response in favour of the cached entry.
+const REVALIDATED: ErrorType = ErrorType::Custom(REVALIDATED_NAME);
+
 /// State shared by the proxy and the process: set once SIGTERM/SIGINT arrives.
 #[derive(Default)]
 pub struct Lifecycle {
@@ -162,29 +166,34 @@ impl ProxyHttp for Outrider {
         ctx: &mut Ctx,
     ) -> Result<()> {
         upstream_request.insert_header("x-request-id", ctx.request_id.as_str())?;
+        http_cache::on_upstream_request(ctx, upstream_request);
         if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
-            let ip = addr.ip().to_string();
-            let forwarded = match upstream_request.headers.get("x-forwarded-for") {
-                Some(prior) => match prior.to_str() {
-                    Ok(prior) => format!("{prior}, {ip}"),
-                    Err(_) => ip,
-                },
-                None => ip,
-            };
+            use std::fmt::Write;
+            let mut forwarded = String::with_capacity(48);
+            if let Some(prior) = upstream_request
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
+                forwarded.push_str(prior);
+                forwarded.push_str(", ");
+            }
+            let _ = write!(forwarded, "{}", addr.ip());
             upstream_request.insert_header("x-forwarded-for", forwarded)?;
         }
         // Behind an ingress that terminated TLS the client's scheme is already recorded; keep it.
         if !upstream_request.headers.contains_key("x-forwarded-proto") {
             upstream_request.insert_header("x-forwarded-proto", "http")?;
         }
-        if let Some(host) = upstream_request.headers.get(http::header::HOST).cloned() {
-            if !upstream_request.headers.contains_key("x-forwarded-host") {
-                upstream_request.insert_header("x-forwarded-host", host)?;
-            }
-        }
         if let Some(route) = ctx.route() {
-            // A TLS upstream (a provider API) routes by Host; a local app sees the client's Host.
+            // A TLS upstream (a provider API) routes by Host; a local app sees the client's Host,
+            // so only the rewritten case needs X-Forwarded-Host to keep the original.
             if route.upstream.tls {
+                if let Some(host) = upstream_request.headers.get(http::header::HOST).cloned() {
+                    if !upstream_request.headers.contains_key("x-forwarded-host") {
+                        upstream_request.insert_header("x-forwarded-host", host)?;
+                    }
+                }
                 let host = if route.upstream.port == 443 {
                     route.upstream.host.clone()
                 } else {
@@ -202,7 +211,8 @@ impl ProxyHttp for Outrider {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        http_cache::on_upstream_response(
+        let verdict = http_cache::on_upstream_response(
+            &self.cache,
             ctx,
             upstream_response,
             self.cache.settings().max_entry_size,
@@ -213,6 +223,13 @@ impl ProxyHttp for Outrider {
             if let Some(metrics) = &ctx.metrics {
                 metrics.upstream_duration.observe(elapsed.as_secs_f64());
             }
+        }
+        if matches!(verdict, http_cache::UpstreamVerdict::AnswerFromCache) {
+            // Abandon the upstream response; `fail_to_proxy` writes the renewed entry.
+            return Err(Error::explain(
+                REVALIDATED,
+                "upstream confirmed the cached entry (304)",
+            ));
         }
         Ok(())
     }
@@ -251,7 +268,23 @@ impl ProxyHttp for Outrider {
         e
     }
 
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, error: &Error) -> bool {
+        // Not an error: the cached entry was confirmed and is being served.
+        matches!(error.etype(), ErrorType::Custom(name) if *name == REVALIDATED_NAME)
+    }
+
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        if let Some(renewed) = http_cache::take_renewed(ctx) {
+            if session.response_written().is_none() {
+                if let Err(write_error) = http_cache::serve_entry(session, ctx, &renewed).await {
+                    tracing::debug!(error = %write_error, "could not write revalidated response");
+                }
+                return FailToProxy {
+                    error_code: renewed.status,
+                    can_reuse_downstream: false,
+                };
+            }
+        }
         let upstream_side = matches!(e.esource(), ErrorSource::Upstream)
             || matches!(e.etype(), ErrorType::Custom("dns"));
         let (status, code, kind) = if upstream_side {

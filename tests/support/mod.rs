@@ -160,6 +160,23 @@ async fn backend_handle(
             }
             Response::new(full(format!("slept {ms}")))
         }
+        ["etag", tag, ..] => {
+            // A validator-aware resource: 304 when the client (or outrider) already has it.
+            let etag = format!("\"{tag}\"");
+            let matches = req
+                .headers()
+                .get("if-none-match")
+                .is_some_and(|v| v.as_bytes() == etag.as_bytes());
+            let mut resp = if matches {
+                let mut r = Response::new(full(Bytes::new()));
+                *r.status_mut() = hyper::StatusCode::NOT_MODIFIED;
+                r
+            } else {
+                Response::new(full(format!("etag body {seq}")))
+            };
+            resp.headers_mut().insert("etag", etag.parse().unwrap());
+            resp
+        }
         ["status", code, ..] => {
             let code: u16 = code.parse().unwrap_or(500);
             let mut resp = Response::new(full(format!("status {code}")));
