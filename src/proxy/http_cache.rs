@@ -247,15 +247,7 @@ pub async fn serve_entry(
     ctx: &mut Ctx,
     entry: &StoredResponse,
 ) -> Result<()> {
-    let mut resp = ResponseHeader::build(entry.status, Some(entry.headers.len() + 8))?;
-    for (name, value) in &entry.headers {
-        if name == "content-length" {
-            continue;
-        }
-        resp.append_header(name.clone(), value.as_ref())?;
-    }
-    resp.insert_header("content-length", entry.body.len().to_string())?;
-    resp.insert_header("age", age_header_value(entry.age(SystemTime::now())))?;
+    let mut resp = stored_header(entry)?;
     add_cache_headers(&mut resp, ctx);
     add_timing_headers(&mut resp, ctx);
     ctx.own_status = Some(entry.status);
@@ -365,7 +357,7 @@ pub fn on_upstream_response(
                 fwd_status: Some(status),
             };
             state.outcome = Outcome::Stale;
-            if let Ok(mut replaced) = stale_header(&stale) {
+            if let Ok(mut replaced) = stored_header(&stale) {
                 std::mem::swap(resp, &mut replaced);
                 state.substitute = Some(stale);
             }
@@ -415,7 +407,8 @@ fn set_stored(status: &mut CacheStatus, value: bool) {
     }
 }
 
-fn stale_header(entry: &StoredResponse) -> Result<ResponseHeader> {
+/// The response header of a stored entry, with its length and age.
+fn stored_header(entry: &StoredResponse) -> Result<ResponseHeader> {
     let mut resp = ResponseHeader::build(entry.status, Some(entry.headers.len() + 8))?;
     for (name, value) in &entry.headers {
         if name == "content-length" {

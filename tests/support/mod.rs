@@ -330,19 +330,8 @@ impl Proxy {
     }
 
     pub async fn wait_until_ready(&self) {
-        let client = client();
-        let url = self.admin("/health");
         let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let admin_up = client
-                .get(&url)
-                .send()
-                .await
-                .map(|r| r.status().is_success())
-                .unwrap_or(false);
-            if admin_up && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
+        while !self.is_ready().await {
             if Instant::now() > deadline {
                 panic!("outrider did not become ready; log:\n{}", self.log());
             }
@@ -351,28 +340,26 @@ impl Proxy {
     }
 
     async fn wait_ready(&mut self) {
-        let client = client();
-        let url = self.admin("/health");
         let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
+        while !self.is_ready().await {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("outrider exited early ({status}); log:\n{}", self.log());
-            }
-            let admin_up = client
-                .get(&url)
-                .send()
-                .await
-                .map(|r| r.status().is_success())
-                .unwrap_or(false);
-            let traffic_up = std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok();
-            if admin_up && traffic_up {
-                return;
             }
             if Instant::now() > deadline {
                 panic!("outrider did not become ready; log:\n{}", self.log());
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
+    }
+
+    async fn is_ready(&self) -> bool {
+        let admin_up = client()
+            .get(self.admin("/health"))
+            .send()
+            .await
+            .map(|r| r.status().is_success())
+            .unwrap_or(false);
+        admin_up && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
     }
 
     pub fn url(&self, path: &str) -> String {
