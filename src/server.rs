@@ -73,7 +73,6 @@ pub fn run(path: Option<PathBuf>) -> Result<(), StartError> {
     };
     let listen = config.listen.clone();
     let admin_listen = config.admin.listen.clone();
-    let grace = config.shutdown.grace_period.get();
     let active = ActiveConfig::compile(config, 1).map_err(StartError::Compile)?;
     let live = LiveConfig::new(active, path.clone(), text);
     metrics.config_generation.set(1);
@@ -118,8 +117,10 @@ pub fn run(path: Option<PathBuf>) -> Result<(), StartError> {
 
     let mut conf = ServerConf {
         threads,
-        // Pingora sleeps this long after SIGTERM; the drain watcher below exits sooner once idle.
-        grace_period_seconds: Some(grace.as_secs().max(1)),
+        // Pingora would sleep this long after SIGTERM before stopping its runtimes. The drain
+        // watcher always exits first (as soon as idle, at the latest after the grace period
+        // read from the live config at signal time), so this is only a far backstop.
+        grace_period_seconds: Some(24 * 3600),
         graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };

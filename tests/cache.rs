@@ -42,6 +42,10 @@ routes:
     match: {{ path_prefix: /big }}
     upstream: app
     cache: {{ ttl: 5m }}
+  - name: statuses
+    match: {{ path_prefix: /status/ }}
+    upstream: app
+    cache: {{ ttl: 5m }}
   - name: rest
     match: {{ path_prefix: / }}
     upstream: app
@@ -441,16 +445,18 @@ async fn second_replica_gets_the_first_ones_entry_from_redis() {
     let redis = Redis::start();
     let one = Proxy::start(&config(&app.url(), &redis.url(), "")).await;
     let two = Proxy::start(&config(&app.url(), &redis.url(), "")).await;
-    let first = get(&one, "/echo/items/shared", &[]).await;
+    // Replicas behind one Service are reached under the same Host.
+    let svc = [("host", "api.internal")];
+    let first = get(&one, "/echo/items/shared", &svc).await;
     assert_eq!(first.cache, "MISS");
     let key = wait_redis_key(&redis, "/echo/items/shared").await;
     let pttl: i64 = redis.cli(&["PTTL", &key]).trim().parse().unwrap();
     assert!(pttl > 0, "Redis entries carry a TTL: {pttl}");
 
-    let from_l2 = get(&two, "/echo/items/shared", &[]).await;
+    let from_l2 = get(&two, "/echo/items/shared", &svc).await;
     assert_eq!(from_l2.cache, "HIT");
     assert_eq!(from_l2.body, first.body);
-    let again = get(&two, "/echo/items/shared", &[]).await;
+    let again = get(&two, "/echo/items/shared", &svc).await;
     assert_eq!(again.cache, "HIT");
     assert_eq!(app.hits("/echo/items/shared"), 1);
     let m = support::metric_eventually(&two, "outrider_requests_total", &[], 2.0).await;
@@ -475,7 +481,7 @@ async fn second_replica_gets_the_first_ones_entry_from_redis() {
     // A corrupt value is a miss, and the next store overwrites it.
     redis.cli(&["SET", &key, "garbage-not-an-entry"]);
     let three = Proxy::start(&config(&app.url(), &redis.url(), "")).await;
-    assert_eq!(get(&three, "/echo/items/shared", &[]).await.cache, "MISS");
+    assert_eq!(get(&three, "/echo/items/shared", &svc).await.cache, "MISS");
     wait_for(
         "the corrupt value to be overwritten",
         Duration::from_secs(10),
@@ -483,7 +489,7 @@ async fn second_replica_gets_the_first_ones_entry_from_redis() {
     )
     .await;
     let four = Proxy::start(&config(&app.url(), &redis.url(), "")).await;
-    assert_eq!(get(&four, "/echo/items/shared", &[]).await.cache, "HIT");
+    assert_eq!(get(&four, "/echo/items/shared", &svc).await.cache, "HIT");
 }
 
 #[tokio::test]
@@ -643,4 +649,42 @@ async fn expired_entries_with_validators_are_revalidated_with_a_conditional_requ
         .await
         .unwrap();
     assert_eq!(resp.status(), 304);
+}
+
+#[tokio::test]
+async fn what_the_app_sees_is_in_the_key() {
+    let app = Backend::start("app").await;
+    let proxy = Proxy::start(&config(&app.url(), "", "")).await;
+    let path = "/echo/items/k";
+    assert_eq!(get(&proxy, path, &[("host", "a.test")]).await.cache, "MISS");
+    assert_eq!(get(&proxy, path, &[("host", "a.test")]).await.cache, "HIT");
+    // Another Host (the app may build absolute links from it) is another entry.
+    let other = get(&proxy, path, &[("host", "evil.test")]).await;
+    assert_eq!(other.cache, "MISS");
+    assert!(other.body.contains("evil.test"));
+    let proto = [("host", "a.test"), ("x-forwarded-proto", "http")];
+    assert_eq!(get(&proxy, path, &proto).await.cache, "MISS");
+    assert_eq!(get(&proxy, path, &proto).await.cache, "HIT");
+    let a = get(&proxy, path, &[("host", "a.test")]).await;
+    assert_eq!(a.cache, "HIT");
+    assert!(
+        !a.body.contains("evil.test"),
+        "never served another Host's response"
+    );
+
+    // A GET with a body is not keyed by it, so it bypasses the cache.
+    let resp = client()
+        .get(proxy.url(path))
+        .header("host", "a.test")
+        .body("filter=1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-cache-status"], "BYPASS");
+
+    // Responses without a body (204, or content-length 0) are stored too.
+    assert_eq!(get(&proxy, "/status/204", &[]).await.cache, "MISS");
+    let hit = get(&proxy, "/status/204", &[]).await;
+    assert_eq!((hit.status, hit.cache.as_str()), (204, "HIT"));
+    assert_eq!(app.hits("/status/204"), 1);
 }

@@ -77,6 +77,12 @@ impl ActiveConfig {
                 .iter()
                 .map(|m| method_bit(&m.to_ascii_uppercase()))
                 .fold(0u16, |acc, bit| acc | bit);
+            // HEAD is GET without the body (RFC 9110 §9.3.2): a GET route answers it too.
+            let methods = if methods & method_bit("GET") != 0 {
+                methods | method_bit("HEAD")
+            } else {
+                methods
+            };
             let cache_policy = r.cache.as_ref().map(|c| {
                 Arc::new(RoutePolicy {
                     ttl: c.ttl.unwrap_or(config.cache.default_ttl).get(),
@@ -216,20 +222,49 @@ impl Upstream {
         if let Some(addr) = self.fixed {
             return Ok(addr);
         }
-        if let Some(cached) = self.resolved.load().as_ref() {
+        let cached = self.resolved.load_full();
+        if let Some(cached) = cached.as_ref() {
             if cached.1.elapsed() < RESOLVE_TTL {
                 return Ok(cached.0);
             }
         }
-        let mut addrs = tokio::net::lookup_host((self.host.as_str(), self.port)).await?;
-        let addr = addrs.next().ok_or_else(|| {
-            std::io::Error::new(
+        // Bounded like a connect, and a failed refresh keeps using the last good answer so a
+        // DNS hiccup does not turn into 502s.
+        let lookup = tokio::time::timeout(
+            self.connect_timeout,
+            tokio::net::lookup_host((self.host.as_str(), self.port)),
+        )
+        .await;
+        let fresh = match lookup {
+            Ok(Ok(addrs)) => {
+                let addrs: Vec<SocketAddr> = addrs.collect();
+                // IPv4 first: `localhost` lists ::1 first, while uvicorn binds 127.0.0.1.
+                addrs
+                    .iter()
+                    .find(|a| a.is_ipv4())
+                    .or_else(|| addrs.first())
+                    .copied()
+            }
+            Ok(Err(e)) => {
+                if let Some(cached) = cached.as_ref() {
+                    tracing::warn!(host = %self.host, error = %e, "DNS lookup failed; using the last known address");
+                    return Ok(cached.0);
+                }
+                return Err(e);
+            }
+            Err(_) => None,
+        };
+        match (fresh, cached.as_ref()) {
+            (Some(addr), _) => {
+                self.resolved.store(Some(Arc::new((addr, Instant::now()))));
+                Ok(addr)
+            }
+            (None, Some(cached)) => Ok(cached.0),
+            (None, None) => Err(std::io::Error::new(
                 std::io::ErrorKind::NotFound,
-                format!("{} resolved to no address", self.host),
-            )
-        })?;
-        self.resolved.store(Some(Arc::new((addr, Instant::now()))));
-        Ok(addr)
+                format!("{} did not resolve in time or to any address", self.host),
+            )),
+        }
     }
 }
 
@@ -271,5 +306,10 @@ mod tests {
         assert_eq!(name("GET", "/ab").as_deref(), Some("get-only"));
         assert_eq!(name("POST", "/ab").as_deref(), Some("rest"));
         assert_eq!(name("BREW", "/ab").as_deref(), Some("rest"));
+        assert_eq!(
+            name("HEAD", "/ab").as_deref(),
+            Some("get-only"),
+            "GET routes take HEAD"
+        );
     }
 }

@@ -47,6 +47,7 @@ pub struct LiveConfig {
     last_text: Mutex<String>,
     /// The last file content that was rejected, so watch-driven retries do not re-log it.
     last_rejected: Mutex<Option<String>>,
+    reload_lock: Mutex<()>,
     on_outcome: Mutex<Option<OutcomeHook>>,
 }
 
@@ -57,6 +58,7 @@ impl LiveConfig {
             path,
             last_text: Mutex::new(text),
             last_rejected: Mutex::new(None),
+            reload_lock: Mutex::new(()),
             on_outcome: Mutex::new(None),
         })
     }
@@ -80,6 +82,8 @@ impl LiveConfig {
     pub fn reload(&self, trigger: &str) -> ReloadOutcome {
         // Watch-driven reloads skip a file already judged; explicit ones always re-evaluate.
         let automatic = matches!(trigger, "file" | "poll");
+        // One reload at a time, hook included, so metrics and logs see outcomes in order.
+        let _serial = self.reload_lock.lock();
         let outcome = self.reload_inner(automatic);
         if let Some(hook) = self.on_outcome.lock().as_ref() {
             hook(trigger, &outcome);

@@ -11,8 +11,8 @@ use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 
 use crate::cache::policy::{
-    self, age_header_value, request_decision, response_storable, storable_headers, CacheStatus,
-    RequestDecision, RoutePolicy,
+    self, age_header_value, request_decision, response_storable, storable_headers, BypassReason,
+    CacheStatus, RequestDecision, RoutePolicy,
 };
 use crate::cache::{
     Cache, CacheKey, Flight, Freshness, LeaderGuard, Outcome, StoredResponse, Tier,
@@ -36,9 +36,8 @@ pub struct HttpCacheCtx {
     /// An old entry with validators: the upstream request is made conditional, and a 304
     /// answer renews and serves it (`REVALIDATED`).
     revalidating: Option<Arc<StoredResponse>>,
-    /// The upstream failed with a 5xx: its body is replaced by this entry's.
-    substitute: Option<Arc<StoredResponse>>,
-    /// Renewed by a 304, waiting to be written in place of the upstream response.
+    /// Renewed by a 304, or stale standing in for a 5xx: written in place of the upstream
+    /// response.
     renewed: Option<Arc<StoredResponse>>,
     capture: Option<Capture>,
     /// HEAD responses have no body to store, and bypassed requests store nothing.
@@ -116,10 +115,20 @@ pub async fn on_request(
         leader: None,
         stale: None,
         revalidating: None,
-        substitute: None,
         renewed: None,
         capture: None,
         may_store: false,
+    };
+    let has_body = req
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .is_some_and(|v| v.as_bytes() != b"0")
+        || req.headers.contains_key(http::header::TRANSFER_ENCODING);
+    let decision = if has_body {
+        // The body is not part of the key, so a GET carrying one must not share an entry.
+        RequestDecision::Bypass(BypassReason::Method)
+    } else {
+        decision
     };
     let (credential, client_refresh) = match decision {
         RequestDecision::Bypass(reason) => {
@@ -130,11 +139,26 @@ pub async fn on_request(
         RequestDecision::Lookup { credential } => (credential, false),
         RequestDecision::Refresh { credential } => (credential, true),
     };
-    // Like nginx's default key, the origin (not the client's Host) is part of the key, so
-    // replicas reached under different names share entries.
-    let host = upstream.name.as_str();
+    // Everything the app sees that can change its answer is in the key: the client's Host
+    // (kept for plain-HTTP upstreams) and the forwarded scheme/host a client may send.
+    let host = req
+        .headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri.authority().map(|a| a.as_str()))
+        .unwrap_or("");
+    let forwarded: Vec<(&str, &str)> = ["x-forwarded-proto", "x-forwarded-host"]
+        .into_iter()
+        .filter_map(|name| {
+            let value = req.headers.get(name)?.to_str().ok()?;
+            Some((name, value))
+        })
+        .collect();
     let vary = policy::vary_values(&req.headers, &policy);
-    let vary: Vec<(&str, &str)> = vary.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let vary: Vec<(&str, &str)> = forwarded
+        .into_iter()
+        .chain(vary.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .collect();
     let query = if policy.key_query {
         req.uri.query()
     } else {
@@ -164,7 +188,16 @@ pub async fn on_request(
     let now = SystemTime::now();
     state.outcome = Outcome::Miss;
     state.status = CacheStatus::Miss { stored: false };
-    if let Some(entry) = lookup.entry {
+    // An entry that decodes but cannot be turned into a response (a foreign writer, a bad
+    // header) is a miss, not an error; the next store overwrites it.
+    let usable = lookup.entry.and_then(|entry| match stored_header(&entry) {
+        Ok(header) => Some((entry, header)),
+        Err(e) => {
+            tracing::warn!(key = %key.hex(), error = %e, "stored entry cannot be served; treating it as a miss");
+            None
+        }
+    });
+    if let Some((entry, header)) = usable {
         match freshness(&entry, &policy, now) {
             Freshness::Fresh => {
                 state.tier = lookup.tier;
@@ -173,7 +206,7 @@ pub async fn on_request(
                     ttl: ttl_left(&entry, &policy, now),
                 };
                 ctx.http_cache = Some(Box::new(state));
-                serve_entry(session, ctx, &entry).await?;
+                write_entry(session, ctx, &entry, header).await?;
                 return Ok(Step::Answered);
             }
             Freshness::StaleWhileRevalidate => {
@@ -194,7 +227,7 @@ pub async fn on_request(
                     });
                 }
                 ctx.http_cache = Some(Box::new(state));
-                serve_entry(session, ctx, &entry).await?;
+                write_entry(session, ctx, &entry, header).await?;
                 return Ok(Step::Answered);
             }
             Freshness::StaleIfErrorOnly => {
@@ -247,13 +280,24 @@ pub async fn serve_entry(
     ctx: &mut Ctx,
     entry: &StoredResponse,
 ) -> Result<()> {
-    let mut resp = stored_header(entry)?;
+    let header = stored_header(entry)?;
+    write_entry(session, ctx, entry, header).await
+}
+
+async fn write_entry(
+    session: &mut Session,
+    ctx: &mut Ctx,
+    entry: &StoredResponse,
+    mut resp: ResponseHeader,
+) -> Result<()> {
     add_cache_headers(&mut resp, ctx);
     add_timing_headers(&mut resp, ctx);
     ctx.own_status = Some(entry.status);
-    let head = session.req_header().method == http::Method::HEAD;
-    session.write_response_header(Box::new(resp), head).await?;
-    if !head {
+    let head_only = session.req_header().method == http::Method::HEAD || !has_body(entry.status);
+    session
+        .write_response_header(Box::new(resp), head_only)
+        .await?;
+    if !head_only {
         session
             .write_response_body(Some(entry.body.clone()), true)
             .await?;
@@ -329,6 +373,10 @@ pub fn on_upstream_response(
     let Some(state) = ctx.http_cache.as_mut() else {
         return UpstreamVerdict::Forward;
     };
+    // Informational (1xx) headers come before the real response; they decide nothing.
+    if resp.status.is_informational() {
+        return UpstreamVerdict::Forward;
+    }
     let status = resp.status.as_u16();
     if let Some(old) = state.revalidating.take() {
         if status == 304 {
@@ -357,12 +405,11 @@ pub fn on_upstream_response(
                 fwd_status: Some(status),
             };
             state.outcome = Outcome::Stale;
-            if let Ok(mut replaced) = stored_header(&stale) {
-                std::mem::swap(resp, &mut replaced);
-                state.substitute = Some(stale);
-            }
             state.leader.take();
-            return UpstreamVerdict::Forward;
+            // Like a 304, the upstream's answer is abandoned and the entry written in its
+            // place, so the length the client is told always matches the body it gets.
+            state.renewed = Some(stale);
+            return UpstreamVerdict::AnswerFromCache;
         }
     }
     if !state.may_store || state.key.is_none() {
@@ -384,6 +431,15 @@ pub fn on_upstream_response(
                 body: BytesMut::new(),
             });
             set_stored(&mut state.status, true);
+            // Pingora calls no body filter for a response that ends with its header.
+            let bodiless = status == 204
+                || resp
+                    .headers
+                    .get(http::header::CONTENT_LENGTH)
+                    .is_some_and(|v| v.as_bytes() == b"0");
+            if bodiless {
+                finish_capture(cache, state);
+            }
         }
         Ok(_) => {
             tracing::debug!("response larger than cache.max_entry_size; not stored");
@@ -407,6 +463,11 @@ fn set_stored(status: &mut CacheStatus, value: bool) {
     }
 }
 
+/// 204 and 304 responses never carry a body or a length (RFC 9110 §8.6).
+fn has_body(status: u16) -> bool {
+    !matches!(status, 204 | 304)
+}
+
 /// The response header of a stored entry, with its length and age.
 fn stored_header(entry: &StoredResponse) -> Result<ResponseHeader> {
     let mut resp = ResponseHeader::build(entry.status, Some(entry.headers.len() + 8))?;
@@ -416,25 +477,18 @@ fn stored_header(entry: &StoredResponse) -> Result<ResponseHeader> {
         }
         resp.append_header(name.clone(), value.as_ref())?;
     }
-    resp.insert_header("content-length", entry.body.len().to_string())?;
+    if has_body(entry.status) {
+        resp.insert_header("content-length", entry.body.len().to_string())?;
+    }
     resp.insert_header("age", age_header_value(entry.age(SystemTime::now())))?;
     Ok(resp)
 }
 
-/// Each body chunk on its way to the client: copied for the cache (never held back), or
-/// swapped for the stale entry's body.
+/// Each body chunk on its way to the client: copied for the cache, never held back.
 pub fn on_body_chunk(cache: &Cache, ctx: &mut Ctx, body: &mut Option<Bytes>, end_of_stream: bool) {
     let Some(state) = ctx.http_cache.as_mut() else {
         return;
     };
-    if let Some(stale) = &state.substitute {
-        *body = if end_of_stream {
-            Some(stale.body.clone())
-        } else {
-            None
-        };
-        return;
-    }
     let Some(capture) = state.capture.as_mut() else {
         return;
     };
@@ -450,28 +504,33 @@ pub fn on_body_chunk(cache: &Cache, ctx: &mut Ctx, body: &mut Option<Bytes>, end
         capture.body.extend_from_slice(chunk);
     }
     if end_of_stream {
-        let (Some(capture), Some(key)) = (state.capture.take(), state.key.as_ref()) else {
-            return;
-        };
-        let entry = StoredResponse {
-            status: capture.status,
-            headers: capture.headers,
-            body: capture.body.freeze(),
-            stored_at: SystemTime::now(),
-            ttl: capture.ttl,
-            stale_while_revalidate: state.policy.stale_while_revalidate,
-            stale_if_error: state.policy.stale_if_error,
-            namespace: key.namespace.clone(),
-            label: key.label.clone(),
-        };
-        let stored = cache.store_now(key, entry);
-        if let Some(leader) = state.leader.take() {
-            leader.complete(stored);
-        }
+        finish_capture(cache, state);
     }
 }
 
-/// The entry a 304 renewed, to be written instead of the upstream's response.
+/// Stores the captured response and hands it to the requests waiting on this key.
+fn finish_capture(cache: &Cache, state: &mut HttpCacheCtx) {
+    let (Some(capture), Some(key)) = (state.capture.take(), state.key.as_ref()) else {
+        return;
+    };
+    let entry = StoredResponse {
+        status: capture.status,
+        headers: capture.headers,
+        body: capture.body.freeze(),
+        stored_at: SystemTime::now(),
+        ttl: capture.ttl,
+        stale_while_revalidate: state.policy.stale_while_revalidate,
+        stale_if_error: state.policy.stale_if_error,
+        namespace: key.namespace.clone(),
+        label: key.label.clone(),
+    };
+    let stored = cache.store_now(key, entry);
+    if let Some(leader) = state.leader.take() {
+        leader.complete(stored);
+    }
+}
+
+/// The entry to write instead of the upstream's response (renewed by a 304, or stale for a 5xx).
 pub fn take_renewed(ctx: &mut Ctx) -> Option<Arc<StoredResponse>> {
     ctx.http_cache.as_mut()?.renewed.take()
 }
@@ -610,9 +669,19 @@ async fn refresh(
     {
         return;
     }
-    let Ok(body) = response.bytes().await else {
-        return;
-    };
+    // Read at most max_entry_size: a chunked body may be any size.
+    let mut body = BytesMut::new();
+    let mut chunks = response.bytes_stream();
+    while let Some(chunk) = futures::StreamExt::next(&mut chunks).await {
+        let Ok(chunk) = chunk else {
+            return;
+        };
+        if max > 0 && body.len() + chunk.len() > max {
+            return;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let body = body.freeze();
     let entry = StoredResponse {
         status,
         headers: storable_headers(&headers),
