@@ -311,3 +311,34 @@ async fn keepalive_connections_are_reused_upstream() {
     assert_eq!(app.hits("/echo/k"), 20);
     let _ = Duration::from_secs(0);
 }
+
+#[tokio::test]
+async fn malformed_requests_get_400_and_the_proxy_keeps_serving() {
+    use std::io::{Read, Write};
+    let (app, _other, proxy) = setup().await;
+    let port = proxy.port;
+    let answers = tokio::task::spawn_blocking(move || {
+        let send = |raw: &[u8]| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(raw).unwrap();
+            let mut buf = Vec::new();
+            let _ = s.read_to_end(&mut buf);
+            String::from_utf8_lossy(&buf).to_string()
+        };
+        let long_path = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(70_000));
+        vec![
+            send(b"GARBAGE\r\n\r\n"),
+            send(b"GET /echo HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n"),
+            send(long_path.as_bytes()),
+        ]
+    })
+    .await
+    .unwrap();
+    for answer in answers {
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    }
+    assert_eq!(app.total_hits(), 0, "nothing malformed reached the app");
+    let ok = client().get(proxy.url("/echo")).send().await.unwrap();
+    assert_eq!(ok.status(), 200);
+}
