@@ -30,7 +30,8 @@ pub struct Ctx {
     pub config: Option<Arc<ActiveConfig>>,
     /// Index into `config.routes` of the matched route.
     pub route: Option<usize>,
-    pub request_id: String,
+    /// The client's id when acceptable, else a generated one; sent upstream and back.
+    pub request_id: http::HeaderValue,
     pub upstream_started: Option<Instant>,
     pub upstream_elapsed: Option<Duration>,
     /// Status of a response outrider wrote itself (errors, 404s).
@@ -50,7 +51,7 @@ impl Ctx {
             _in_flight: in_flight,
             config: None,
             route: None,
-            request_id: String::new(),
+            request_id: http::HeaderValue::from_static(""),
             upstream_started: None,
             upstream_elapsed: None,
             own_status: None,
@@ -58,6 +59,10 @@ impl Ctx {
             http_cache: None,
             metrics: None,
         }
+    }
+
+    pub fn request_id(&self) -> &str {
+        self.request_id.to_str().unwrap_or("")
     }
 
     pub fn route_name(&self) -> &str {

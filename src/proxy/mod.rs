@@ -81,13 +81,11 @@ impl ProxyHttp for Outrider {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let config = self.live.snapshot();
-        ctx.request_id = session
-            .req_header()
-            .headers
-            .get("x-request-id")
-            .and_then(|v| request_id::accept(v.as_bytes()))
-            .map(str::to_string)
-            .unwrap_or_else(request_id::generate);
+        ctx.request_id = match session.req_header().headers.get("x-request-id") {
+            // Cloning the client's value shares its bytes.
+            Some(id) if request_id::accept(id.as_bytes()).is_some() => id.clone(),
+            _ => request_id::generate_header(),
+        };
         if self.lifecycle.draining.load(Ordering::Relaxed) {
             // Tell keep-alive clients to reconnect elsewhere while we drain.
             session.set_keepalive(None);
@@ -165,7 +163,7 @@ impl ProxyHttp for Outrider {
         upstream_request: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        upstream_request.insert_header("x-request-id", ctx.request_id.as_str())?;
+        upstream_request.insert_header("x-request-id", ctx.request_id.clone())?;
         http_cache::on_upstream_request(ctx, upstream_request);
         if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
             use std::fmt::Write;
@@ -183,7 +181,8 @@ impl ProxyHttp for Outrider {
         }
         // Behind an ingress that terminated TLS the client's scheme is already recorded; keep it.
         if !upstream_request.headers.contains_key("x-forwarded-proto") {
-            upstream_request.insert_header("x-forwarded-proto", "http")?;
+            upstream_request
+                .insert_header("x-forwarded-proto", http::HeaderValue::from_static("http"))?;
         }
         if let Some(route) = ctx.route() {
             // A TLS upstream (a provider API) routes by Host; a local app sees the client's Host,
@@ -389,7 +388,7 @@ impl ProxyHttp for Outrider {
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             upstream_ms = ctx.upstream_elapsed.map(|d| d.as_secs_f64() * 1000.0),
             upstream_error = ctx.upstream_error,
-            request_id = ctx.request_id.as_str(),
+            request_id = ctx.request_id(),
             client = session.client_addr().map(|a| a.to_string()),
             error = error.map(|e| e.to_string()),
             "request"

@@ -37,7 +37,7 @@ pub fn add_timing_headers(resp: &mut ResponseHeader, ctx: &Ctx) {
     let _ = resp.insert_header("x-response-time-ms", total_ms);
     let _ = resp.append_header("server-timing", timing);
     if !ctx.request_id.is_empty() {
-        let _ = resp.insert_header("x-request-id", ctx.request_id.as_str());
+        let _ = resp.insert_header("x-request-id", ctx.request_id.clone());
     }
 }
 
@@ -61,7 +61,7 @@ pub async fn json_error(
     let mut body = serde_json::json!({
         "error": code,
         "message": message,
-        "request_id": ctx.request_id,
+        "request_id": ctx.request_id(),
     });
     if let (Some((key, value)), Some(map)) = (extra, body.as_object_mut()) {
         map.insert(

@@ -20,6 +20,17 @@ pub fn accept(value: &[u8]) -> Option<&str> {
 
 /// A random 128-bit id as 32 hex chars (UUID-sized, no dashes), cheap to make.
 pub fn generate() -> String {
+    String::from_utf8_lossy(&random_hex()).into_owned()
+}
+
+/// The same as [`generate`], as a header value that is cheap to clone into both the upstream
+/// request and the response.
+pub fn generate_header() -> http::HeaderValue {
+    // Hex digits are always a valid header value.
+    http::HeaderValue::from_bytes(&random_hex()).unwrap_or(http::HeaderValue::from_static("-"))
+}
+
+fn random_hex() -> [u8; 32] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut value = fastrand::u128(..);
     let mut out = [0u8; 32];
@@ -27,8 +38,7 @@ pub fn generate() -> String {
         *byte = HEX[(value & 0xf) as usize];
         value >>= 4;
     }
-    // Only ASCII hex digits were written.
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 #[cfg(test)]
@@ -45,5 +55,6 @@ mod tests {
         let id = generate();
         assert_eq!(id.len(), 32);
         assert_ne!(id, generate());
+        assert_eq!(generate_header().len(), 32);
     }
 }
