@@ -38,7 +38,7 @@ pub struct HttpCacheCtx {
     revalidating: Option<Arc<StoredResponse>>,
     /// Renewed by a 304, or stale standing in for a 5xx: written in place of the upstream
     /// response.
-    renewed: Option<Arc<StoredResponse>>,
+    answer: Option<Arc<StoredResponse>>,
     capture: Option<Capture>,
     /// HEAD responses have no body to store, and bypassed requests store nothing.
     may_store: bool,
@@ -54,7 +54,8 @@ struct Capture {
 /// What to do with the upstream's response header.
 pub enum UpstreamVerdict {
     Forward,
-    /// The upstream confirmed (304) a stored entry: answer with it instead.
+    /// Answer with a stored entry instead: the upstream confirmed it (304), or failed (5xx)
+    /// while a stale copy may stand in.
     AnswerFromCache,
 }
 
@@ -68,11 +69,7 @@ pub enum Step {
 /// Freshness judged by the route's current rules, so a TTL edited in the YAML applies to
 /// entries already stored (unless the origin's own max-age governs them).
 fn freshness(entry: &StoredResponse, policy: &RoutePolicy, now: SystemTime) -> Freshness {
-    let ttl = if policy.respect_origin {
-        entry.ttl
-    } else {
-        policy.ttl
-    };
+    let ttl = effective_ttl(entry, policy);
     let age = entry.age(now);
     if age < ttl {
         Freshness::Fresh
@@ -85,13 +82,16 @@ fn freshness(entry: &StoredResponse, policy: &RoutePolicy, now: SystemTime) -> F
     }
 }
 
-fn ttl_left(entry: &StoredResponse, policy: &RoutePolicy, now: SystemTime) -> i64 {
-    let ttl = if policy.respect_origin {
+fn effective_ttl(entry: &StoredResponse, policy: &RoutePolicy) -> Duration {
+    if policy.respect_origin {
         entry.ttl
     } else {
         policy.ttl
-    };
-    ttl.as_secs() as i64 - entry.age(now).as_secs() as i64
+    }
+}
+
+fn ttl_left(entry: &StoredResponse, policy: &RoutePolicy, now: SystemTime) -> i64 {
+    effective_ttl(entry, policy).as_secs() as i64 - entry.age(now).as_secs() as i64
 }
 
 /// Looks the request up and answers it from the cache when it can.
@@ -115,7 +115,7 @@ pub async fn on_request(
         leader: None,
         stale: None,
         revalidating: None,
-        renewed: None,
+        answer: None,
         capture: None,
         may_store: false,
     };
@@ -393,7 +393,7 @@ pub fn on_upstream_response(
             }
             // A 304 has no body to swap; the proxy abandons the upstream response and writes
             // the renewed entry itself.
-            state.renewed = Some(renewed);
+            state.answer = Some(renewed);
             return UpstreamVerdict::AnswerFromCache;
         }
     }
@@ -408,7 +408,7 @@ pub fn on_upstream_response(
             state.leader.take();
             // Like a 304, the upstream's answer is abandoned and the entry written in its
             // place, so the length the client is told always matches the body it gets.
-            state.renewed = Some(stale);
+            state.answer = Some(stale);
             return UpstreamVerdict::AnswerFromCache;
         }
     }
@@ -531,8 +531,8 @@ fn finish_capture(cache: &Cache, state: &mut HttpCacheCtx) {
 }
 
 /// The entry to write instead of the upstream's response (renewed by a 304, or stale for a 5xx).
-pub fn take_renewed(ctx: &mut Ctx) -> Option<Arc<StoredResponse>> {
-    ctx.http_cache.as_mut()?.renewed.take()
+pub fn take_cached_answer(ctx: &mut Ctx) -> Option<Arc<StoredResponse>> {
+    ctx.http_cache.as_mut()?.answer.take()
 }
 
 /// The upstream could not be reached: answer with a stale entry if one is allowed.

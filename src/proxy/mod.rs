@@ -23,9 +23,10 @@ use crate::telemetry::{request_id, Metrics};
 use ctx::{Ctx, InFlight};
 use respond::codes;
 
-const REVALIDATED_NAME: &str = "revalidated";
-/// Marks the deliberate abandonment of a 304 upstream response in favour of the cached entry.
-const REVALIDATED: ErrorType = ErrorType::Custom(REVALIDATED_NAME);
+const FROM_CACHE_NAME: &str = "answered_from_cache";
+/// Marks the deliberate abandonment of an upstream response (a 304 that renewed the stored
+/// entry, or a 5xx a stale entry stands in for) in favour of the cached entry.
+const FROM_CACHE: ErrorType = ErrorType::Custom(FROM_CACHE_NAME);
 
 /// State shared by the proxy and the process: set once SIGTERM/SIGINT arrives.
 #[derive(Default)]
@@ -224,10 +225,10 @@ impl ProxyHttp for Outrider {
             }
         }
         if matches!(verdict, http_cache::UpstreamVerdict::AnswerFromCache) {
-            // Abandon the upstream response; `fail_to_proxy` writes the renewed entry.
+            // Abandon the upstream response; `fail_to_proxy` writes the stored entry.
             return Err(Error::explain(
-                REVALIDATED,
-                "upstream confirmed the cached entry (304)",
+                FROM_CACHE,
+                "answering from the cache instead of the upstream response",
             ));
         }
         Ok(())
@@ -269,17 +270,17 @@ impl ProxyHttp for Outrider {
 
     fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, error: &Error) -> bool {
         // Not an error: the cached entry was confirmed and is being served.
-        matches!(error.etype(), ErrorType::Custom(name) if *name == REVALIDATED_NAME)
+        matches!(error.etype(), ErrorType::Custom(name) if *name == FROM_CACHE_NAME)
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
-        if let Some(renewed) = http_cache::take_renewed(ctx) {
+        if let Some(cached) = http_cache::take_cached_answer(ctx) {
             if session.response_written().is_none() {
-                if let Err(write_error) = http_cache::serve_entry(session, ctx, &renewed).await {
-                    tracing::debug!(error = %write_error, "could not write revalidated response");
+                if let Err(write_error) = http_cache::serve_entry(session, ctx, &cached).await {
+                    tracing::debug!(error = %write_error, "could not write the cached response");
                 }
                 return FailToProxy {
-                    error_code: renewed.status,
+                    error_code: cached.status,
                     can_reuse_downstream: false,
                 };
             }
