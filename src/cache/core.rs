@@ -296,29 +296,42 @@ impl Cache {
             }
         };
         let mut report = PurgeReport::default();
-        if let Some(l1) = &self.l1 {
-            report.l1 = match &filter {
-                KeyFilter::All => l1.purge(|_, _| true),
-                KeyFilter::Namespace(ns) => l1.purge(|_, e| e.namespace == *ns),
-                KeyFilter::PathPrefix { namespace, prefix } => l1.purge(|_, e| {
-                    namespace.as_deref().is_none_or(|ns| e.namespace == ns)
-                        && e.label.starts_with(prefix.as_str())
-                }),
-                KeyFilter::Hex(hex) => {
-                    let want = parse_hex32(hex);
-                    l1.purge(|k, _| Some(*k) == want)
-                }
-            };
-            l1.sync();
-            self.refresh_gauges();
-        }
+        // Redis first, then L1, then L1 again: a lookup racing the purge can refill L1 from an
+        // L2 key that was not deleted yet; the second pass removes what it put back.
         if let Some(l2) = &self.l2 {
             match l2.purge(&filter).await {
                 Ok(n) => report.l2 = Some(n),
                 Err(e) => report.l2_error = Some(e.to_string()),
             }
         }
+        if self.l1.is_some() {
+            report.l1 = self.purge_l1(&filter);
+            if self.l2.is_some() {
+                self.purge_l1(&filter);
+            }
+            self.refresh_gauges();
+        }
         Ok(report)
+    }
+
+    fn purge_l1(&self, filter: &KeyFilter) -> u64 {
+        let Some(l1) = &self.l1 else {
+            return 0;
+        };
+        let removed = match filter {
+            KeyFilter::All => l1.purge(|_, _| true),
+            KeyFilter::Namespace(ns) => l1.purge(|_, e| e.namespace == *ns),
+            KeyFilter::PathPrefix { namespace, prefix } => l1.purge(|_, e| {
+                namespace.as_deref().is_none_or(|ns| e.namespace == ns)
+                    && e.label.starts_with(prefix.as_str())
+            }),
+            KeyFilter::Hex(hex) => {
+                let want = parse_hex32(hex);
+                l1.purge(|k, _| Some(*k) == want)
+            }
+        };
+        l1.sync();
+        removed
     }
 
     pub fn redis_state(&self) -> RedisState {

@@ -4,8 +4,10 @@
 //! is built in the background (startup never waits for Redis) on a small runtime owned by this
 //! tier, so the connection's driver task outlives whichever runtime first touched the cache.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use arc_swap::ArcSwapOption;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -60,7 +62,15 @@ struct Inner {
     client: redis::Client,
     prefix: String,
     timeout: Duration,
-    conn: OnceLock<ConnectionManager>,
+    /// Writes carry whole bodies (up to max_entry_size) and never hold up a request, so they
+    /// get more time than lookups.
+    write_timeout: Duration,
+    /// Replaced when the breaker opens on timeouts: a silently dead TCP connection would
+    /// otherwise never be noticed by the connection manager.
+    conn: ArcSwapOption<ConnectionManager>,
+    reconnecting: AtomicBool,
+    url: String,
+    rt: tokio::runtime::Handle,
     breaker: Mutex<Breaker>,
     metrics: CacheMetrics,
     pending_writes: AtomicUsize,
@@ -236,7 +246,11 @@ impl L2 {
             client,
             prefix,
             timeout,
-            conn: OnceLock::new(),
+            write_timeout: (timeout * 20).max(Duration::from_secs(1)),
+            conn: ArcSwapOption::empty(),
+            reconnecting: AtomicBool::new(true),
+            url: redact(url),
+            rt: handle.clone(),
             breaker: Mutex::new(Breaker::new(breaker)),
             metrics,
             pending_writes: AtomicUsize::new(0),
@@ -256,7 +270,7 @@ impl L2 {
     }
 
     pub(crate) fn state(&self) -> RedisState {
-        if self.inner.conn.get().is_none() {
+        if self.inner.conn.load().is_none() {
             return RedisState::Degraded {
                 reason: "connecting".into(),
             };
@@ -273,7 +287,7 @@ impl L2 {
     }
 
     pub(crate) fn breaker_state(&self) -> BreakerState {
-        if self.inner.conn.get().is_none() {
+        if self.inner.conn.load().is_none() {
             BreakerState::Open
         } else {
             lock(&self.inner.breaker).state()
@@ -321,7 +335,10 @@ impl L2 {
     /// Queues a SET in the background; the caller never waits for Redis.
     pub(crate) fn set(&self, key: String, entry: Arc<StoredResponse>, ttl: Duration) {
         let inner = Arc::clone(&self.inner);
-        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        // Redis rejects expiries near i64::MAX; no entry needs to live longer than ~35 years.
+        let ms = u64::try_from(ttl.as_millis())
+            .unwrap_or(u64::MAX)
+            .clamp(1, 1 << 40);
         if inner.pending_writes.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING_WRITES {
             inner.pending_writes.fetch_sub(1, Ordering::Relaxed);
             tracing::debug!("redis write queue full; dropping write");
@@ -335,7 +352,7 @@ impl L2 {
                 drop(entry);
                 let started = Instant::now();
                 let res = tokio::time::timeout(
-                    inner.timeout,
+                    inner.write_timeout,
                     redis::cmd("SET")
                         .arg(&key)
                         .arg(value)
@@ -357,10 +374,10 @@ impl L2 {
     /// Deletes every key the filter selects, with SCAN (never KEYS) and UNLINK.
     pub(crate) async fn purge(&self, filter: &KeyFilter) -> Result<u64, CacheError> {
         let inner = &self.inner;
-        let Some(conn) = inner.conn.get() else {
+        let Some(conn) = inner.conn.load_full() else {
             return Err(CacheError::Redis("not connected".into()));
         };
-        let mut conn = conn.clone();
+        let mut conn = ConnectionManager::clone(&conn);
         // An admin purge is worth more patience than a request, but must still end.
         let op_timeout = inner.timeout.max(Duration::from_secs(5));
         let pattern = filter.pattern(&inner.prefix);
@@ -432,8 +449,8 @@ async fn unlink(
 
 impl Inner {
     /// The connection if the breaker lets this operation through.
-    fn admit(&self) -> Option<&ConnectionManager> {
-        let conn = self.conn.get()?;
+    fn admit(&self) -> Option<ConnectionManager> {
+        let conn = ConnectionManager::clone(self.conn.load().as_ref()?);
         let mut b = lock(&self.breaker);
         let admission = b.admit(Instant::now());
         self.metrics.breaker_state.set(b.state().gauge());
@@ -443,9 +460,17 @@ impl Inner {
         }
     }
 
+    /// Builds a fresh connection in the background; the old one serves probes meanwhile.
+    fn reconnect(self: &Arc<Self>) {
+        if !self.reconnecting.swap(true, Ordering::SeqCst) {
+            self.rt
+                .spawn(connect_loop(Arc::clone(self), self.url.clone()));
+        }
+    }
+
     /// Feeds the outcome to the breaker and metrics; `None` means the operation failed.
     fn settle<T>(
-        &self,
+        self: &Arc<Self>,
         res: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
     ) -> Option<T> {
         let outcome = match res {
@@ -458,14 +483,31 @@ impl Inner {
         };
         let mut b = lock(&self.breaker);
         let before = b.state();
+        let mut timed_out = false;
         let out = match outcome {
             Ok(v) => {
-                b.on_success();
+                // A late success of an operation admitted before the breaker opened says
+                // nothing about now; only the half-open probe may close it.
+                if before != BreakerState::Open {
+                    b.on_success();
+                }
                 Some(v)
             }
             Err(kind) => {
                 self.metrics.redis_error(kind);
-                b.on_failure(Instant::now());
+                match kind {
+                    // An error reply (OOM, WRONGTYPE, …) comes from a Redis that answers:
+                    // it is not a reason to stop reading from it.
+                    RedisErrorKind::Protocol | RedisErrorKind::Decode => {
+                        if before != BreakerState::Open {
+                            b.on_success();
+                        }
+                    }
+                    RedisErrorKind::Timeout | RedisErrorKind::Connection => {
+                        timed_out = kind == RedisErrorKind::Timeout;
+                        b.on_failure(Instant::now());
+                    }
+                }
                 None
             }
         };
@@ -475,7 +517,10 @@ impl Inner {
         if before != after {
             match after {
                 BreakerState::Open => {
-                    tracing::warn!("redis circuit opened; serving from L1 and upstream only")
+                    tracing::warn!("redis circuit opened; serving from L1 and upstream only");
+                    if timed_out {
+                        self.reconnect();
+                    }
                 }
                 BreakerState::Closed => tracing::info!("redis circuit closed; L2 back in use"),
                 BreakerState::HalfOpen => {}
@@ -493,7 +538,7 @@ async fn connect_loop(inner: Arc<Inner>, url: String) {
     loop {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(connect_timeout)
-            .set_response_timeout(inner.timeout.max(Duration::from_millis(1)))
+            .set_response_timeout(inner.write_timeout)
             .set_number_of_retries(1)
             .set_factor(2)
             .set_max_delay(500);
@@ -504,7 +549,9 @@ async fn connect_loop(inner: Arc<Inner>, url: String) {
         .await;
         match attempt {
             Ok(Ok(conn)) => {
-                if inner.conn.set(conn).is_ok() {
+                let first = inner.conn.swap(Some(Arc::new(conn))).is_none();
+                inner.reconnecting.store(false, Ordering::SeqCst);
+                if first {
                     let mut b = lock(&inner.breaker);
                     b.on_success();
                     inner.metrics.breaker_state.set(b.state().gauge());

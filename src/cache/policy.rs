@@ -171,10 +171,22 @@ fn has(d: &[Directive], name: &str) -> bool {
     d.iter().any(|d| d.name == name)
 }
 
-/// Delta-seconds of the first `name` directive; malformed values count as absent.
+/// Largest delta-seconds a cache must handle; larger values mean "this much" (RFC 9111 §1.2.2).
+const MAX_DELTA_SECONDS: u64 = 1 << 31;
+
+/// Delta-seconds of the first `name` directive. A malformed value (`-1`, `1.5`, `abc`, no value)
+/// gives 0: RFC 9111 §4.2.1 treats invalid freshness information as stale.
 fn seconds(d: &[Directive], name: &str) -> Option<u64> {
-    let v = d.iter().find(|d| d.name == name)?.value.as_deref()?;
-    v.parse::<u64>().ok()
+    let directive = d.iter().find(|d| d.name == name)?;
+    let v = directive.value.as_deref().unwrap_or("");
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(0);
+    }
+    Some(
+        v.parse::<u64>()
+            .unwrap_or(MAX_DELTA_SECONDS)
+            .min(MAX_DELTA_SECONDS),
+    )
 }
 
 /// Bytes that identify the caller's credentials (length-prefixed so header boundaries cannot
@@ -266,9 +278,15 @@ pub fn response_storable(
         }
     }
     let ttl = if route.respect_origin {
+        // The response may already have aged upstream (a CDN or cache in front of the app).
+        let age = resp
+            .get(header::AGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
         match seconds(&cc, "s-maxage").or_else(|| seconds(&cc, "max-age")) {
-            Some(0) => return Err(NotStorable::ZeroMaxAge),
-            Some(s) => Duration::from_secs(s),
+            Some(s) if s <= age => return Err(NotStorable::ZeroMaxAge),
+            Some(s) => Duration::from_secs(s - age),
             None => route.ttl,
         }
     } else {
@@ -595,7 +613,28 @@ mod tests {
             s(&[("cache-control", "max-age=0")]),
             Err(NotStorable::ZeroMaxAge)
         );
-        assert_eq!(s(&[("cache-control", "max-age=abc")]), Ok(r.ttl));
+        // Invalid freshness information means stale (RFC 9111 §4.2.1): not stored.
+        for bad in ["max-age=abc", "max-age=-1", "max-age=1.5", "max-age"] {
+            assert_eq!(
+                response_storable(200, &h(&[("cache-control", bad)]), &r),
+                Err(NotStorable::ZeroMaxAge),
+                "{bad}"
+            );
+        }
+        // Huge values saturate at 2^31 seconds instead of overflowing later.
+        assert_eq!(
+            s(&[("cache-control", "s-maxage=99999999999999999999999")]),
+            Ok(Duration::from_secs(1 << 31))
+        );
+        // Age already spent upstream is subtracted.
+        assert_eq!(
+            s(&[("cache-control", "max-age=60"), ("age", "55")]),
+            Ok(Duration::from_secs(5))
+        );
+        assert_eq!(
+            s(&[("cache-control", "max-age=60"), ("age", "60")]),
+            Err(NotStorable::ZeroMaxAge)
+        );
         assert_eq!(s(&[]), Ok(r.ttl));
         let zero = RoutePolicy {
             ttl: Duration::ZERO,

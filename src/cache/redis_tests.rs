@@ -379,3 +379,47 @@ async fn black_hole_redis_never_delays_requests() {
     assert_eq!(c.lookup(&k).await.tier, Tier::L1);
     assert!(matches!(c.redis_state(), RedisState::Degraded { .. }));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_replies_do_not_open_the_breaker() {
+    // A full Redis (noeviction) refuses every SET with an OOM error reply, but still answers
+    // GETs: the breaker must stay closed so reads keep working.
+    let redis = RedisServer::start();
+    let writer = cache(Some(redis.url()), 0);
+    wait_up(&writer).await;
+    let k = key("items", "/api/items/kept");
+    writer
+        .store(&k, entry("items", "/api/items/kept", "kept"))
+        .await;
+    wait_until("write reaches redis", Duration::from_secs(5), || {
+        exists(&redis, &k)
+    })
+    .await;
+    let mut c = redis.conn();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("1")
+        .query(&mut c)
+        .expect("config set");
+    for i in 0..20 {
+        let path = format!("/api/items/refused{i}");
+        writer
+            .store(&key("items", &path), entry("items", &path, "x"))
+            .await;
+    }
+    wait_until("the refused writes", Duration::from_secs(10), || {
+        writer.metrics().redis_error_count() >= 20
+    })
+    .await;
+    assert!(!exists(&redis, &key("items", "/api/items/refused19")));
+    assert!(
+        matches!(writer.redis_state(), RedisState::Up),
+        "error replies are not outages: {:?}",
+        writer.redis_state()
+    );
+    let reader = cache(Some(redis.url()), 0);
+    wait_up(&reader).await;
+    let got = reader.lookup(&k).await;
+    assert_eq!(got.tier, Tier::L2, "reads still served by Redis");
+}

@@ -416,19 +416,19 @@ pub fn on_upstream_response(
         state.leader.take();
         return UpstreamVerdict::Forward;
     }
-    let too_big = resp
+    let content_length = resp
         .headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-        .is_some_and(|len| max_entry_size > 0 && len > max_entry_size);
+        .and_then(|v| v.parse::<usize>().ok());
+    let too_big = content_length.is_some_and(|len| max_entry_size > 0 && len > max_entry_size);
     match response_storable(status, &resp.headers, &state.policy) {
         Ok(ttl) if !too_big => {
             state.capture = Some(Capture {
                 status,
                 headers: storable_headers(&resp.headers),
                 ttl,
-                body: BytesMut::new(),
+                body: BytesMut::with_capacity(content_length.unwrap_or(0)),
             });
             set_stored(&mut state.status, true);
             // Pingora calls no body filter for a response that ends with its header.
@@ -508,6 +508,16 @@ pub fn on_body_chunk(cache: &Cache, ctx: &mut Ctx, body: &mut Option<Bytes>, end
     }
 }
 
+/// The buffer's bytes without the slack a growing buffer keeps: L1 is bounded by body length,
+/// so a body held in a much larger allocation would overrun the bound.
+fn exact_bytes(body: BytesMut) -> Bytes {
+    if body.capacity() > body.len() + body.len() / 8 + 4096 {
+        Bytes::copy_from_slice(&body)
+    } else {
+        body.freeze()
+    }
+}
+
 /// Stores the captured response and hands it to the requests waiting on this key.
 fn finish_capture(cache: &Cache, state: &mut HttpCacheCtx) {
     let (Some(capture), Some(key)) = (state.capture.take(), state.key.as_ref()) else {
@@ -516,7 +526,7 @@ fn finish_capture(cache: &Cache, state: &mut HttpCacheCtx) {
     let entry = StoredResponse {
         status: capture.status,
         headers: capture.headers,
-        body: capture.body.freeze(),
+        body: exact_bytes(capture.body),
         stored_at: SystemTime::now(),
         ttl: capture.ttl,
         stale_while_revalidate: state.policy.stale_while_revalidate,
@@ -681,7 +691,7 @@ async fn refresh(
         }
         body.extend_from_slice(&chunk);
     }
-    let body = body.freeze();
+    let body = exact_bytes(body);
     let entry = StoredResponse {
         status,
         headers: storable_headers(&headers),
