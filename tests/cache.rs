@@ -688,3 +688,31 @@ async fn what_the_app_sees_is_in_the_key() {
     assert_eq!((hit.status, hit.cache.as_str()), (204, "HIT"));
     assert_eq!(app.hits("/status/204"), 1);
 }
+
+#[tokio::test]
+async fn uncacheable_keys_skip_single_flight() {
+    // Once a key's response proved unstorable, a burst for it goes straight upstream instead
+    // of queueing behind one request whose answer nobody can reuse ("hit-for-pass").
+    let app = Backend::start("app").await;
+    let proxy = Arc::new(Proxy::start(&config(&app.url(), "", "")).await);
+    let path = "/slow/200?nostore";
+    assert_eq!(
+        get(&proxy, path, &[]).await.cache_status,
+        "outrider; fwd=miss"
+    );
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let proxy = proxy.clone();
+        tasks.push(tokio::spawn(async move { get(&proxy, path, &[]).await }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().status, 200);
+    }
+    assert_eq!(app.hits("/slow/200"), 21);
+    let m = support::metric_eventually(&proxy, "outrider_requests_total", &[], 21.0).await;
+    assert_eq!(
+        metric_value(&m, "outrider_cache_singleflight_waits_total", &[]).unwrap_or(0.0),
+        0.0,
+        "nobody waited on a leader"
+    );
+}

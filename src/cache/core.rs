@@ -126,8 +126,14 @@ pub struct Cache {
     l2: Option<L2>,
     flights: Arc<Flights>,
     revalidations: Arc<Revalidations>,
+    /// Keys whose last response could not be stored ("hit-for-pass"): requests for them go
+    /// straight upstream instead of queueing behind one leader whose answer nobody can reuse.
+    uncacheable: moka::sync::Cache<[u8; 32], ()>,
     metrics: CacheMetrics,
 }
+
+/// How long a key stays marked uncacheable after a response that could not be stored.
+const UNCACHEABLE_MEMORY: Duration = Duration::from_secs(30);
 
 impl Cache {
     /// Registers the metrics and starts connecting to Redis in the background. Fails only for
@@ -170,6 +176,10 @@ impl Cache {
             l2,
             flights: Arc::default(),
             revalidations: Arc::default(),
+            uncacheable: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(UNCACHEABLE_MEMORY)
+                .build(),
             metrics,
         }))
     }
@@ -259,6 +269,16 @@ impl Cache {
             l2.set(rkey, Arc::clone(&entry), remaining);
         }
         Some(entry)
+    }
+
+    /// Remembers that `key`'s response could not be stored, for a short while.
+    pub fn note_uncacheable(&self, key: &CacheKey) {
+        self.uncacheable.insert(key.hash, ());
+    }
+
+    /// Whether `key`'s last response could not be stored (so waiting on a leader is pointless).
+    pub fn recently_uncacheable(&self, key: &CacheKey) -> bool {
+        self.uncacheable.contains_key(&key.hash)
     }
 
     /// Joins or starts the single upstream fetch for `key`.

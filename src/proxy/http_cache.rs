@@ -250,6 +250,13 @@ pub async fn on_request(
         ctx.http_cache = Some(Box::new(state));
         return Ok(Step::Forward);
     }
+    if cache.recently_uncacheable(&key) {
+        // Nobody could reuse a leader's answer: fetch directly (it is still stored if it has
+        // become storable).
+        state.key = Some(key);
+        ctx.http_cache = Some(Box::new(state));
+        return Ok(Step::Forward);
+    }
     match cache.single_flight(&key) {
         Flight::Leader(guard) => {
             state.leader = Some(guard);
@@ -444,10 +451,16 @@ pub fn on_upstream_response(
         Ok(_) => {
             tracing::debug!("response larger than cache.max_entry_size; not stored");
             state.leader.take();
+            if let Some(key) = &state.key {
+                cache.note_uncacheable(key);
+            }
         }
         Err(reason) => {
             tracing::debug!(reason = reason.as_str(), "response not storable");
             state.leader.take();
+            if let Some(key) = &state.key {
+                cache.note_uncacheable(key);
+            }
         }
     }
     UpstreamVerdict::Forward

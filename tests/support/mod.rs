@@ -155,10 +155,16 @@ async fn backend_handle(
         ["slow", ms, ..] => {
             let ms: u64 = ms.parse().unwrap_or(100);
             tokio::time::sleep(Duration::from_millis(ms)).await;
-            if query.contains("seq") {
-                return Response::new(full(format!("slept {ms} seq {seq}")));
+            let mut resp = if query.contains("seq") {
+                Response::new(full(format!("slept {ms} seq {seq}")))
+            } else {
+                Response::new(full(format!("slept {ms}")))
+            };
+            if query.contains("nostore") {
+                resp.headers_mut()
+                    .insert("cache-control", "no-store".parse().unwrap());
             }
-            Response::new(full(format!("slept {ms}")))
+            resp
         }
         ["etag", tag, ..] => {
             // A validator-aware resource: 304 when the client (or outrider) already has it.
