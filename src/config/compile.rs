@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 
-use super::schema::{Config, RouteCacheConfig};
+use super::schema::Config;
 use crate::cache::policy::{RoutePolicy, DEFAULT_STATUSES};
 
 /// A validated config plus its route table; swapped as one unit on reload.
@@ -26,7 +26,6 @@ pub struct Route {
     /// Bit per method (see [`method_bit`]); 0 means any method.
     methods: u16,
     pub upstream: Arc<Upstream>,
-    pub cache: Option<RouteCacheConfig>,
     /// The route's cache rules, resolved against `cache.default_ttl` once per load.
     pub cache_policy: Option<Arc<RoutePolicy>>,
 }
@@ -108,7 +107,6 @@ impl ActiveConfig {
                 matcher,
                 methods,
                 upstream,
-                cache: r.cache.clone(),
                 cache_policy,
             });
         }

@@ -5,9 +5,8 @@
 //! through a map from key paths to positions built by a separate YAML event pass.
 
 use std::collections::{HashMap, HashSet};
-use std::fmt;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::de::DeserializeOwned;
 use serde_yaml_ng::{Mapping, Value};
@@ -615,18 +614,6 @@ fn validate(parsed: &Parsed, spans: &SpanMap, problems: &mut Vec<Problem>) {
                 }
             }
         }
-    }
-}
-
-/// Where the config came from, for messages and for the reload watcher.
-#[derive(Debug, Clone)]
-pub struct ConfigSource {
-    pub path: PathBuf,
-}
-
-impl fmt::Display for ConfigSource {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.path.display())
     }
 }
 
