@@ -716,3 +716,20 @@ async fn uncacheable_keys_skip_single_flight() {
         "nobody waited on a leader"
     );
 }
+
+#[tokio::test]
+async fn must_revalidate_responses_are_never_served_stale() {
+    let app = Backend::start("app").await;
+    let proxy = Proxy::start(&config(&app.url(), "", "")).await;
+    // The "short" route allows 1 h of stale-while-revalidate and stale-if-error.
+    let path = "/echo/short/with-headers?cache-control=must-revalidate".to_string();
+    assert_eq!(get(&proxy, &path, &[]).await.cache, "MISS");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    app.set_failing(true);
+    let after = get(&proxy, &path, &[]).await;
+    assert_eq!(
+        after.status, 503,
+        "the origin forbade stale: the error is passed on"
+    );
+    assert_eq!(after.cache, "EXPIRED");
+}

@@ -171,6 +171,22 @@ fn has(d: &[Directive], name: &str) -> bool {
     d.iter().any(|d| d.name == name)
 }
 
+/// Whether a stored response's own `Cache-Control` forbids serving it stale from a shared
+/// cache: `must-revalidate`, `proxy-revalidate` or `s-maxage` (RFC 9111 §5.2.2.2, .8, .10).
+/// The route's stale windows then do not apply to it.
+pub fn forbids_stale(stored_headers: &[(String, Bytes)]) -> bool {
+    let mut map = HeaderMap::new();
+    for (name, value) in stored_headers {
+        if name == "cache-control" {
+            if let Ok(value) = http::HeaderValue::from_bytes(value) {
+                map.append(header::CACHE_CONTROL, value);
+            }
+        }
+    }
+    let cc = directives(&map, header::CACHE_CONTROL);
+    has(&cc, "must-revalidate") || has(&cc, "proxy-revalidate") || has(&cc, "s-maxage")
+}
+
 /// Largest delta-seconds a cache must handle; larger values mean "this much" (RFC 9111 §1.2.2).
 const MAX_DELTA_SECONDS: u64 = 1 << 31;
 
@@ -584,6 +600,16 @@ mod tests {
         assert!(response_storable(200, &h(&[("vary", "Accept-Language")]), &keyed).is_ok());
         // Ignored when the route does not respect the origin.
         assert_eq!(s(&[("cache-control", "max-age=0")]), Ok(r.ttl));
+    }
+
+    #[test]
+    fn stale_is_forbidden_by_revalidation_directives() {
+        let stored = |cc: &str| vec![("cache-control".to_string(), Bytes::from(cc.to_string()))];
+        assert!(forbids_stale(&stored("max-age=60, must-revalidate")));
+        assert!(forbids_stale(&stored("Proxy-Revalidate")));
+        assert!(forbids_stale(&stored("s-maxage=30")));
+        assert!(!forbids_stale(&stored("max-age=60")));
+        assert!(!forbids_stale(&[]));
     }
 
     #[test]

@@ -73,6 +73,9 @@ fn freshness(entry: &StoredResponse, policy: &RoutePolicy, now: SystemTime) -> F
     let age = entry.age(now);
     if age < ttl {
         Freshness::Fresh
+    } else if policy::forbids_stale(&entry.headers) {
+        // The origin said never stale (must-revalidate & co): revalidate or refetch.
+        Freshness::Expired
     } else if age < ttl + policy.stale_while_revalidate {
         Freshness::StaleWhileRevalidate
     } else if age < ttl + policy.stale_if_error.max(policy.stale_while_revalidate) {

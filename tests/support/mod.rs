@@ -211,7 +211,7 @@ async fn backend_handle(
                 );
             }
             let mut set_headers = Vec::new();
-            if path == "/headers" {
+            if path == "/headers" || path.ends_with("/with-headers") {
                 for pair in query.split('&').filter(|p| !p.is_empty()) {
                     if let Some((k, v)) = pair.split_once('=') {
                         set_headers.push((k.to_string(), v.replace("%20", " ")));
