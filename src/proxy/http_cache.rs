@@ -344,11 +344,23 @@ fn revalidation_candidate(
 ) -> Option<Arc<StoredResponse>> {
     let client_conditional = request.contains_key(http::header::IF_NONE_MATCH)
         || request.contains_key(http::header::IF_MODIFIED_SINCE);
-    let has_validator = entry
-        .headers
-        .iter()
-        .any(|(name, _)| name == "etag" || name == "last-modified");
+    let has_validator = conditions(entry).next().is_some();
     (has_validator && !client_conditional).then(|| entry.clone())
+}
+
+/// The conditional request headers a stored entry's validators allow: `ETag` gives
+/// `If-None-Match`, `Last-Modified` gives `If-Modified-Since`.
+fn conditions(
+    entry: &StoredResponse,
+) -> impl Iterator<Item = (http::HeaderName, http::HeaderValue)> + '_ {
+    entry.headers.iter().filter_map(|(name, value)| {
+        let condition = match name.as_str() {
+            "etag" => http::header::IF_NONE_MATCH,
+            "last-modified" => http::header::IF_MODIFIED_SINCE,
+            _ => return None,
+        };
+        Some((condition, http::HeaderValue::from_bytes(value).ok()?))
+    })
 }
 
 /// Makes the upstream request conditional when an old entry can be revalidated.
@@ -360,15 +372,8 @@ pub fn on_upstream_request(ctx: &Ctx, request: &mut pingora_http::RequestHeader)
     else {
         return;
     };
-    for (name, value) in &entry.headers {
-        let condition = match name.as_str() {
-            "etag" => http::header::IF_NONE_MATCH,
-            "last-modified" => http::header::IF_MODIFIED_SINCE,
-            _ => continue,
-        };
-        if let Ok(value) = http::HeaderValue::from_bytes(value) {
-            let _ = request.insert_header(condition, value);
-        }
+    for (condition, value) in conditions(entry) {
+        let _ = request.insert_header(condition, value);
     }
 }
 
@@ -619,17 +624,8 @@ impl RefreshRequest {
                 headers.append(name.clone(), value.clone());
             }
         }
-        for (name, value) in &entry.headers {
-            let conditional = match name.as_str() {
-                "etag" => Some(http::header::IF_NONE_MATCH),
-                "last-modified" => Some(http::header::IF_MODIFIED_SINCE),
-                _ => None,
-            };
-            if let (Some(conditional), Ok(value)) =
-                (conditional, http::HeaderValue::from_bytes(value))
-            {
-                headers.insert(conditional, value);
-            }
+        for (condition, value) in conditions(entry) {
+            headers.insert(condition, value);
         }
         headers.insert(
             "x-outrider-revalidation",
