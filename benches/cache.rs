@@ -1,11 +1,12 @@
 //! Hot paths of the cache core: key derivation, entry encode/decode, and the L1 hit.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use outrider::cache::{Cache, CacheKey, CacheSettings, StoredResponse};
+use outrider::store::{CacheKey, CacheSettings, Store, StoredResponse};
 
 fn entry(body: usize) -> StoredResponse {
     StoredResponse {
@@ -24,8 +25,7 @@ fn entry(body: usize) -> StoredResponse {
         body: Bytes::from(vec![b'x'; body]),
         stored_at: SystemTime::now(),
         ttl: Duration::from_secs(3600),
-        stale_while_revalidate: Duration::from_secs(30),
-        stale_if_error: Duration::from_secs(600),
+        retention: Duration::from_secs(660),
         namespace: "items".into(),
         label: "/api/items/42".into(),
     }
@@ -69,7 +69,7 @@ fn l1_hit(c: &mut Criterion) {
         memory_max_bytes: 64 * 1024 * 1024,
         ..CacheSettings::default()
     };
-    let Ok(cache) = Cache::new(settings, &registry) else {
+    let Ok(cache) = Store::new(settings, &registry) else {
         return;
     };
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -1,5 +1,6 @@
 //! A bare Pingora pass-through proxy: the baseline outrider's own per-request cost is measured
 //! against (`scripts/bench.sh`). Usage: `bare_pingora LISTEN UPSTREAM` (both `ip:port`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use async_trait::async_trait;
 use pingora_core::server::configuration::ServerConf;

@@ -2,8 +2,11 @@
 //! config; `main.rs` is only the command line around it.
 
 pub mod admin;
+pub mod buffering;
 pub mod cache;
 pub mod config;
+pub mod pipeline;
 pub mod proxy;
 pub mod server;
+pub mod store;
 pub mod telemetry;

@@ -31,6 +31,8 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Print the JSON Schema of the config file (for editors and CI checks).
+    Schema,
     /// Print the version.
     Version,
 }
@@ -59,6 +61,16 @@ fn main() -> ExitCode {
                 for line in e.lines() {
                     eprintln!("{line}");
                 }
+                ExitCode::from(1)
+            }
+        },
+        Command::Schema => match serde_json::to_string_pretty(&outrider::config::json_schema()) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("outrider: cannot render the schema: {e}");
                 ExitCode::from(1)
             }
         },

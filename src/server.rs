@@ -12,9 +12,10 @@ use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch}
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::admin::{self, AdminExtension, AdminState};
-use crate::cache::{Cache, CacheError, CacheSettings};
 use crate::config::{self, ActiveConfig, Config, ConfigError, LiveConfig, ReloadOutcome};
+use crate::pipeline::registry::Services;
 use crate::proxy::{Lifecycle, Outrider};
+use crate::store::{CacheError, CacheSettings, Store};
 use crate::telemetry::{logging, metrics::MetricsError, Metrics};
 
 #[derive(Debug, thiserror::Error)]
@@ -73,27 +74,30 @@ pub fn run(path: Option<PathBuf>) -> Result<(), StartError> {
     };
     let listen = config.listen.clone();
     let admin_listen = config.admin.listen.clone();
-    let active = ActiveConfig::compile(config, 1).map_err(StartError::Compile)?;
-    let live = LiveConfig::new(active, path.clone(), text);
-    metrics.config_generation.set(1);
-    install_reload_hook(&live, &metrics);
-    let lifecycle = Arc::new(Lifecycle::default());
-
+    let settings = cache_settings(&config);
     // Admin, reload triggers and other background work run on their own small runtime so they
     // stay responsive when the proxy workers are saturated.
     let background = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(2)
         .thread_name("outrider-bg")
         .enable_all()
         .build()
         .map_err(StartError::Runtime)?;
-    let cache = {
+    let store = {
         // The Redis connection task needs a runtime; it lives on the background one.
         let _guard = background.enter();
-        Cache::new(cache_settings(&live.snapshot().config), &metrics.registry)?
+        Store::new(settings, &metrics.registry)?
     };
+    let services = Arc::new(Services {
+        store: store.clone(),
+    });
+    let active = ActiveConfig::compile(config, 1, &services).map_err(StartError::Compile)?;
+    let live = LiveConfig::new(active, path.clone(), text, services);
+    metrics.config_generation.set(1);
+    install_reload_hook(&live, &metrics);
+    let lifecycle = Arc::new(Lifecycle::default());
     let extensions: Vec<Arc<dyn AdminExtension>> =
-        vec![Arc::new(admin::cache::CacheAdmin::new(cache.clone()))];
+        vec![Arc::new(admin::cache::CacheAdmin::new(store.clone()))];
     let admin_listener = background
         .block_on(tokio::net::TcpListener::bind(&admin_listen))
         .map_err(|source| StartError::AdminListen {
@@ -127,12 +131,7 @@ pub fn run(path: Option<PathBuf>) -> Result<(), StartError> {
     conf.upstream_keepalive_pool_size = 256;
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let proxy = Outrider {
-        live: live.clone(),
-        metrics: metrics.clone(),
-        lifecycle: lifecycle.clone(),
-        cache,
-    };
+    let proxy = Outrider::new(live.clone(), metrics.clone(), lifecycle.clone());
     let mut service =
         pingora_proxy::http_proxy_service_with_name(&server.configuration, proxy, "outrider");
     service.add_tcp(&listen);
@@ -150,6 +149,7 @@ pub fn run(path: Option<PathBuf>) -> Result<(), StartError> {
             lifecycle,
             metrics,
             live,
+            store,
         }),
     });
     tracing::info!("outrider stopped");
@@ -216,6 +216,7 @@ struct DrainOnSignal {
     lifecycle: Arc<Lifecycle>,
     metrics: Arc<Metrics>,
     live: Arc<LiveConfig>,
+    store: Arc<Store>,
 }
 
 /// How long the proxy must stay idle before exiting, to catch a request whose connection was
@@ -242,16 +243,19 @@ impl ShutdownSignalWatch for DrainOnSignal {
         tracing::info!(signal = which, in_flight = self.metrics.in_flight.get(), grace = ?grace, "draining");
         self.lifecycle.draining.store(true, Ordering::SeqCst);
         let metrics = self.metrics.clone();
-        std::thread::spawn(move || exit_when_idle(metrics, grace));
+        let store = self.store.clone();
+        std::thread::spawn(move || exit_when_idle(metrics, store, grace));
         ShutdownSignal::GracefulTerminate
     }
 }
 
-fn exit_when_idle(metrics: Arc<Metrics>, grace: Duration) {
+/// Exits once no request (client or background) is in flight and no Redis write is queued, or
+/// when the grace period is over: queued writes are finished, not dropped.
+fn exit_when_idle(metrics: Arc<Metrics>, store: Arc<Store>, grace: Duration) {
     let started = Instant::now();
     let mut idle_since: Option<Instant> = None;
     while started.elapsed() < grace {
-        if metrics.in_flight.get() <= 0 {
+        if metrics.in_flight.get() <= 0 && store.pending_writes() == 0 {
             let since = *idle_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= IDLE_CONFIRM {
                 tracing::info!(after = ?started.elapsed(), "drained; exiting");
@@ -265,7 +269,8 @@ fn exit_when_idle(metrics: Arc<Metrics>, grace: Duration) {
     }
     tracing::warn!(
         in_flight = metrics.in_flight.get(),
-        "grace period over; exiting with requests in flight"
+        pending_writes = store.pending_writes(),
+        "grace period over; exiting with work in flight"
     );
     logging::flush();
     std::process::exit(0);

@@ -1,4 +1,5 @@
 //! The admin service: every endpoint, its errors, and the metrics it exposes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 

@@ -1,5 +1,8 @@
 //! The response cache end to end: real sockets, the built binary, a real redis-server.
 
+#![allow(clippy::disallowed_types)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::sync::Arc;

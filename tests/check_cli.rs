@@ -1,5 +1,6 @@
 //! `outrider check`: every kind of mistake is reported as FILE:LINE:COL with a non-zero exit,
 //! and valid files pass.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Command;
 

@@ -6,6 +6,7 @@
 //! (plain and SSE) and the ONNX risk model against the generator's own weights.
 //!
 //! Needs the example's Python packages: run `scripts/install-python-deps.sh` first.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::fs::File;
 use std::net::TcpListener;

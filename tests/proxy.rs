@@ -1,4 +1,5 @@
 //! Forwarding, routing, latency headers and upstream failures, over real loopback sockets.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 

@@ -2,6 +2,7 @@
 //! default and the commented examples in `config/`, the docker-compose demo's config, the
 //! Kubernetes ConfigMap source, and any other outrider config under `examples/` or `k8s/`.
 //! A deliberately broken copy must fail with a positioned error.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1,5 +1,6 @@
 //! Graceful shutdown: SIGTERM/SIGINT stop new connections, let in-flight requests finish and
 //! exit 0 as soon as nothing is in flight, well before the grace period.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 

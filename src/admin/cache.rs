@@ -7,14 +7,14 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::AdminExtension;
-use crate::cache::{Cache, CacheError, PurgeTarget, RedisState};
+use crate::store::{CacheError, PurgeTarget, RedisState, Store};
 
 pub struct CacheAdmin {
-    cache: Arc<Cache>,
+    cache: Arc<Store>,
 }
 
 impl CacheAdmin {
-    pub fn new(cache: Arc<Cache>) -> Self {
+    pub fn new(cache: Arc<Store>) -> Self {
         Self { cache }
     }
 }
@@ -81,9 +81,18 @@ impl AdminExtension for CacheAdmin {
     ) -> Option<futures::future::BoxFuture<'static, (StatusCode, Value)>> {
         match (method, path) {
             (&Method::GET, "/cache/stats") => {
-                self.cache.sync_l1();
-                let stats = self.cache.stats();
-                Some(Box::pin(async move { (StatusCode::OK, stats) }))
+                let cache = self.cache.clone();
+                // Settling and walking the counters is blocking work: keep it off the runtime
+                // that answers /health and /ready.
+                Some(Box::pin(async move {
+                    match tokio::task::spawn_blocking(move || cache.stats()).await {
+                        Ok(stats) => (StatusCode::OK, stats),
+                        Err(e) => (
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            json!({ "error": "internal_error", "message": e.to_string() }),
+                        ),
+                    }
+                }))
             }
             (&Method::POST, "/cache/purge") => {
                 let target = purge_target(body);

@@ -1,12 +1,14 @@
 //! HTTP caching policy (an RFC 9111 subset for a shared cache) as pure functions over `http`
 //! types, plus the `cache-status` (RFC 9211), `x-cache-status` and `age` header values.
 //!
-//! No Pingora types and no I/O: the proxy extracts headers and applies the decisions.
+//! No Pingora types and no I/O: the stage extracts headers and applies the decisions.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{header, HeaderMap, Method};
+
+use crate::store::StoredResponse;
 
 /// The per-route cache rules, compiled from the route's `cache:` block.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,6 +16,11 @@ pub struct RoutePolicy {
     pub ttl: Duration,
     pub stale_while_revalidate: Duration,
     pub stale_if_error: Duration,
+    /// Extra retention for entries with validators, so they can be revalidated (304).
+    pub keep: Duration,
+    /// Entries are kept at least this long (the longest route lifetime in the config), so a
+    /// TTL raised by a reload applies to entries already stored.
+    pub retention_floor: Duration,
     /// Responses to requests with `Authorization`/`Cookie` may be cached; the key then includes
     /// a hash of the credential so callers never see each other's responses.
     pub shared: bool,
@@ -35,6 +42,8 @@ impl Default for RoutePolicy {
             ttl: Duration::from_secs(60),
             stale_while_revalidate: Duration::ZERO,
             stale_if_error: Duration::ZERO,
+            keep: Duration::from_secs(3600),
+            retention_floor: Duration::ZERO,
             shared: false,
             respect_origin: false,
             statuses: DEFAULT_STATUSES.to_vec(),
@@ -424,6 +433,70 @@ pub fn age_header_value(age: Duration) -> String {
     age.as_secs().to_string()
 }
 
+/// Where a stored entry stands for this route now. The one freshness rule: judged from the
+/// entry's stored time and the route's live config, so an edited TTL or stale window applies
+/// to entries already stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    Fresh,
+    /// Serve it, and refresh it in the background.
+    StaleWhileRevalidate,
+    /// Serve it only if the upstream fails.
+    StaleIfErrorOnly,
+    /// Not servable; revalidate it (when it has validators) or fetch anew.
+    Expired,
+}
+
+/// The freshness lifetime in force for `entry`: the origin's when the route respects it.
+pub fn effective_ttl(entry: &StoredResponse, policy: &RoutePolicy) -> Duration {
+    if policy.respect_origin {
+        entry.ttl
+    } else {
+        policy.ttl
+    }
+}
+
+pub fn freshness(entry: &StoredResponse, policy: &RoutePolicy, now: SystemTime) -> Freshness {
+    let ttl = effective_ttl(entry, policy);
+    let age = entry.age(now);
+    if age < ttl {
+        Freshness::Fresh
+    } else if forbids_stale(&entry.headers) {
+        // The origin said never stale (must-revalidate & co): revalidate or refetch.
+        Freshness::Expired
+    } else if age < ttl.saturating_add(policy.stale_while_revalidate) {
+        Freshness::StaleWhileRevalidate
+    } else if age < ttl.saturating_add(policy.stale_if_error.max(policy.stale_while_revalidate)) {
+        Freshness::StaleIfErrorOnly
+    } else {
+        Freshness::Expired
+    }
+}
+
+/// Seconds of freshness left (negative once stale), for `cache-status: ttl=`.
+pub fn ttl_left(entry: &StoredResponse, policy: &RoutePolicy, now: SystemTime) -> i64 {
+    effective_ttl(entry, policy).as_secs() as i64 - entry.age(now).as_secs() as i64
+}
+
+/// Whether stored headers carry a validator a conditional request can use.
+pub fn has_validator(headers: &[(String, Bytes)]) -> bool {
+    headers
+        .iter()
+        .any(|(n, _)| n == "etag" || n == "last-modified")
+}
+
+/// How long the store keeps an entry with freshness lifetime `ttl`: its stale windows, at least
+/// the config's longest route lifetime, plus `keep` when it can be revalidated.
+pub fn retention(ttl: Duration, headers: &[(String, Bytes)], policy: &RoutePolicy) -> Duration {
+    let lifetime = ttl.saturating_add(policy.stale_while_revalidate.max(policy.stale_if_error));
+    let base = lifetime.max(policy.retention_floor);
+    if has_validator(headers) {
+        base.saturating_add(policy.keep)
+    } else {
+        base
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -773,5 +846,82 @@ mod tests {
             "outrider; fwd=request; stored"
         );
         assert_eq!(age_header_value(Duration::from_millis(2999)), "2");
+    }
+
+    #[test]
+    fn freshness_follows_the_live_policy() {
+        let mut e = crate::store::entry_for_tests(0);
+        e.headers.clear();
+        let t0 = e.stored_at;
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let p = RoutePolicy {
+            ttl: Duration::from_secs(60),
+            stale_while_revalidate: Duration::from_secs(30),
+            stale_if_error: Duration::from_secs(600),
+            ..route()
+        };
+        assert_eq!(freshness(&e, &p, t0), Freshness::Fresh);
+        assert_eq!(freshness(&e, &p, at(59)), Freshness::Fresh);
+        assert_eq!(freshness(&e, &p, at(60)), Freshness::StaleWhileRevalidate);
+        assert_eq!(freshness(&e, &p, at(89)), Freshness::StaleWhileRevalidate);
+        assert_eq!(freshness(&e, &p, at(90)), Freshness::StaleIfErrorOnly);
+        assert_eq!(freshness(&e, &p, at(659)), Freshness::StaleIfErrorOnly);
+        assert_eq!(freshness(&e, &p, at(660)), Freshness::Expired);
+        // A clock step backwards must not make the entry older.
+        assert_eq!(
+            freshness(&e, &p, t0 - Duration::from_secs(5)),
+            Freshness::Fresh
+        );
+        // Raising the TTL applies to the stored entry at once.
+        let raised = RoutePolicy {
+            ttl: Duration::from_secs(600),
+            ..p.clone()
+        };
+        assert_eq!(freshness(&e, &raised, at(300)), Freshness::Fresh);
+        // Stale-if-error shorter than stale-while-revalidate: SWR wins, then expired.
+        let short_sie = RoutePolicy {
+            stale_if_error: Duration::from_secs(10),
+            ..p.clone()
+        };
+        assert_eq!(
+            freshness(&e, &short_sie, at(85)),
+            Freshness::StaleWhileRevalidate
+        );
+        assert_eq!(freshness(&e, &short_sie, at(90)), Freshness::Expired);
+        let origin = RoutePolicy {
+            respect_origin: true,
+            ..p.clone()
+        };
+        e.ttl = Duration::from_secs(5);
+        assert_eq!(
+            freshness(&e, &origin, at(6)),
+            Freshness::StaleWhileRevalidate
+        );
+    }
+
+    #[test]
+    fn retention_covers_windows_floor_and_keep() {
+        let p = RoutePolicy {
+            ttl: Duration::from_secs(60),
+            stale_while_revalidate: Duration::from_secs(30),
+            stale_if_error: Duration::from_secs(10),
+            keep: Duration::from_secs(3600),
+            retention_floor: Duration::from_secs(300),
+            ..route()
+        };
+        let plain: Vec<(String, Bytes)> = vec![];
+        let etag = vec![("etag".to_string(), Bytes::from_static(b"\"v\""))];
+        assert_eq!(
+            retention(Duration::from_secs(60), &plain, &p),
+            Duration::from_secs(300)
+        );
+        assert_eq!(
+            retention(Duration::from_secs(600), &plain, &p),
+            Duration::from_secs(630)
+        );
+        assert_eq!(
+            retention(Duration::from_secs(60), &etag, &p),
+            Duration::from_secs(3900)
+        );
     }
 }

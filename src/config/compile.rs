@@ -8,13 +8,16 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 
 use super::schema::Config;
-use crate::cache::policy::{RoutePolicy, DEFAULT_STATUSES};
+use crate::pipeline::registry::{build_stages, Services};
+use crate::pipeline::Stage;
 
 /// A validated config plus its route table; swapped as one unit on reload.
 #[derive(Debug)]
 pub struct ActiveConfig {
     pub config: Arc<Config>,
     pub routes: Vec<Route>,
+    /// Every upstream by name: a stage may send a request to another one than its route's.
+    pub upstreams: std::collections::HashMap<String, Arc<Upstream>>,
     /// Increases by one with each successful load; visible in `/config` and logs.
     pub generation: u64,
 }
@@ -26,8 +29,10 @@ pub struct Route {
     /// Bit per method (see [`method_bit`]); 0 means any method.
     methods: u16,
     pub upstream: Arc<Upstream>,
-    /// The route's cache rules, resolved against `cache.default_ttl` once per load.
-    pub cache_policy: Option<Arc<RoutePolicy>>,
+    /// The capabilities this route enables, in the order their hooks run.
+    pub stages: Vec<Arc<dyn Stage>>,
+    /// Bound on a request body read for a stage.
+    pub max_body: usize,
 }
 
 #[derive(Debug)]
@@ -38,7 +43,7 @@ enum PathMatcher {
 
 impl ActiveConfig {
     /// Compiles a config that has already passed validation.
-    pub fn compile(config: Config, generation: u64) -> Result<Self, String> {
+    pub fn compile(config: Config, generation: u64, services: &Services) -> Result<Self, String> {
         let mut upstreams = std::collections::HashMap::new();
         for (name, u) in &config.upstreams {
             let (tls, host, port) = parse_upstream_url(&u.url)?;
@@ -82,37 +87,20 @@ impl ActiveConfig {
             } else {
                 methods
             };
-            let cache_policy = r.cache.as_ref().map(|c| {
-                Arc::new(RoutePolicy {
-                    ttl: c.ttl.unwrap_or(config.cache.default_ttl).get(),
-                    stale_while_revalidate: c.stale_while_revalidate.get(),
-                    stale_if_error: c.stale_if_error.get(),
-                    shared: c.shared,
-                    respect_origin: c.respect_origin,
-                    statuses: c
-                        .statuses
-                        .clone()
-                        .unwrap_or_else(|| DEFAULT_STATUSES.to_vec()),
-                    key_query: c.key.query,
-                    key_headers: c
-                        .key
-                        .headers
-                        .iter()
-                        .map(|h| h.to_ascii_lowercase())
-                        .collect(),
-                })
-            });
+            let stages = build_stages(&config, r, services)?;
             routes.push(Route {
                 name: Arc::from(r.name.as_str()),
                 matcher,
                 methods,
                 upstream,
-                cache_policy,
+                stages,
+                max_body: usize::try_from(r.max_body.0).unwrap_or(usize::MAX),
             });
         }
         Ok(ActiveConfig {
             config: Arc::new(config),
             routes,
+            upstreams,
             generation,
         })
     }
@@ -294,7 +282,12 @@ mod tests {
     #[test]
     fn first_matching_route_wins() {
         let text = "upstreams:\n  app: { url: \"http://127.0.0.1:1\" }\nroutes:\n  - { name: exact, match: { path: /a }, upstream: app }\n  - { name: get-only, match: { path_prefix: /a, methods: [get] }, upstream: app }\n  - { name: rest, match: { path_prefix: / }, upstream: app }\n";
-        let active = ActiveConfig::compile(parse_str(text, "t").unwrap(), 1).unwrap();
+        let active = ActiveConfig::compile(
+            parse_str(text, "t").unwrap(),
+            1,
+            &Services::in_memory().unwrap(),
+        )
+        .unwrap();
         let name = |m, p| {
             active
                 .match_route(m, p)

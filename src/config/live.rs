@@ -12,6 +12,7 @@ use parking_lot::Mutex;
 use super::compile::ActiveConfig;
 use super::load::{parse_str, ConfigError};
 use super::schema::Config;
+use crate::pipeline::registry::Services;
 
 /// What one reload attempt did.
 #[derive(Debug)]
@@ -49,10 +50,17 @@ pub struct LiveConfig {
     last_rejected: Mutex<Option<String>>,
     reload_lock: Mutex<()>,
     on_outcome: Mutex<Option<OutcomeHook>>,
+    /// What each new generation's stages are built with.
+    services: Arc<Services>,
 }
 
 impl LiveConfig {
-    pub fn new(active: ActiveConfig, path: Option<PathBuf>, text: String) -> Arc<Self> {
+    pub fn new(
+        active: ActiveConfig,
+        path: Option<PathBuf>,
+        text: String,
+        services: Arc<Services>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             current: ArcSwap::from_pointee(active),
             path,
@@ -60,6 +68,7 @@ impl LiveConfig {
             last_rejected: Mutex::new(None),
             reload_lock: Mutex::new(()),
             on_outcome: Mutex::new(None),
+            services,
         })
     }
 
@@ -130,7 +139,7 @@ impl LiveConfig {
         }
         let restart_needed = restart_only_changes(&old.config, &config);
         let generation = old.generation + 1;
-        let active = match ActiveConfig::compile(config, generation) {
+        let active = match ActiveConfig::compile(config, generation, &self.services) {
             Ok(active) => active,
             Err(message) => {
                 return ReloadOutcome::Rejected(ConfigError::Invalid {

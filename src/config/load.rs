@@ -586,34 +586,17 @@ fn validate(parsed: &Parsed, spans: &SpanMap, problems: &mut Vec<Problem>) {
                 ));
             }
         }
-        if let Some(cache) = &route.cache {
-            if cache.ttl.is_some_and(|t| t.get().is_zero()) {
-                problems.push(spans.problem(
-                    &format!("{base}.cache.ttl"),
-                    format!("{base}.cache.ttl: must be greater than zero (remove `cache` to disable caching)"),
-                ));
-            }
-            if let Some(statuses) = &cache.statuses {
-                for (j, status) in statuses.iter().enumerate() {
-                    if !(100..=599).contains(status) {
-                        problems.push(spans.problem(
-                            &format!("{base}.cache.statuses[{j}]"),
-                            format!("{base}.cache.statuses[{j}]: {status} is not an HTTP status"),
-                        ));
-                    }
-                }
-            }
-            for (j, header) in cache.key.headers.iter().enumerate() {
-                if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
-                    problems.push(spans.problem(
-                        &format!("{base}.cache.key.headers[{j}]"),
-                        format!(
-                            "{base}.cache.key.headers[{j}]: {header:?} is not a valid header name"
-                        ),
-                    ));
-                }
-            }
-        }
+    }
+    // Each capability checks its own section.
+    let route_paths: Vec<String> = parsed
+        .route_indices
+        .iter()
+        .map(|i| format!("routes[{i}]"))
+        .collect();
+    let mut field_problems = Vec::new();
+    crate::pipeline::registry::validate(config, &route_paths, &mut field_problems);
+    for p in field_problems {
+        problems.push(spans.problem(&p.path, format!("{}: {}", p.path, p.message)));
     }
 }
 

@@ -14,3 +14,14 @@ pub use schema::Config;
 
 /// The default config, embedded so `outrider run` works with no file at all.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/outrider.yaml");
+
+/// The JSON Schema of the whole config file, generated from the types the loader uses, so an
+/// editor can complete and check keys (`outrider schema > outrider.schema.json`).
+pub fn json_schema() -> serde_json::Value {
+    let mut schema = schemars::schema_for!(Config);
+    schema.insert(
+        "title".into(),
+        serde_json::Value::String("outrider configuration".into()),
+    );
+    schema.to_value()
+}

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::units::{ByteSize, HumanDuration};
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Traffic listener. Changing it needs a restart.
@@ -35,7 +35,7 @@ fn default_listen() -> String {
     "0.0.0.0:8080".to_string()
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Admin listener; loopback by default so it is never exposed by accident.
@@ -55,7 +55,7 @@ fn default_admin_listen() -> String {
     "127.0.0.1:9901".to_string()
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// `http://host:port` or `https://host[:port]`; a path is not allowed.
@@ -75,7 +75,7 @@ fn default_upstream_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(30))
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
     #[serde(default)]
@@ -108,7 +108,7 @@ fn default_max_entry_size() -> ByteSize {
     ByteSize(8 * 1024 * 1024)
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MemoryCacheConfig {
     /// Byte bound of the in-process L1; `0` disables L1.
@@ -128,7 +128,7 @@ fn default_memory_max() -> ByteSize {
     ByteSize(256 * 1024 * 1024)
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
     /// Empty means no L2: the cache is in-process only.
@@ -159,7 +159,7 @@ fn default_redis_timeout() -> HumanDuration {
     HumanDuration(Duration::from_millis(50))
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TelemetryConfig {
     #[serde(default = "default_service_name")]
@@ -181,7 +181,9 @@ fn default_service_name() -> String {
     "outrider".to_string()
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[derive(
+    Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum AccessLogFormat {
     #[default]
@@ -190,7 +192,7 @@ pub enum AccessLogFormat {
     Off,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownConfig {
     /// Longest time in-flight requests get to finish after SIGTERM/SIGINT.
@@ -210,18 +212,29 @@ fn default_grace() -> HumanDuration {
     HumanDuration(Duration::from_secs(25))
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     pub name: String,
     #[serde(rename = "match")]
     pub matcher: MatchConfig,
     pub upstream: String,
+    /// Largest request body a stage that reads bodies accepts; larger ones get 413.
+    #[serde(default = "default_max_body")]
+    pub max_body: ByteSize,
+    /// Read the whole request body before contacting the upstream (see `buffering`).
     #[serde(default)]
-    pub cache: Option<RouteCacheConfig>,
+    pub buffer_request: Option<crate::buffering::BufferRequest>,
+    /// HTTP response caching for this route (see `cache`).
+    #[serde(default)]
+    pub cache: Option<crate::cache::RouteCacheConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+fn default_max_body() -> ByteSize {
+    ByteSize(4 * 1024 * 1024)
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MatchConfig {
     /// Exact path (without the query string).
@@ -232,51 +245,4 @@ pub struct MatchConfig {
     /// Empty means any method.
     #[serde(default)]
     pub methods: Vec<String>,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct RouteCacheConfig {
-    /// Defaults to `cache.default_ttl`.
-    #[serde(default)]
-    pub ttl: Option<HumanDuration>,
-    #[serde(default)]
-    pub stale_while_revalidate: HumanDuration,
-    #[serde(default)]
-    pub stale_if_error: HumanDuration,
-    #[serde(default)]
-    pub key: CacheKeyConfig,
-    /// Share responses to requests carrying `Authorization`/`Cookie` (keyed by the credential).
-    #[serde(default)]
-    pub shared: bool,
-    /// Use the upstream's `s-maxage`/`max-age` instead of `ttl` when present.
-    #[serde(default)]
-    pub respect_origin: bool,
-    /// Statuses that may be stored; defaults to RFC 9111's heuristically cacheable set.
-    #[serde(default)]
-    pub statuses: Option<Vec<u16>>,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct CacheKeyConfig {
-    /// Include the query string in the key.
-    #[serde(default = "default_true")]
-    pub query: bool,
-    /// Request headers whose values split the cache (like `Vary`).
-    #[serde(default)]
-    pub headers: Vec<String>,
-}
-
-impl Default for CacheKeyConfig {
-    fn default() -> Self {
-        Self {
-            query: true,
-            headers: Vec::new(),
-        }
-    }
-}
-
-fn default_true() -> bool {
-    true
 }

@@ -1,4 +1,5 @@
-//! Per-request state: one value created by `new_ctx`, dropped when the request ends.
+//! Per-request state: one value created by `new_ctx`, dropped when the request ends. Feature
+//! state lives in the stages' slots, so nothing here names a feature.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -6,6 +7,7 @@ use std::time::{Duration, Instant};
 use prometheus::IntGauge;
 
 use crate::config::ActiveConfig;
+use crate::pipeline::{Effects, Slot, Stage};
 
 /// Counts a request as in flight from creation until drop, whatever path the request takes.
 pub struct InFlight(IntGauge);
@@ -34,14 +36,24 @@ pub struct Ctx {
     pub request_id: http::HeaderValue,
     pub upstream_started: Option<Instant>,
     pub upstream_elapsed: Option<Duration>,
-    /// Status of a response outrider wrote itself (errors, 404s).
+    /// Status of a response outrider wrote itself (errors, 404s, stage answers).
     pub own_status: Option<u16>,
     /// Kind of upstream failure, for metrics and the access log.
     pub upstream_error: Option<&'static str>,
     /// Metric handles of the matched route (or `none`).
     pub metrics: Option<Arc<crate::telemetry::metrics::RouteMetrics>>,
-    /// Present when the matched route caches.
-    pub http_cache: Option<Box<super::http_cache::HttpCacheCtx>>,
+    /// One slot per stage of the matched route, in the route's stage order.
+    pub slots: Vec<Slot>,
+    /// What the stages asked of the proxy (another upstream, a replacement body).
+    pub effects: Effects,
+    /// A stage answered in place of the upstream's response; the rest of it is discarded.
+    pub answered: bool,
+    /// The request was handed, body and state, to a subrequest that answers and logs it.
+    pub delegated: bool,
+    /// This request is background work a stage asked for (not a client's).
+    pub background: bool,
+    /// Held while background work runs, bounding how many run at once.
+    pub background_permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Ctx {
@@ -56,8 +68,13 @@ impl Ctx {
             upstream_elapsed: None,
             own_status: None,
             upstream_error: None,
-            http_cache: None,
             metrics: None,
+            slots: Vec::new(),
+            effects: Effects::default(),
+            answered: false,
+            delegated: false,
+            background: false,
+            background_permit: None,
         }
     }
 
@@ -75,5 +92,14 @@ impl Ctx {
     pub fn route(&self) -> Option<&crate::config::Route> {
         let config = self.config.as_ref()?;
         config.routes.get(self.route?)
+    }
+
+    /// The matched route's stages and their slots, borrowed apart so hooks can take both.
+    pub fn stages_and_slots(&mut self) -> (&[Arc<dyn Stage>], &mut [Slot]) {
+        let stages = match (&self.config, self.route) {
+            (Some(config), Some(i)) => config.routes.get(i).map(|r| r.stages.as_slice()),
+            _ => None,
+        };
+        (stages.unwrap_or(&[]), &mut self.slots)
     }
 }

@@ -1,32 +1,36 @@
-//! The Pingora `ProxyHttp` implementation: only phase wiring. It matches the route, chooses the
-//! upstream, sets forwarding headers and maps failures to JSON errors; features live elsewhere.
+//! The Pingora `ProxyHttp` implementation: only phase wiring. It matches the route, runs the
+//! route's stages in each phase, chooses the upstream, sets forwarding headers and maps failures
+//! to JSON errors. It names no feature: capabilities are [`Stage`]s listed by the route.
 
+pub mod body;
 pub mod ctx;
-pub mod http_cache;
+pub mod forward;
 pub mod respond;
+pub mod subrequest;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use tokio::sync::Semaphore;
 
-use crate::cache::Cache;
 use crate::config::schema::AccessLogFormat;
 use crate::config::LiveConfig;
+use crate::pipeline::{Completion, RequestCx, ResponseVerdict, UpstreamFailure, Verdict};
 use crate::telemetry::logging::ACCESS_TARGET;
 use crate::telemetry::{request_id, Metrics};
 use ctx::{Ctx, InFlight};
 use respond::codes;
+use subrequest::{BackgroundWork, Delegation, Intent};
 
-const FROM_CACHE_NAME: &str = "answered_from_cache";
-/// Marks the deliberate abandonment of an upstream response (a 304 that renewed the stored
-/// entry, or a 5xx a stale entry stands in for) in favour of the cached entry.
-const FROM_CACHE: ErrorType = ErrorType::Custom(FROM_CACHE_NAME);
+/// Background requests (stage work such as cache refreshes) running at once, across all keys.
+pub const MAX_BACKGROUND: usize = 64;
 
 /// State shared by the proxy and the process: set once SIGTERM/SIGINT arrives.
 #[derive(Default)]
@@ -38,16 +42,224 @@ pub struct Outrider {
     pub live: Arc<LiveConfig>,
     pub metrics: Arc<Metrics>,
     pub lifecycle: Arc<Lifecycle>,
-    pub cache: Arc<Cache>,
+    /// Permits for background requests; work beyond them is dropped, never queued.
+    pub background: Arc<Semaphore>,
 }
 
 impl Outrider {
+    pub fn new(live: Arc<LiveConfig>, metrics: Arc<Metrics>, lifecycle: Arc<Lifecycle>) -> Self {
+        Outrider {
+            live,
+            metrics,
+            lifecycle,
+            background: Arc::new(Semaphore::new(MAX_BACKGROUND)),
+        }
+    }
+
     fn record_upstream_error(&self, ctx: &mut Ctx, kind: &'static str) {
         ctx.upstream_error = Some(kind);
         self.metrics
             .upstream_errors
             .with_label_values(&[ctx.route_name(), kind])
             .inc();
+    }
+
+    /// Runs the route's stages on a new request: the body first when one asks for it, then
+    /// each `on_request` until one answers. `Ok(true)` when the request has been answered.
+    async fn run_stages(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let Some(route) = ctx.route().map(|r| (r.stages.clone(), r.max_body)) else {
+            return Ok(false);
+        };
+        let (stages, max_body) = route;
+        if stages.is_empty() {
+            return Ok(false);
+        }
+        ctx.slots.resize_with(stages.len(), || None);
+        let wants_body = stages.iter().any(|s| s.wants_body(session.req_header()));
+        let body = if wants_body {
+            match body::read_bounded(session, max_body).await {
+                Ok(body) => Some(body),
+                Err(body::BodyError::TooLarge { limit }) => {
+                    // The rest of the body stays unread: the connection cannot be reused.
+                    session.set_keepalive(None);
+                    let message =
+                        format!("request body larger than this route's max_body ({limit} bytes)");
+                    respond::json_error(
+                        session,
+                        ctx,
+                        413,
+                        codes::PAYLOAD_TOO_LARGE,
+                        &message,
+                        None,
+                    )
+                    .await?;
+                    return Ok(true);
+                }
+                Err(body::BodyError::Read(e)) => return Err(e),
+            }
+        } else {
+            None
+        };
+        let timeout = ctx.route().map(|r| r.upstream.timeout).unwrap_or_default();
+        let route_name = ctx.route_name().to_owned();
+        for (index, stage) in stages.iter().enumerate() {
+            let verdict = {
+                let Ctx { slots, effects, .. } = &mut *ctx;
+                let Some(slot) = slots.get_mut(index) else {
+                    break;
+                };
+                let mut cx = RequestCx::new(
+                    session.req_header(),
+                    body.as_ref(),
+                    &route_name,
+                    timeout,
+                    slot,
+                    index,
+                    effects,
+                );
+                stage.on_request(&mut cx).await
+            };
+            match verdict {
+                Ok(Verdict::Continue) => {}
+                Ok(Verdict::Answer(answer)) => {
+                    self.spawn_background_work(session, ctx);
+                    respond::write_answer(session, ctx, answer).await?;
+                    return Ok(true);
+                }
+                Err(refusal) => {
+                    respond::json_error(
+                        session,
+                        ctx,
+                        refusal.status,
+                        refusal.code,
+                        &refusal.message,
+                        None,
+                    )
+                    .await?;
+                    return Ok(true);
+                }
+            }
+        }
+        self.spawn_background_work(session, ctx);
+        if let Some(body) = body {
+            if session.as_ref().retry_buffer_truncated() {
+                return self.delegate(session, ctx, body).await;
+            }
+        }
+        Ok(false)
+    }
+
+    /// Starts the background work stages asked for, each as a request of its own.
+    fn spawn_background_work(&self, session: &Session, ctx: &mut Ctx) {
+        if ctx.effects.background.is_empty() {
+            return;
+        }
+        let (Some(config), Some(route)) = (ctx.config.clone(), ctx.route) else {
+            return;
+        };
+        let jobs = std::mem::take(&mut ctx.effects.background);
+        for (stage, job) in jobs {
+            let Ok(permit) = self.background.clone().try_acquire_owned() else {
+                tracing::debug!(
+                    route = ctx.route_name(),
+                    "background work dropped: {MAX_BACKGROUND} already running"
+                );
+                continue;
+            };
+            let work = BackgroundWork {
+                config: config.clone(),
+                route,
+                stage,
+                job,
+                request_id: ctx.request_id.clone(),
+                permit,
+            };
+            if !subrequest::spawn_background(session, work) {
+                tracing::debug!("background work dropped: subrequests unavailable");
+            }
+        }
+    }
+
+    /// Hands a request whose buffered body is too large for Pingora's replay to a subrequest.
+    async fn delegate(&self, session: &mut Session, ctx: &mut Ctx, body: Bytes) -> Result<bool> {
+        let (Some(config), Some(route)) = (ctx.config.clone(), ctx.route) else {
+            return Ok(false);
+        };
+        let delegation = Delegation {
+            config,
+            route,
+            request_id: ctx.request_id.clone(),
+            slots: std::mem::take(&mut ctx.slots),
+            effects: std::mem::take(&mut ctx.effects),
+            started: ctx.started,
+            metrics: ctx.metrics.clone(),
+        };
+        ctx.delegated = true;
+        if let Err(e) = subrequest::delegate(session, delegation, body).await {
+            // Nothing reached the client: answer and count this request here after all.
+            ctx.delegated = false;
+            return Err(e);
+        }
+        Ok(true)
+    }
+
+    /// Adopts what the parent request passed to this subrequest.
+    async fn adopt(&self, session: &mut Session, ctx: &mut Ctx, intent: Intent) -> Result<bool> {
+        match intent {
+            Intent::Delegated(d) => {
+                ctx.config = Some(d.config);
+                ctx.route = Some(d.route);
+                ctx.request_id = d.request_id;
+                ctx.slots = d.slots;
+                ctx.effects = d.effects;
+                ctx.started = d.started;
+                ctx.metrics = d.metrics;
+                Ok(false)
+            }
+            Intent::Background(work) => {
+                ctx.background = true;
+                ctx.request_id = work.request_id;
+                ctx.route = Some(work.route);
+                let Some(route) = work.config.routes.get(work.route) else {
+                    return Ok(false);
+                };
+                let stages = route.stages.clone();
+                let timeout = route.upstream.timeout;
+                let route_name = route.name.to_string();
+                ctx.metrics = Some(self.metrics.route(&route_name));
+                ctx.config = Some(work.config);
+                ctx.slots.resize_with(stages.len(), || None);
+                let Some(stage) = stages.get(work.stage) else {
+                    return Ok(false);
+                };
+                let verdict = {
+                    let Ctx { slots, effects, .. } = &mut *ctx;
+                    let Some(slot) = slots.get_mut(work.stage) else {
+                        return Ok(false);
+                    };
+                    let mut cx = RequestCx::new(
+                        session.req_header(),
+                        None,
+                        &route_name,
+                        timeout,
+                        slot,
+                        work.stage,
+                        effects,
+                    );
+                    stage.on_background(&mut cx, work.job).await
+                };
+                // The permit is held until this request ends.
+                ctx.background_permit = Some(work.permit);
+                match verdict {
+                    Ok(Verdict::Continue) => Ok(false),
+                    Ok(Verdict::Answer(answer)) => {
+                        respond::write_answer(session, ctx, answer).await?;
+                        Ok(true)
+                    }
+                    Err(_) => Ok(true),
+                }
+            }
+        }
     }
 }
 
@@ -80,7 +292,15 @@ impl ProxyHttp for Outrider {
         Ctx::new(InFlight::enter(&self.metrics.in_flight))
     }
 
+    fn allow_spawning_subrequest(&self, session: &Session, _ctx: &Ctx) -> bool {
+        // Client requests may start subrequests; subrequests themselves may not.
+        session.subrequest_ctx.is_none()
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        if let Some(intent) = subrequest::take_intent(session) {
+            return self.adopt(session, ctx, intent).await;
+        }
         let config = self.live.snapshot();
         ctx.request_id = match session.req_header().headers.get("x-request-id") {
             // Cloning the client's value shares its bytes.
@@ -91,6 +311,15 @@ impl ProxyHttp for Outrider {
             // Tell keep-alive clients to reconnect elsewhere while we drain.
             session.set_keepalive(None);
         }
+        if let Err(e) = forward::to_origin_form(session.req_header_mut()) {
+            ctx.config = Some(config);
+            ctx.metrics = Some(self.metrics.route("none"));
+            // The connection may hold a body we will not read.
+            session.set_keepalive(None);
+            respond::json_error(session, ctx, 400, codes::BAD_REQUEST, &e.to_string(), None)
+                .await?;
+            return Ok(true);
+        }
         let req = session.req_header();
         ctx.route = config.match_route(req.method.as_str(), req.uri.path());
         let route_name = ctx
@@ -99,8 +328,8 @@ impl ProxyHttp for Outrider {
             .map(|r| &*r.name)
             .unwrap_or("none");
         ctx.metrics = Some(self.metrics.route(route_name));
-        let Some(index) = ctx.route else {
-            ctx.config = Some(config);
+        ctx.config = Some(config);
+        if ctx.route.is_none() {
             let message = format!(
                 "no route matches {} {}",
                 session.req_header().method,
@@ -108,32 +337,35 @@ impl ProxyHttp for Outrider {
             );
             respond::json_error(session, ctx, 404, codes::NO_ROUTE, &message, None).await?;
             return Ok(true);
-        };
-        let cache_stage = config.routes.get(index).and_then(|route| {
-            route
-                .cache_policy
-                .clone()
-                .map(|policy| (policy, route.name.clone(), route.upstream.clone()))
-        });
-        ctx.config = Some(config);
-        if let Some((policy, name, upstream)) = cache_stage {
-            let step =
-                http_cache::on_request(&self.cache, session, ctx, policy, &name, &upstream).await?;
-            if matches!(step, http_cache::Step::Answered) {
-                return Ok(true);
-            }
         }
-        Ok(false)
+        self.run_stages(session, ctx).await
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(replacement) = &ctx.effects.body {
+            body::substitute(body, end_of_stream, replacement);
+        }
+        Ok(())
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let Some(route) = ctx.route() else {
+        let upstream = match (&ctx.effects.upstream, ctx.config.as_ref(), ctx.route()) {
+            (Some(name), Some(config), _) => config.upstreams.get(name).cloned(),
+            (None, _, Some(route)) => Some(route.upstream.clone()),
+            _ => None,
+        };
+        let Some(upstream) = upstream else {
             return Err(Error::explain(
                 ErrorType::InternalError,
-                "no route selected",
+                "no upstream selected",
             ));
         };
-        let upstream = route.upstream.clone();
         let addr = match upstream.address().await {
             Ok(addr) => addr,
             Err(e) => {
@@ -164,59 +396,38 @@ impl ProxyHttp for Outrider {
         upstream_request: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        upstream_request.insert_header("x-request-id", ctx.request_id.clone())?;
-        http_cache::on_upstream_request(ctx, upstream_request);
-        if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
-            use std::fmt::Write;
-            let mut forwarded = String::with_capacity(48);
-            if let Some(prior) = upstream_request
-                .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-            {
-                forwarded.push_str(prior);
-                forwarded.push_str(", ");
-            }
-            let _ = write!(forwarded, "{}", addr.ip());
-            upstream_request.insert_header("x-forwarded-for", forwarded)?;
+        let client_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let upstream = match (&ctx.effects.upstream, ctx.config.as_ref(), ctx.route()) {
+            (Some(name), Some(config), _) => config.upstreams.get(name).cloned(),
+            (None, _, Some(route)) => Some(route.upstream.clone()),
+            _ => None,
+        };
+        forward::apply_forwarding_headers(
+            upstream_request,
+            client_ip,
+            upstream.as_deref(),
+            &ctx.request_id,
+        )?;
+        if let Some(replacement) = &ctx.effects.body {
+            upstream_request.remove_header(&http::header::TRANSFER_ENCODING);
+            upstream_request.insert_header(http::header::CONTENT_LENGTH, replacement.len())?;
         }
-        // Behind an ingress that terminated TLS the client's scheme is already recorded; keep it.
-        if !upstream_request.headers.contains_key("x-forwarded-proto") {
-            upstream_request
-                .insert_header("x-forwarded-proto", http::HeaderValue::from_static("http"))?;
-        }
-        if let Some(route) = ctx.route() {
-            // A TLS upstream (a provider API) routes by Host; a local app sees the client's Host,
-            // so only the rewritten case needs X-Forwarded-Host to keep the original.
-            if route.upstream.tls {
-                if let Some(host) = upstream_request.headers.get(http::header::HOST).cloned() {
-                    if !upstream_request.headers.contains_key("x-forwarded-host") {
-                        upstream_request.insert_header("x-forwarded-host", host)?;
-                    }
-                }
-                let host = if route.upstream.port == 443 {
-                    route.upstream.host.clone()
-                } else {
-                    format!("{}:{}", route.upstream.host, route.upstream.port)
-                };
-                upstream_request.insert_header(http::header::HOST, host)?;
-            }
+        let (stages, slots) = ctx.stages_and_slots();
+        for (stage, slot) in stages.iter().zip(slots.iter_mut()) {
+            stage.on_upstream_request(slot, upstream_request);
         }
         Ok(())
     }
 
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let verdict = http_cache::on_upstream_response(
-            &self.cache,
-            ctx,
-            upstream_response,
-            self.cache.settings().max_entry_size,
-        );
         if let Some(started) = ctx.upstream_started {
             let elapsed = started.elapsed();
             ctx.upstream_elapsed = Some(elapsed);
@@ -224,12 +435,22 @@ impl ProxyHttp for Outrider {
                 metrics.upstream_duration.observe(elapsed.as_secs_f64());
             }
         }
-        if matches!(verdict, http_cache::UpstreamVerdict::AnswerFromCache) {
-            // Abandon the upstream response; `fail_to_proxy` writes the stored entry.
-            return Err(Error::explain(
-                FROM_CACHE,
-                "answering from the cache instead of the upstream response",
-            ));
+        let (stages, slots) = ctx.stages_and_slots();
+        let mut replacement = None;
+        for (stage, slot) in stages.iter().zip(slots.iter_mut()) {
+            if let ResponseVerdict::Replace(answer) =
+                stage.on_upstream_response(slot, upstream_response)
+            {
+                replacement = Some(answer);
+                break;
+            }
+        }
+        if let Some(answer) = replacement {
+            // Answer now; the upstream response is still read to its end (so its connection
+            // is reused) but nothing of it reaches the client, and the client's connection
+            // stays open for its next request.
+            respond::write_answer(session, ctx, answer).await?;
+            ctx.answered = true;
         }
         Ok(())
     }
@@ -240,19 +461,28 @@ impl ProxyHttp for Outrider {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        http_cache::add_cache_headers(upstream_response, ctx);
-        respond::add_timing_headers(upstream_response, ctx);
+        if !ctx.answered {
+            respond::finish_response_header(upstream_response, ctx);
+        }
         Ok(())
     }
 
     fn response_body_filter(
         &self,
         _session: &mut Session,
-        body: &mut Option<bytes::Bytes>,
+        body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<Option<std::time::Duration>> {
-        http_cache::on_body_chunk(&self.cache, ctx, body, end_of_stream);
+        if ctx.answered {
+            // A stage already answered in place of this upstream response.
+            *body = None;
+            return Ok(None);
+        }
+        let (stages, slots) = ctx.stages_and_slots();
+        for (stage, slot) in stages.iter().zip(slots.iter_mut()) {
+            stage.on_body_chunk(slot, body.as_ref(), end_of_stream);
+        }
         Ok(None)
     }
 
@@ -268,23 +498,9 @@ impl ProxyHttp for Outrider {
         e
     }
 
-    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, error: &Error) -> bool {
-        // Not an error: the cached entry was confirmed and is being served.
-        matches!(error.etype(), ErrorType::Custom(name) if *name == FROM_CACHE_NAME)
-    }
-
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
-        if let Some(cached) = http_cache::take_cached_answer(ctx) {
-            if session.response_written().is_none() {
-                if let Err(write_error) = http_cache::serve_entry(session, ctx, &cached).await {
-                    tracing::debug!(error = %write_error, "could not write the cached response");
-                }
-                return FailToProxy {
-                    error_code: cached.status,
-                    can_reuse_downstream: false,
-                };
-            }
-        }
+        // A request whose body was read in full can keep its connection after our answer.
+        let reusable = |session: &mut Session| session.as_mut().is_body_done();
         let upstream_side = matches!(e.esource(), ErrorSource::Upstream)
             || matches!(e.etype(), ErrorType::Custom("dns"));
         let (status, code, kind) = if upstream_side {
@@ -317,17 +533,24 @@ impl ProxyHttp for Outrider {
                 can_reuse_downstream: false,
             };
         }
-        if upstream_side {
-            if let Some(stale) = http_cache::stale_for_error(ctx) {
-                match http_cache::serve_entry(session, ctx, &stale).await {
+        if let Some(kind) = kind {
+            let failure = UpstreamFailure { kind };
+            let (stages, slots) = ctx.stages_and_slots();
+            let answer = stages
+                .iter()
+                .zip(slots.iter_mut())
+                .find_map(|(stage, slot)| stage.on_upstream_failure(slot, &failure));
+            if let Some(answer) = answer {
+                let status = answer.header.status.as_u16();
+                match respond::write_answer(session, ctx, answer).await {
                     Ok(()) => {
                         return FailToProxy {
-                            error_code: stale.status,
-                            can_reuse_downstream: false,
+                            error_code: status,
+                            can_reuse_downstream: reusable(session),
                         }
                     }
                     Err(write_error) => {
-                        tracing::debug!(error = %write_error, "could not write stale response");
+                        tracing::debug!(error = %write_error, "could not write the stage's answer");
                     }
                 }
             }
@@ -355,18 +578,30 @@ impl ProxyHttp for Outrider {
     }
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Ctx) {
+        if ctx.delegated {
+            // The subrequest that answered counts and logs this request.
+            return;
+        }
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())
             .or(ctx.own_status)
             .unwrap_or(0);
         let elapsed = ctx.started.elapsed();
-        let route = ctx.route_name();
-        http_cache::record(&self.cache, ctx, route);
+        let route = ctx.route_name().to_owned();
+        let done = Completion {
+            route: &route,
+            status,
+            duration: elapsed,
+        };
+        let (stages, slots) = ctx.stages_and_slots();
+        for (stage, slot) in stages.iter().zip(slots.iter_mut()) {
+            stage.on_complete(slot, &done);
+        }
         let method = session.req_header().method.as_str();
         let metrics = match &ctx.metrics {
             Some(m) => m.clone(),
-            None => self.metrics.route(route),
+            None => self.metrics.route(&route),
         };
         metrics.count_request(method, status);
         metrics.duration.observe(elapsed.as_secs_f64());
@@ -390,6 +625,7 @@ impl ProxyHttp for Outrider {
             upstream_ms = ctx.upstream_elapsed.map(|d| d.as_secs_f64() * 1000.0),
             upstream_error = ctx.upstream_error,
             request_id = ctx.request_id(),
+            background = ctx.background.then_some(true),
             client = session.client_addr().map(|a| a.to_string()),
             error = error.map(|e| e.to_string()),
             "request"

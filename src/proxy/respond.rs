@@ -5,6 +5,7 @@ use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 
 use super::ctx::Ctx;
+use crate::pipeline::Answer;
 
 /// Stable error codes in JSON error bodies; clients and tests match on these.
 pub mod codes {
@@ -12,11 +13,40 @@ pub mod codes {
     pub const UPSTREAM_UNAVAILABLE: &str = "upstream_unavailable";
     pub const BAD_REQUEST: &str = "bad_request";
     pub const INTERNAL: &str = "internal_error";
+    pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
+}
+
+/// Every stage's say on a response header going to the client, then the latency headers.
+pub fn finish_response_header(resp: &mut ResponseHeader, ctx: &mut Ctx) {
+    let (stages, slots) = ctx.stages_and_slots();
+    for (stage, slot) in stages.iter().zip(slots.iter()) {
+        stage.on_response(slot, resp);
+    }
+    add_timing_headers(resp, ctx);
+}
+
+/// Writes a stage's answer (a stored entry, an in-process result) as the complete response.
+pub async fn write_answer(
+    session: &mut Session,
+    ctx: &mut Ctx,
+    answer: Answer,
+) -> pingora_error::Result<()> {
+    let Answer { mut header, body } = answer;
+    finish_response_header(&mut header, ctx);
+    let status = header.status.as_u16();
+    ctx.own_status = Some(status);
+    // 204 and 304 never carry a body (RFC 9110 §8.6); HEAD gets the GET answer's header only.
+    let head_only =
+        session.req_header().method == http::Method::HEAD || matches!(status, 204 | 304);
+    session.write_response_header(header, head_only).await?;
+    if !head_only {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(())
 }
 
 /// Adds `x-request-id`, `x-response-time-ms` and `server-timing` to a response header.
 pub fn add_timing_headers(resp: &mut ResponseHeader, ctx: &Ctx) {
-    use std::fmt::Write;
     let total = ctx.started.elapsed();
     let mut total_ms = String::with_capacity(16);
     write_ms(&mut total_ms, total);
@@ -30,8 +60,12 @@ pub fn add_timing_headers(resp: &mut ResponseHeader, ctx: &Ctx) {
         timing.push_str(", upstream;dur=");
         write_ms(&mut timing, upstream);
     }
-    if let Some(cache) = ctx.http_cache.as_ref() {
-        let _ = write!(timing, ", cache;desc={}", cache.server_timing_desc());
+    if let (Some(config), Some(route)) = (&ctx.config, ctx.route) {
+        if let Some(route) = config.routes.get(route) {
+            for (stage, slot) in route.stages.iter().zip(&ctx.slots) {
+                stage.server_timing(slot, &mut timing);
+            }
+        }
     }
     // Insertion only fails for invalid values, which these formats cannot produce.
     let _ = resp.insert_header("x-response-time-ms", total_ms);

@@ -1,6 +1,9 @@
 //! Shared helpers for integration tests: a Rust test backend over real sockets, the outrider
 //! binary as a child process, a real redis-server, free ports and deadline polling.
 #![allow(dead_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+// Test helpers are not the request path; std locks are fine here.
+#![allow(clippy::disallowed_types)]
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -142,6 +145,7 @@ async fn backend_handle(
     req: Request<Incoming>,
 ) -> Response<BoxBody> {
     let path = req.uri().path().to_string();
+    let uri = req.uri().to_string();
     *hits.lock().unwrap().entry(path.clone()).or_default() += 1;
     let seq = total.fetch_add(1, Ordering::SeqCst) + 1;
     if failing.load(Ordering::SeqCst) {
@@ -229,6 +233,7 @@ async fn backend_handle(
                 "seq": seq,
                 "method": method,
                 "path": path,
+                "uri": uri,
                 "query": query,
                 "headers": headers,
                 "body_len": body.len(),
@@ -384,11 +389,14 @@ impl Proxy {
         self.child.id() as i32
     }
 
+    /// Sends `sig` to our own child process (through kill(1): the crate forbids unsafe code).
     pub fn signal(&self, sig: i32) {
-        // SAFETY: sending a signal to our own child process by PID.
-        unsafe {
-            libc::kill(self.pid(), sig);
-        }
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{sig} {} failed", self.pid());
     }
 
     /// Rewrites the config file in place (placeholders filled with this proxy's ports).

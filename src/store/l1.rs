@@ -87,7 +87,7 @@ impl L1 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::entry::sample_entry;
+    use crate::store::entry::sample_entry;
 
     fn fresh(body: usize) -> Entry {
         let mut e = sample_entry(body);
@@ -123,8 +123,7 @@ mod tests {
         let mut e = sample_entry(1);
         e.stored_at = SystemTime::now();
         e.ttl = Duration::from_millis(30);
-        e.stale_while_revalidate = Duration::ZERO;
-        e.stale_if_error = Duration::from_millis(20);
+        e.retention = Duration::from_millis(50);
         l1.insert([2; 32], Arc::new(e));
         assert!(l1.get(&[2; 32]).is_some());
         std::thread::sleep(Duration::from_millis(120));

@@ -2,8 +2,10 @@
 //! stale-while-revalidate.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
+
+use parking_lot::Mutex;
 
 use prometheus::IntCounter;
 use tokio::sync::watch;
@@ -13,15 +15,36 @@ use super::StoredResponse;
 /// `None` while the leader works; `Some(result)` once it finished.
 type Slot = Option<Option<Arc<StoredResponse>>>;
 
-/// A poisoned lock only means another thread panicked mid-update of a plain map; the map is
-/// still structurally valid, so keep serving rather than propagating the panic.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+/// Independent locks, chosen by the key's first byte: concurrent misses on different keys do
+/// not queue on one lock, and each critical section is a single map operation.
+const SHARDS: usize = 16;
+
+pub(crate) struct Sharded<T> {
+    shards: [Mutex<T>; SHARDS],
+}
+
+impl<T: Default> Default for Sharded<T> {
+    fn default() -> Self {
+        Sharded {
+            shards: std::array::from_fn(|_| Mutex::new(T::default())),
+        }
+    }
+}
+
+impl<T> Sharded<T> {
+    #[inline]
+    fn shard(&self, hash: &[u8; 32]) -> &Mutex<T> {
+        &self.shards[hash[0] as usize % SHARDS]
+    }
+
+    fn sum(&self, f: impl Fn(&T) -> usize) -> usize {
+        self.shards.iter().map(|m| f(&m.lock())).sum()
+    }
 }
 
 #[derive(Default)]
 pub(crate) struct Flights {
-    inflight: Mutex<HashMap<[u8; 32], watch::Receiver<Slot>>>,
+    inflight: Sharded<HashMap<[u8; 32], watch::Receiver<Slot>>>,
 }
 
 /// What a request that missed should do.
@@ -51,7 +74,7 @@ impl Flights {
         served: &IntCounter,
         fallthrough: &IntCounter,
     ) -> Flight {
-        let mut map = lock(&self.inflight);
+        let mut map = self.inflight.shard(&hash).lock();
         if let Some(rx) = map.get(&hash) {
             return Flight::Follower(FollowerWait {
                 rx: rx.clone(),
@@ -69,7 +92,7 @@ impl Flights {
     }
 
     pub(crate) fn len(&self) -> usize {
-        lock(&self.inflight).len()
+        self.inflight.sum(HashMap::len)
     }
 }
 
@@ -83,7 +106,11 @@ impl LeaderGuard {
         if let Some(tx) = self.tx.take() {
             // Remove first: a request arriving after this point must not join a finished
             // flight; it finds the stored entry or leads a new fetch.
-            lock(&self.flights.inflight).remove(&self.hash);
+            self.flights
+                .inflight
+                .shard(&self.hash)
+                .lock()
+                .remove(&self.hash);
             tx.send_replace(Some(result));
         }
     }
@@ -115,7 +142,7 @@ impl FollowerWait {
 
 #[derive(Default)]
 pub(crate) struct Revalidations {
-    active: Mutex<HashSet<[u8; 32]>>,
+    active: Sharded<HashSet<[u8; 32]>>,
 }
 
 /// Held by the one background refresh of a key; dropping it allows the next one.
@@ -126,7 +153,7 @@ pub struct RevalidationGuard {
 
 impl Revalidations {
     pub(crate) fn try_begin(self: &Arc<Self>, hash: [u8; 32]) -> Option<RevalidationGuard> {
-        if lock(&self.active).insert(hash) {
+        if self.active.shard(&hash).lock().insert(hash) {
             Some(RevalidationGuard {
                 owner: Arc::clone(self),
                 hash,
@@ -137,20 +164,24 @@ impl Revalidations {
     }
 
     pub(crate) fn len(&self) -> usize {
-        lock(&self.active).len()
+        self.active.sum(HashSet::len)
     }
 }
 
 impl Drop for RevalidationGuard {
     fn drop(&mut self) {
-        lock(&self.owner.active).remove(&self.hash);
+        self.owner
+            .active
+            .shard(&self.hash)
+            .lock()
+            .remove(&self.hash);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::entry::sample_entry;
+    use crate::store::entry::sample_entry;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn counters() -> (IntCounter, IntCounter) {

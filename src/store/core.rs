@@ -1,4 +1,4 @@
-//! The `Cache` facade: L1 then L2 lookups, stores, single-flight, purge and stats.
+//! The `Store` facade: L1 then L2 lookups, stores, single-flight, purge and stats.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use super::key::parse_hex32;
 use super::l1::L1;
 use super::l2::{KeyFilter, L2Get, RedisState, L2};
 use super::metrics::CacheMetrics;
-use super::{CacheError, CacheKey, Freshness, StoredResponse};
+use super::{CacheError, CacheKey, StoredResponse};
 
 /// Global cache settings (the `cache:` section of the config, already parsed).
 #[derive(Debug, Clone)]
@@ -67,7 +67,7 @@ impl Tier {
 
 #[derive(Debug, Clone)]
 pub struct Lookup {
-    /// Never `Expired`; may be stale (check [`StoredResponse::freshness`]).
+    /// Within its retention; whether it is fresh is the caller's judgement.
     pub entry: Option<Arc<StoredResponse>>,
     pub tier: Tier,
 }
@@ -119,8 +119,8 @@ pub struct PurgeReport {
     pub l2_error: Option<String>,
 }
 
-/// The two-tier cache. Share it as `Arc<Cache>`; every method takes `&self`.
-pub struct Cache {
+/// The two-tier cache. Share it as `Arc<Store>`; every method takes `&self`.
+pub struct Store {
     settings: CacheSettings,
     l1: Option<L1>,
     l2: Option<L2>,
@@ -135,7 +135,16 @@ pub struct Cache {
 /// How long a key stays marked uncacheable after a response that could not be stored.
 const UNCACHEABLE_MEMORY: Duration = Duration::from_secs(30);
 
-impl Cache {
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("l1", &self.l1.is_some())
+            .field("l2", &self.l2.is_some())
+            .finish()
+    }
+}
+
+impl Store {
     /// Registers the metrics and starts connecting to Redis in the background. Fails only for
     /// settings that can never work or a metrics conflict, never because Redis is down.
     pub fn new(
@@ -149,7 +158,7 @@ impl Cache {
         )
     }
 
-    /// Like [`Cache::new`] with explicit tuning and already registered metrics (a rebuilt cache
+    /// Like [`Store::new`] with explicit tuning and already registered metrics (a rebuilt cache
     /// after a Redis URL change reuses the old one's metrics).
     pub fn with_metrics(
         settings: CacheSettings,
@@ -170,7 +179,7 @@ impl Cache {
                 metrics.clone(),
             )?),
         };
-        Ok(Arc::new(Cache {
+        Ok(Arc::new(Store {
             settings,
             l1,
             l2,
@@ -192,7 +201,7 @@ impl Cache {
         &self.metrics
     }
 
-    /// The synchronous L1 probe that [`Cache::lookup`] tries first; the proxy can call it to
+    /// The synchronous L1 probe that [`Store::lookup`] tries first; the proxy can call it to
     /// answer hits without an await point.
     #[inline]
     pub fn lookup_l1(&self, key: &CacheKey) -> Option<Arc<StoredResponse>> {
@@ -209,7 +218,7 @@ impl Cache {
         if let Some(l2) = &self.l2 {
             let rkey = l2.key(&key.namespace, &key.label, &key.hex());
             if let L2Get::Hit(entry) = l2.get(&rkey).await {
-                if entry.freshness(SystemTime::now()) != Freshness::Expired {
+                if !entry.remaining_retention(SystemTime::now()).is_zero() {
                     let entry = Arc::new(entry);
                     if let Some(l1) = &self.l1 {
                         l1.insert(key.hash, Arc::clone(&entry));
@@ -238,7 +247,7 @@ impl Cache {
         self.store_now(key, entry)
     }
 
-    /// The synchronous body of [`Cache::store`].
+    /// The synchronous body of [`Store::store`].
     pub fn store_now(
         &self,
         key: &CacheKey,
@@ -295,7 +304,9 @@ impl Cache {
         self.revalidations.try_begin(key.hash)
     }
 
-    pub async fn purge(&self, target: PurgeTarget) -> Result<PurgeReport, CacheError> {
+    /// Removes what `target` selects from Redis and L1. The L1 walk runs on a blocking thread
+    /// so a large purge never stalls the runtime that answers `/health` and `/ready`.
+    pub async fn purge(self: &Arc<Self>, target: PurgeTarget) -> Result<PurgeReport, CacheError> {
         let filter = match target {
             PurgeTarget::All => KeyFilter::All,
             PurgeTarget::Namespace(ns) => KeyFilter::Namespace(ns),
@@ -325,11 +336,19 @@ impl Cache {
             }
         }
         if self.l1.is_some() {
-            report.l1 = self.purge_l1(&filter);
-            if self.l2.is_some() {
-                self.purge_l1(&filter);
-            }
-            self.refresh_gauges();
+            let this = Arc::clone(self);
+            let walk = move || {
+                let removed = this.purge_l1(&filter);
+                if this.l2.is_some() {
+                    this.purge_l1(&filter);
+                }
+                this.refresh_gauges();
+                removed
+            };
+            report.l1 = match tokio::runtime::Handle::try_current() {
+                Ok(_) => tokio::task::spawn_blocking(walk).await.unwrap_or(0),
+                Err(_) => walk(),
+            };
         }
         Ok(report)
     }
@@ -354,6 +373,11 @@ impl Cache {
         removed
     }
 
+    /// Redis writes not yet finished: a draining process waits for them instead of losing them.
+    pub fn pending_writes(&self) -> usize {
+        self.l2.as_ref().map_or(0, L2::pending_writes)
+    }
+
     pub fn redis_state(&self) -> RedisState {
         self.l2.as_ref().map_or(RedisState::Disabled, L2::state)
     }
@@ -367,7 +391,7 @@ impl Cache {
         self.record_at(namespace, tier, outcome);
     }
 
-    /// Like [`Cache::record`] with an explicit tier (e.g. a stale entry served from L2).
+    /// Like [`Store::record`] with an explicit tier (e.g. a stale entry served from L2).
     pub fn record_at(&self, namespace: &str, tier: Tier, outcome: Outcome) {
         self.metrics
             .requests
@@ -502,14 +526,14 @@ fn hit_ratio(t: &BTreeMap<&str, u64>) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::entry::sample_entry;
+    use crate::store::entry::sample_entry;
 
-    fn l1_only(max_entry: usize) -> Arc<Cache> {
+    fn l1_only(max_entry: usize) -> Arc<Store> {
         let settings = CacheSettings {
             max_entry_size: max_entry,
             ..CacheSettings::default()
         };
-        match Cache::new(settings, &prometheus::Registry::new()) {
+        match Store::new(settings, &prometheus::Registry::new()) {
             Ok(c) => c,
             Err(e) => panic!("{e}"),
         }

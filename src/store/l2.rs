@@ -5,7 +5,9 @@
 //! tier, so the connection's driver task outlives whichever runtime first touched the cache.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 
 use arc_swap::ArcSwapOption;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -25,8 +27,10 @@ const PURGE_BATCH: usize = 500;
 /// Minimum spacing of repeated warnings (decode failures, connect failures).
 const LOG_EVERY_SECS: u64 = 60;
 
+/// The breaker's critical sections are a few field updates; parking_lot keeps them cheap and
+/// cannot be poisoned.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+    m.lock()
 }
 
 /// Result of an L2 read.
@@ -267,6 +271,11 @@ impl L2 {
 
     pub(crate) fn key(&self, namespace: &str, label: &str, hex: &str) -> String {
         redis_key(&self.inner.prefix, namespace, label, hex)
+    }
+
+    /// Writes queued or in progress; shutdown waits for them (bounded by the grace period).
+    pub(crate) fn pending_writes(&self) -> usize {
+        self.inner.pending_writes.load(Ordering::Relaxed)
     }
 
     pub(crate) fn state(&self) -> RedisState {

@@ -1,8 +1,11 @@
-//! The stored response and its versioned binary encoding (the value kept in Redis).
+//! The stored entry and its versioned binary encoding (the value kept in Redis). Every feature
+//! stores this one shape: the HTTP cache a response, others their own bytes in `body` with
+//! whatever metadata they need in `headers`. The store only reads `stored_at` and `retention`;
+//! what "fresh" means is the owning feature's business.
 //!
 //! Layout (all integers little-endian):
 //! `magic "ORC\0"` · `version u8` · `status u16` · `stored_at nanos u64` · `ttl nanos u64` ·
-//! `swr nanos u64` · `sie nanos u64` · `namespace (u16 len, bytes)` · `label (u32 len, bytes)` ·
+//! `retention nanos u64` · `namespace (u16 len, bytes)` · `label (u32 len, bytes)` ·
 //! `header count u32` · per header `(u16 name len, name, u32 value len, value)` ·
 //! `body (u64 len, bytes)`. Nothing may follow the body.
 
@@ -14,8 +17,8 @@ use super::CacheError;
 
 const MAGIC: &[u8; 4] = b"ORC\0";
 /// Bump on any layout change; readers reject other versions (a miss, then overwritten).
-const VERSION: u8 = 1;
-/// A complete response as the cache keeps it.
+const VERSION: u8 = 2;
+/// A complete response (or a feature's value) as the store keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredResponse {
     pub status: u16,
@@ -23,25 +26,13 @@ pub struct StoredResponse {
     pub headers: Vec<(String, Bytes)>,
     pub body: Bytes,
     pub stored_at: SystemTime,
+    /// Freshness lifetime the origin gave (or the route's at store time); features decide
+    /// freshness from it and their live config.
     pub ttl: Duration,
-    pub stale_while_revalidate: Duration,
-    pub stale_if_error: Duration,
+    /// How long after `stored_at` the store keeps the entry at all (L1 expiry, Redis `PX`).
+    pub retention: Duration,
     pub namespace: String,
     pub label: String,
-}
-
-/// Where an entry stands in its life; decides whether it may be served and how.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Freshness {
-    /// `age < ttl`.
-    Fresh,
-    /// Past ttl but within `ttl + stale_while_revalidate`: serve now, refresh in background.
-    StaleWhileRevalidate,
-    /// Past `ttl + stale_while_revalidate` but within `ttl + stale_if_error`: only when the
-    /// upstream fails.
-    StaleIfErrorOnly,
-    /// Useless; treat as a miss.
-    Expired,
 }
 
 impl StoredResponse {
@@ -50,23 +41,9 @@ impl StoredResponse {
         now.duration_since(self.stored_at).unwrap_or(Duration::ZERO)
     }
 
-    pub fn freshness(&self, now: SystemTime) -> Freshness {
-        let age = self.age(now);
-        if age < self.ttl {
-            Freshness::Fresh
-        } else if age < self.ttl.saturating_add(self.stale_while_revalidate) {
-            Freshness::StaleWhileRevalidate
-        } else if age < self.ttl.saturating_add(self.stale_if_error) {
-            Freshness::StaleIfErrorOnly
-        } else {
-            Freshness::Expired
-        }
-    }
-
-    /// How long after `stored_at` the entry is of any use; stores keep it exactly that long.
+    /// How long after `stored_at` the entry is kept.
     pub fn retention(&self) -> Duration {
-        self.ttl
-            .saturating_add(self.stale_while_revalidate.max(self.stale_if_error))
+        self.retention
     }
 
     /// Time left until the retention ends (zero if already past).
@@ -103,12 +80,7 @@ impl StoredResponse {
             .stored_at
             .duration_since(UNIX_EPOCH)
             .unwrap_or(Duration::ZERO);
-        for d in [
-            stored,
-            self.ttl,
-            self.stale_while_revalidate,
-            self.stale_if_error,
-        ] {
+        for d in [stored, self.ttl, self.retention] {
             out.extend_from_slice(&nanos(d).to_le_bytes());
         }
         put_u16_str(&mut out, self.namespace.as_bytes());
@@ -142,8 +114,7 @@ impl StoredResponse {
             .checked_add(Duration::from_nanos(r.u64()?))
             .ok_or(CacheError::Decode("stored_at out of range"))?;
         let ttl = Duration::from_nanos(r.u64()?);
-        let stale_while_revalidate = Duration::from_nanos(r.u64()?);
-        let stale_if_error = Duration::from_nanos(r.u64()?);
+        let retention = Duration::from_nanos(r.u64()?);
         let ns_len = r.u16()? as usize;
         let namespace = r.string(ns_len)?;
         let label_len = r.u32()? as usize;
@@ -176,8 +147,7 @@ impl StoredResponse {
             body,
             stored_at,
             ttl,
-            stale_while_revalidate,
-            stale_if_error,
+            retention,
             namespace,
             label,
         })
@@ -262,8 +232,7 @@ pub(crate) fn sample_entry(body_len: usize) -> StoredResponse {
         body: Bytes::from(vec![b'x'; body_len]),
         stored_at: UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789),
         ttl: Duration::from_secs(60),
-        stale_while_revalidate: Duration::from_secs(30),
-        stale_if_error: Duration::from_secs(600),
+        retention: Duration::from_secs(660),
         namespace: "items".into(),
         label: "/api/items/1".into(),
     }
@@ -314,7 +283,7 @@ mod tests {
         let mut huge = Vec::new();
         huge.extend_from_slice(MAGIC);
         huge.push(VERSION);
-        huge.extend_from_slice(&[0; 2 + 32]);
+        huge.extend_from_slice(&[0; 2 + 24]);
         huge.extend_from_slice(&0u16.to_le_bytes());
         huge.extend_from_slice(&0u32.to_le_bytes());
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
@@ -342,34 +311,16 @@ mod tests {
     }
 
     #[test]
-    fn freshness_boundaries() {
+    fn retention_and_ttl_left() {
         let e = sample(0);
         let t0 = e.stored_at;
         let at = |s: u64| t0 + Duration::from_secs(s);
-        assert_eq!(e.freshness(t0), Freshness::Fresh);
-        assert_eq!(e.freshness(at(59)), Freshness::Fresh);
-        assert_eq!(e.freshness(at(60)), Freshness::StaleWhileRevalidate);
-        assert_eq!(e.freshness(at(89)), Freshness::StaleWhileRevalidate);
-        assert_eq!(e.freshness(at(90)), Freshness::StaleIfErrorOnly);
-        assert_eq!(e.freshness(at(659)), Freshness::StaleIfErrorOnly);
-        assert_eq!(e.freshness(at(660)), Freshness::Expired);
         // A clock step backwards must not make the entry older or error.
         assert_eq!(e.age(t0 - Duration::from_secs(5)), Duration::ZERO);
-        assert_eq!(e.freshness(t0 - Duration::from_secs(5)), Freshness::Fresh);
         assert_eq!(e.retention(), Duration::from_secs(660));
+        assert_eq!(e.remaining_retention(at(600)), Duration::from_secs(60));
+        assert_eq!(e.remaining_retention(at(700)), Duration::ZERO);
         assert_eq!(e.ttl_remaining_secs(at(18)), 42);
         assert_eq!(e.ttl_remaining_secs(at(65)), -5);
-
-        // Stale-if-error shorter than stale-while-revalidate: SWR wins, then expired.
-        let mut e2 = sample(0);
-        e2.stale_if_error = Duration::from_secs(10);
-        assert_eq!(e2.freshness(at(85)), Freshness::StaleWhileRevalidate);
-        assert_eq!(e2.freshness(at(90)), Freshness::Expired);
-
-        let mut zero = sample(0);
-        zero.ttl = Duration::ZERO;
-        zero.stale_while_revalidate = Duration::ZERO;
-        zero.stale_if_error = Duration::ZERO;
-        assert_eq!(zero.freshness(t0), Freshness::Expired);
     }
 }

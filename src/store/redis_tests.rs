@@ -1,4 +1,4 @@
-//! Cache tests against a real `redis-server` (spawned per test on a free port) and against a
+//! Store tests against a real `redis-server` (spawned per test on a free port) and against a
 //! black-hole TCP listener.
 
 use std::sync::Arc;
@@ -28,10 +28,10 @@ fn fast_breaker() -> CacheOptions {
     }
 }
 
-fn cache(url: Option<String>, l1_bytes: u64) -> Arc<Cache> {
+fn cache(url: Option<String>, l1_bytes: u64) -> Arc<Store> {
     let reg = prometheus::Registry::new();
     let metrics = CacheMetrics::new(&reg).expect("metrics");
-    Cache::with_metrics(settings(url, l1_bytes), fast_breaker(), metrics).expect("cache")
+    Store::with_metrics(settings(url, l1_bytes), fast_breaker(), metrics).expect("cache")
 }
 
 fn entry(ns: &str, label: &str, body: &str) -> StoredResponse {
@@ -44,8 +44,7 @@ fn entry(ns: &str, label: &str, body: &str) -> StoredResponse {
         body: bytes::Bytes::from(body.to_owned()),
         stored_at: SystemTime::now(),
         ttl: Duration::from_secs(60),
-        stale_while_revalidate: Duration::from_secs(10),
-        stale_if_error: Duration::from_secs(120),
+        retention: Duration::from_secs(180),
         namespace: ns.into(),
         label: label.into(),
     }
@@ -63,7 +62,7 @@ async fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) 
     }
 }
 
-async fn wait_up(c: &Cache) {
+async fn wait_up(c: &Store) {
     wait_until("redis up", Duration::from_secs(10), || {
         c.redis_state() == RedisState::Up
     })
@@ -111,7 +110,7 @@ async fn l2_roundtrip_fills_l1_of_another_replica_and_sets_ttl() {
     let got = first.entry.expect("l2 hit");
     assert_eq!(&got.body[..], b"hello");
     assert_eq!(got.namespace, "items");
-    assert_eq!(got.freshness(SystemTime::now()), Freshness::Fresh);
+    assert!(got.ttl_remaining_secs(SystemTime::now()) > 0);
     let second = b.lookup(&k).await;
     assert_eq!(second.tier, Tier::L1, "an L2 hit fills L1");
 

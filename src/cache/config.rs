@@ -1,0 +1,152 @@
+//! A route's `cache:` block: its YAML types, validation and compilation to a [`RoutePolicy`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::policy::{RoutePolicy, DEFAULT_STATUSES};
+use super::stage::HttpCache;
+use crate::config::units::HumanDuration;
+use crate::pipeline::registry::{BuildCx, FieldProblem, RouteFeature, ValidateCx};
+use crate::pipeline::Stage;
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RouteCacheConfig {
+    /// Freshness lifetime; defaults to `cache.default_ttl`.
+    #[serde(default)]
+    pub ttl: Option<HumanDuration>,
+    /// After `ttl`, serve the stale entry while one background request refreshes it.
+    #[serde(default)]
+    pub stale_while_revalidate: HumanDuration,
+    /// After `ttl`, serve the stale entry when the upstream fails (refused, timeout, 5xx).
+    #[serde(default)]
+    pub stale_if_error: HumanDuration,
+    /// Entries with validators (`ETag`, `Last-Modified`) are kept this much longer than their
+    /// stale windows so an expired entry is revalidated with a conditional request (304)
+    /// instead of fetched in full.
+    #[serde(default = "default_keep")]
+    pub keep: HumanDuration,
+    #[serde(default)]
+    pub key: CacheKeyConfig,
+    /// Share responses to requests carrying `Authorization`/`Cookie` (keyed by the credential).
+    #[serde(default)]
+    pub shared: bool,
+    /// Use the upstream's `s-maxage`/`max-age` instead of `ttl` when present.
+    #[serde(default)]
+    pub respect_origin: bool,
+    /// Statuses that may be stored; defaults to RFC 9111's heuristically cacheable set.
+    #[serde(default)]
+    pub statuses: Option<Vec<u16>>,
+}
+
+fn default_keep() -> HumanDuration {
+    HumanDuration(Duration::from_secs(3600))
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CacheKeyConfig {
+    /// Include the query string in the key.
+    #[serde(default = "default_true")]
+    pub query: bool,
+    /// Request headers whose values split the cache (like `Vary`).
+    #[serde(default)]
+    pub headers: Vec<String>,
+}
+
+impl Default for CacheKeyConfig {
+    fn default() -> Self {
+        Self {
+            query: true,
+            headers: Vec::new(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl RouteCacheConfig {
+    /// The freshness lifetime and both stale windows, with the global default applied.
+    pub fn lifetime(&self, default_ttl: Duration) -> Duration {
+        self.ttl.map_or(default_ttl, HumanDuration::get)
+            + self
+                .stale_while_revalidate
+                .get()
+                .max(self.stale_if_error.get())
+    }
+
+    fn policy(&self, default_ttl: Duration, retention_floor: Duration) -> RoutePolicy {
+        RoutePolicy {
+            ttl: self.ttl.map_or(default_ttl, HumanDuration::get),
+            stale_while_revalidate: self.stale_while_revalidate.get(),
+            stale_if_error: self.stale_if_error.get(),
+            keep: self.keep.get(),
+            retention_floor,
+            shared: self.shared,
+            respect_origin: self.respect_origin,
+            statuses: self
+                .statuses
+                .clone()
+                .unwrap_or_else(|| DEFAULT_STATUSES.to_vec()),
+            key_query: self.key.query,
+            key_headers: self
+                .key
+                .headers
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
+        }
+    }
+}
+
+impl RouteFeature for RouteCacheConfig {
+    fn validate(&self, at: &str, _cx: &ValidateCx<'_>, out: &mut Vec<FieldProblem>) {
+        if self.ttl.is_some_and(|t| t.get().is_zero()) {
+            out.push(FieldProblem::new(
+                format!("{at}.ttl"),
+                "must be greater than zero (remove `cache` to disable caching)",
+            ));
+        }
+        if let Some(statuses) = &self.statuses {
+            for (j, status) in statuses.iter().enumerate() {
+                if !(100..=599).contains(status) {
+                    out.push(FieldProblem::new(
+                        format!("{at}.statuses[{j}]"),
+                        format!("{status} is not an HTTP status"),
+                    ));
+                }
+            }
+        }
+        for (j, header) in self.key.headers.iter().enumerate() {
+            if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+                out.push(FieldProblem::new(
+                    format!("{at}.key.headers[{j}]"),
+                    format!("{header:?} is not a valid header name"),
+                ));
+            }
+        }
+    }
+
+    fn build(&self, cx: &BuildCx<'_>) -> Result<Arc<dyn Stage>, String> {
+        let default_ttl = cx.config.cache.default_ttl.get();
+        // Entries are kept at least as long as the longest-lived route's, so raising a route's
+        // TTL on reload applies to what is already stored.
+        let floor = cx
+            .config
+            .routes
+            .iter()
+            .filter_map(|r| r.cache.as_ref())
+            .map(|c| c.lifetime(default_ttl))
+            .max()
+            .unwrap_or_default();
+        Ok(Arc::new(HttpCache::new(
+            cx.services.store.clone(),
+            Arc::new(self.policy(default_ttl, floor)),
+            cx.route_name,
+        )))
+    }
+}

@@ -1,0 +1,570 @@
+//! The HTTP cache stage: looks requests up, answers hits, captures storable responses as they
+//! stream to the client, revalidates with conditional requests, and stands stale entries in
+//! for failed upstreams. Decisions are the pure functions of [`super::policy`].
+
+use std::any::Any;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use pingora_http::{RequestHeader, ResponseHeader};
+
+use super::policy::{
+    self, age_header_value, freshness, request_decision, response_storable, storable_headers,
+    ttl_left, BypassReason, CacheStatus, Freshness, RequestDecision, RoutePolicy,
+};
+use crate::pipeline::{
+    state_mut, state_ref, Answer, Completion, RequestCx, ResponseVerdict, Slot, Stage, StageError,
+    UpstreamFailure, Verdict,
+};
+use crate::store::{
+    CacheKey, Flight, LeaderGuard, Outcome, RevalidationGuard, Store, StoredResponse, Tier,
+};
+
+/// One route's cache: its compiled policy over the shared store.
+#[derive(Debug)]
+pub struct HttpCache {
+    store: Arc<Store>,
+    policy: Arc<RoutePolicy>,
+    route: Arc<str>,
+}
+
+impl HttpCache {
+    pub fn new(store: Arc<Store>, policy: Arc<RoutePolicy>, route: &str) -> Self {
+        HttpCache {
+            store,
+            policy,
+            route: Arc::from(route),
+        }
+    }
+
+    pub fn policy(&self) -> &RoutePolicy {
+        &self.policy
+    }
+}
+
+/// The cache's part of one request.
+struct CacheState {
+    key: Option<CacheKey>,
+    status: CacheStatus,
+    outcome: Outcome,
+    tier: Tier,
+    /// This request fetches for everyone waiting on the same key.
+    leader: Option<LeaderGuard>,
+    /// An entry past its freshness that may still answer if the upstream fails.
+    stale: Option<Arc<StoredResponse>>,
+    /// An old entry with validators: the upstream request is made conditional, and a 304
+    /// renews and serves it (`REVALIDATED`).
+    revalidating: Option<Arc<StoredResponse>>,
+    capture: Option<Capture>,
+    /// HEAD responses have no body to store, and bypassed requests store nothing.
+    may_store: bool,
+    /// A background refresh: client conditionals are dropped, and only a store is counted.
+    background: Option<RevalidationGuard>,
+}
+
+impl CacheState {
+    fn new() -> Self {
+        CacheState {
+            key: None,
+            status: CacheStatus::Bypass,
+            outcome: Outcome::Bypass,
+            tier: Tier::None,
+            leader: None,
+            stale: None,
+            revalidating: None,
+            capture: None,
+            may_store: false,
+            background: None,
+        }
+    }
+}
+
+struct Capture {
+    status: u16,
+    headers: Vec<(String, Bytes)>,
+    ttl: std::time::Duration,
+    body: BytesMut,
+}
+
+/// A stale entry to refresh as background work (see [`RequestCx::spawn_background`]).
+struct RefreshJob {
+    key: CacheKey,
+    entry: Arc<StoredResponse>,
+    guard: RevalidationGuard,
+}
+
+/// 204 and 304 responses never carry a body or a length (RFC 9110 §8.6).
+fn has_body(status: u16) -> bool {
+    !matches!(status, 204 | 304)
+}
+
+/// The response header of a stored entry, with its length and age.
+fn stored_header(entry: &StoredResponse) -> pingora_error::Result<ResponseHeader> {
+    let mut resp = ResponseHeader::build(entry.status, Some(entry.headers.len() + 8))?;
+    for (name, value) in &entry.headers {
+        if name == "content-length" {
+            continue;
+        }
+        resp.append_header(name.clone(), value.as_ref())?;
+    }
+    if has_body(entry.status) {
+        resp.insert_header("content-length", entry.body.len().to_string())?;
+    }
+    resp.insert_header("age", age_header_value(entry.age(SystemTime::now())))?;
+    Ok(resp)
+}
+
+/// A stored entry as an answer; `None` when its headers cannot form a response (a foreign
+/// writer, a bad header), which callers treat as a miss.
+fn answer_from(entry: &StoredResponse) -> Option<Answer> {
+    match stored_header(entry) {
+        Ok(header) => Some(Answer {
+            header: Box::new(header),
+            body: entry.body.clone(),
+        }),
+        Err(e) => {
+            tracing::warn!(error = %e, "stored entry cannot be served; treating it as a miss");
+            None
+        }
+    }
+}
+
+/// An entry worth revalidating: it has a validator, and the client did not send conditions of
+/// its own (those are the client's business and pass through untouched).
+fn revalidation_candidate(
+    entry: &Arc<StoredResponse>,
+    request: &http::HeaderMap,
+) -> Option<Arc<StoredResponse>> {
+    let client_conditional = request.contains_key(http::header::IF_NONE_MATCH)
+        || request.contains_key(http::header::IF_MODIFIED_SINCE);
+    (policy::has_validator(&entry.headers) && !client_conditional).then(|| entry.clone())
+}
+
+/// The conditional request headers a stored entry's validators allow: `ETag` gives
+/// `If-None-Match`, `Last-Modified` gives `If-Modified-Since`.
+fn conditions(
+    entry: &StoredResponse,
+) -> impl Iterator<Item = (http::HeaderName, http::HeaderValue)> + '_ {
+    entry.headers.iter().filter_map(|(name, value)| {
+        let condition = match name.as_str() {
+            "etag" => http::header::IF_NONE_MATCH,
+            "last-modified" => http::header::IF_MODIFIED_SINCE,
+            _ => return None,
+        };
+        Some((condition, http::HeaderValue::from_bytes(value).ok()?))
+    })
+}
+
+fn set_stored(status: &mut CacheStatus, value: bool) {
+    match status {
+        CacheStatus::Miss { stored }
+        | CacheStatus::Expired { stored }
+        | CacheStatus::Refresh { stored }
+        | CacheStatus::Revalidated { stored } => *stored = value,
+        _ => {}
+    }
+}
+
+/// The buffer's bytes without the slack a growing buffer keeps: L1 is bounded by body length,
+/// so a body held in a much larger allocation would overrun the bound.
+fn exact_bytes(body: BytesMut) -> Bytes {
+    if body.capacity() > body.len() + body.len() / 8 + 4096 {
+        Bytes::copy_from_slice(&body)
+    } else {
+        body.freeze()
+    }
+}
+
+impl HttpCache {
+    /// The key of a request that may use the cache.
+    fn key(&self, req: &RequestHeader, credential: Option<&[u8]>) -> CacheKey {
+        // Everything the app sees that can change its answer is in the key: the client's Host
+        // (kept for plain-HTTP upstreams) and the forwarded scheme/host a client may send.
+        let host = req
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri.authority().map(|a| a.as_str()))
+            .unwrap_or("");
+        let forwarded: Vec<(&str, &str)> = ["x-forwarded-proto", "x-forwarded-host"]
+            .into_iter()
+            .filter_map(|name| {
+                let value = req.headers.get(name)?.to_str().ok()?;
+                Some((name, value))
+            })
+            .collect();
+        let vary = policy::vary_values(&req.headers, &self.policy);
+        let vary: Vec<(&str, &str)> = forwarded
+            .into_iter()
+            .chain(vary.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .collect();
+        let query = if self.policy.key_query {
+            req.uri.query()
+        } else {
+            None
+        };
+        // HEAD shares the GET entry.
+        CacheKey::http(
+            &self.route,
+            "GET",
+            host,
+            req.uri.path(),
+            query,
+            &vary,
+            credential,
+        )
+    }
+
+    fn hit(&self, state: &mut CacheState, entry: &StoredResponse, tier: Tier) {
+        state.tier = tier;
+        state.outcome = Outcome::Hit { tier };
+        state.status = CacheStatus::Hit {
+            ttl: ttl_left(entry, &self.policy, SystemTime::now()),
+        };
+    }
+
+    /// Stores the captured response and hands it to the requests waiting on this key.
+    fn finish_capture(&self, state: &mut CacheState) {
+        let (Some(capture), Some(key)) = (state.capture.take(), state.key.as_ref()) else {
+            return;
+        };
+        let retention = policy::retention(capture.ttl, &capture.headers, &self.policy);
+        let entry = StoredResponse {
+            status: capture.status,
+            headers: capture.headers,
+            body: exact_bytes(capture.body),
+            stored_at: SystemTime::now(),
+            ttl: capture.ttl,
+            retention,
+            namespace: key.namespace.clone(),
+            label: key.label.clone(),
+        };
+        let stored = self.store.store_now(key, entry);
+        if let Some(leader) = state.leader.take() {
+            leader.complete(stored);
+        }
+    }
+
+    /// An expired entry answers nothing, but can still be revalidated or, within its windows,
+    /// stand in for a failure.
+    fn note_expired(
+        &self,
+        state: &mut CacheState,
+        req: &RequestHeader,
+        entry: Arc<StoredResponse>,
+    ) {
+        state.outcome = Outcome::Expired;
+        state.status = CacheStatus::Expired { stored: false };
+        state.revalidating = revalidation_candidate(&entry, &req.headers);
+        if freshness(&entry, &self.policy, SystemTime::now()) == Freshness::StaleIfErrorOnly {
+            state.stale = Some(entry);
+        }
+    }
+}
+
+#[async_trait]
+impl Stage for HttpCache {
+    fn name(&self) -> &'static str {
+        "cache"
+    }
+
+    async fn on_request(&self, cx: &mut RequestCx<'_>) -> Result<Verdict, StageError> {
+        let req = cx.req;
+        let mut state = CacheState::new();
+        let has_body = req
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
+            || req.headers.contains_key(http::header::TRANSFER_ENCODING);
+        let decision = if has_body {
+            // The body is not part of the key, so a GET carrying one must not share an entry.
+            RequestDecision::Bypass(BypassReason::Method)
+        } else {
+            request_decision(&req.method, &req.headers, &self.policy)
+        };
+        let (credential, client_refresh) = match decision {
+            RequestDecision::Bypass(reason) => {
+                tracing::debug!(route = cx.route, reason = reason.as_str(), "cache bypass");
+                *cx.slot = Some(Box::new(state));
+                return Ok(Verdict::Continue);
+            }
+            RequestDecision::Lookup { credential } => (credential, false),
+            RequestDecision::Refresh { credential } => (credential, true),
+        };
+        let key = self.key(req, credential.as_deref());
+        let head = req.method == http::Method::HEAD;
+        state.may_store = !head;
+        state.outcome = Outcome::Miss;
+        state.status = CacheStatus::Miss { stored: false };
+        if client_refresh {
+            state.status = CacheStatus::Refresh { stored: false };
+            state.key = Some(key);
+            *cx.slot = Some(Box::new(state));
+            return Ok(Verdict::Continue);
+        }
+
+        let lookup = self.store.lookup(&key).await;
+        if let Some(entry) = lookup.entry {
+            match freshness(&entry, &self.policy, SystemTime::now()) {
+                Freshness::Fresh => {
+                    if let Some(answer) = answer_from(&entry) {
+                        self.hit(&mut state, &entry, lookup.tier);
+                        *cx.slot = Some(Box::new(state));
+                        return Ok(Verdict::Answer(answer));
+                    }
+                }
+                Freshness::StaleWhileRevalidate => {
+                    if let Some(answer) = answer_from(&entry) {
+                        state.tier = lookup.tier;
+                        state.outcome = Outcome::Stale;
+                        state.status = CacheStatus::StaleWhileRevalidate {
+                            ttl: ttl_left(&entry, &self.policy, SystemTime::now()),
+                        };
+                        // One background refresh per key; everyone else keeps the stale copy.
+                        if let Some(guard) = self.store.try_begin_revalidation(&key) {
+                            cx.spawn_background(Box::new(RefreshJob {
+                                key: key.clone(),
+                                entry: entry.clone(),
+                                guard,
+                            }));
+                        }
+                        *cx.slot = Some(Box::new(state));
+                        return Ok(Verdict::Answer(answer));
+                    }
+                }
+                Freshness::StaleIfErrorOnly | Freshness::Expired => {
+                    self.note_expired(&mut state, req, entry);
+                }
+            }
+        }
+
+        if head || self.store.recently_uncacheable(&key) {
+            // A HEAD response cannot fill the entry, and nobody could reuse a leader's answer
+            // for a key that was recently uncacheable: fetch without leading the flight.
+            state.key = Some(key);
+            *cx.slot = Some(Box::new(state));
+            return Ok(Verdict::Continue);
+        }
+        match self.store.single_flight(&key) {
+            Flight::Leader(guard) => state.leader = Some(guard),
+            Flight::Follower(wait) => {
+                if let Some(entry) = wait.wait(cx.upstream_timeout).await {
+                    if let Some(answer) = answer_from(&entry) {
+                        self.hit(&mut state, &entry, Tier::L1);
+                        *cx.slot = Some(Box::new(state));
+                        return Ok(Verdict::Answer(answer));
+                    }
+                }
+                // The leader's response was not storable or it failed: fetch for ourselves.
+            }
+        }
+        state.key = Some(key);
+        *cx.slot = Some(Box::new(state));
+        Ok(Verdict::Continue)
+    }
+
+    async fn on_background(
+        &self,
+        cx: &mut RequestCx<'_>,
+        job: Box<dyn Any + Send + Sync>,
+    ) -> Result<Verdict, StageError> {
+        let Ok(job) = job.downcast::<RefreshJob>() else {
+            return Ok(Verdict::Continue);
+        };
+        let RefreshJob { key, entry, guard } = *job;
+        let mut state = CacheState::new();
+        state.revalidating = policy::has_validator(&entry.headers).then_some(entry);
+        state.key = Some(key);
+        state.may_store = true;
+        state.status = CacheStatus::Refresh { stored: false };
+        state.outcome = Outcome::Revalidated;
+        state.background = Some(guard);
+        *cx.slot = Some(Box::new(state));
+        Ok(Verdict::Continue)
+    }
+
+    fn on_upstream_request(&self, slot: &mut Slot, req: &mut RequestHeader) {
+        let Some(state) = state_mut::<CacheState>(slot) else {
+            return;
+        };
+        if state.background.is_some() {
+            // A refresh asks for the current representation whatever the triggering client
+            // asked; its conditions, if any, are the entry's own.
+            for name in [
+                http::header::IF_NONE_MATCH,
+                http::header::IF_MODIFIED_SINCE,
+                http::header::CACHE_CONTROL,
+                http::header::PRAGMA,
+            ] {
+                req.remove_header(&name);
+            }
+        }
+        if let Some(entry) = &state.revalidating {
+            for (condition, value) in conditions(entry) {
+                let _ = req.insert_header(condition, value);
+            }
+        }
+    }
+
+    fn on_upstream_response(&self, slot: &mut Slot, resp: &ResponseHeader) -> ResponseVerdict {
+        let Some(state) = state_mut::<CacheState>(slot) else {
+            return ResponseVerdict::Forward;
+        };
+        // Informational (1xx) headers come before the real response; they decide nothing.
+        if resp.status.is_informational() {
+            return ResponseVerdict::Forward;
+        }
+        let status = resp.status.as_u16();
+        if let Some(old) = state.revalidating.take() {
+            if status == 304 {
+                let mut renewed = (*old).clone();
+                renewed.stored_at = SystemTime::now();
+                let renewed = match state.key.as_ref() {
+                    Some(key) => self.store.store_now(key, renewed).unwrap_or(old),
+                    None => old,
+                };
+                state.status = CacheStatus::Revalidated { stored: true };
+                state.outcome = Outcome::Revalidated;
+                if let Some(leader) = state.leader.take() {
+                    leader.complete(Some(renewed.clone()));
+                }
+                // A 304 has no body to swap: the stored entry is written in its place.
+                if let Some(answer) = answer_from(&renewed) {
+                    return ResponseVerdict::Replace(answer);
+                }
+                return ResponseVerdict::Forward;
+            }
+        }
+        if status >= 500 {
+            if let Some(stale) = state.stale.take() {
+                if let Some(answer) = answer_from(&stale) {
+                    state.status = CacheStatus::StaleIfError {
+                        ttl: ttl_left(&stale, &self.policy, SystemTime::now()),
+                        fwd_status: Some(status),
+                    };
+                    state.outcome = Outcome::Stale;
+                    state.leader.take();
+                    // The upstream's answer is abandoned and the entry written in its place,
+                    // so the length the client is told always matches the body it gets.
+                    return ResponseVerdict::Replace(answer);
+                }
+            }
+        }
+        if !state.may_store || state.key.is_none() {
+            state.leader.take();
+            return ResponseVerdict::Forward;
+        }
+        let content_length = resp
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        let max_entry_size = self.store.settings().max_entry_size;
+        let too_big = content_length.is_some_and(|len| max_entry_size > 0 && len > max_entry_size);
+        match response_storable(status, &resp.headers, &self.policy) {
+            Ok(ttl) if !too_big => {
+                state.capture = Some(Capture {
+                    status,
+                    headers: storable_headers(&resp.headers),
+                    ttl,
+                    body: BytesMut::with_capacity(content_length.unwrap_or(0)),
+                });
+                set_stored(&mut state.status, true);
+                // Pingora calls no body filter for a response that ends with its header.
+                if status == 204 || content_length == Some(0) {
+                    self.finish_capture(state);
+                }
+            }
+            Ok(_) => {
+                tracing::debug!("response larger than cache.max_entry_size; not stored");
+                state.leader.take();
+                if let Some(key) = &state.key {
+                    self.store.note_uncacheable(key);
+                }
+            }
+            Err(reason) => {
+                tracing::debug!(reason = reason.as_str(), "response not storable");
+                state.leader.take();
+                if let Some(key) = &state.key {
+                    self.store.note_uncacheable(key);
+                }
+            }
+        }
+        ResponseVerdict::Forward
+    }
+
+    fn on_response(&self, slot: &Slot, resp: &mut ResponseHeader) {
+        if let Some(state) = state_ref::<CacheState>(slot) {
+            let _ = resp.insert_header("x-cache-status", state.status.x_cache_status());
+            let _ = resp.insert_header("cache-status", state.status.header_value());
+        }
+    }
+
+    fn server_timing(&self, slot: &Slot, out: &mut String) {
+        if let Some(state) = state_ref::<CacheState>(slot) {
+            out.push_str(match state.outcome {
+                Outcome::Hit { .. } => ", cache;desc=hit",
+                Outcome::Stale => ", cache;desc=stale",
+                Outcome::Bypass => ", cache;desc=bypass",
+                _ => ", cache;desc=miss",
+            });
+        }
+    }
+
+    fn on_body_chunk(&self, slot: &mut Slot, chunk: Option<&Bytes>, end_of_stream: bool) {
+        let Some(state) = state_mut::<CacheState>(slot) else {
+            return;
+        };
+        let Some(capture) = state.capture.as_mut() else {
+            return;
+        };
+        if let Some(chunk) = chunk {
+            let max = self.store.settings().max_entry_size;
+            if max > 0 && capture.body.len() + chunk.len() > max {
+                tracing::debug!("response grew past cache.max_entry_size; not stored");
+                state.capture = None;
+                state.leader.take();
+                set_stored(&mut state.status, false);
+                return;
+            }
+            capture.body.extend_from_slice(chunk);
+        }
+        if end_of_stream {
+            self.finish_capture(state);
+        }
+    }
+
+    fn on_upstream_failure(&self, slot: &mut Slot, _failure: &UpstreamFailure) -> Option<Answer> {
+        let state = state_mut::<CacheState>(slot)?;
+        state.leader.take();
+        let stale = state.stale.take()?;
+        let answer = answer_from(&stale)?;
+        state.status = CacheStatus::StaleIfError {
+            ttl: ttl_left(&stale, &self.policy, SystemTime::now()),
+            fwd_status: None,
+        };
+        state.outcome = Outcome::Stale;
+        Some(answer)
+    }
+
+    fn on_complete(&self, slot: &mut Slot, done: &Completion<'_>) {
+        let Some(state) = state_mut::<CacheState>(slot) else {
+            return;
+        };
+        if state.background.is_some() {
+            // Only a refresh that renewed or replaced the entry is worth counting.
+            let stored = matches!(
+                state.status,
+                CacheStatus::Refresh { stored: true } | CacheStatus::Revalidated { stored: true }
+            );
+            if stored {
+                self.store
+                    .record_at(done.route, Tier::None, Outcome::Revalidated);
+            }
+            return;
+        }
+        self.store.record_at(done.route, state.tier, state.outcome);
+    }
+}

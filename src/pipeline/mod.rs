@@ -1,0 +1,200 @@
+//! The stage seam: every capability (HTTP cache, request buffering, and next APQ, LLM, SLOs,
+//! tracing, inference) is a [`Stage`] with default no-op hooks over the request's life.
+//!
+//! A route's compiled config holds its ordered list of stages; `proxy/` calls the hooks of that
+//! list in each Pingora phase and names no feature. A stage keeps its per-request state in its
+//! own [`Slot`] (a type-erased box only it downcasts), so the proxy context never imports a
+//! feature. Stages see headers (`pingora_http` header types) and bytes, never a Pingora
+//! session, so they can be tested without one.
+//!
+//! Phase chart (which hook runs where) is in `docs/architecture.md`.
+
+pub mod registry;
+
+use std::any::Any;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora_http::{RequestHeader, ResponseHeader};
+
+/// One stage's per-request state; `None` until the stage puts something there.
+pub type Slot = Option<Box<dyn Any + Send + Sync>>;
+
+/// Borrows a stage's own state back out of its slot.
+pub fn state_mut<T: Any>(slot: &mut Slot) -> Option<&mut T> {
+    slot.as_mut()?.downcast_mut::<T>()
+}
+
+/// Shared view of a stage's own state.
+pub fn state_ref<T: Any>(slot: &Slot) -> Option<&T> {
+    slot.as_ref()?.downcast_ref::<T>()
+}
+
+/// A complete response a stage produced itself (a cache hit, an in-process answer).
+pub struct Answer {
+    pub header: Box<ResponseHeader>,
+    /// Ignored for HEAD requests and bodiless statuses; `content-length` is the stage's to set.
+    pub body: Bytes,
+}
+
+/// What `on_request` decided.
+pub enum Verdict {
+    /// Go on: the next stage, then the upstream.
+    Continue,
+    /// Answer with this response; later stages' `on_request` and the upstream are skipped.
+    Answer(Answer),
+}
+
+/// What `on_upstream_response` decided.
+pub enum ResponseVerdict {
+    Forward,
+    /// Abandon the upstream response and answer with this instead (a stored entry renewed by a
+    /// 304, or a stale one standing in for a 5xx).
+    Replace(Answer),
+}
+
+/// Why the upstream gave no response.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamFailure {
+    /// Stable label (`connect_refused`, `timeout`, …) as used in metrics.
+    pub kind: &'static str,
+}
+
+/// What a stage learns when the request is over.
+#[derive(Debug, Clone, Copy)]
+pub struct Completion<'a> {
+    pub route: &'a str,
+    /// Status the client got (0 when none was written).
+    pub status: u16,
+    pub duration: Duration,
+}
+
+/// A stage's refusal of a request: answered with `status` and a JSON body carrying `code`.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct StageError {
+    pub status: u16,
+    /// Stable error code for the JSON body.
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// What a stage may ask of the proxy while deciding on a request.
+#[derive(Default)]
+pub struct Effects {
+    /// Send the request to this named upstream instead of the route's.
+    pub upstream: Option<String>,
+    /// Forward this body instead of the client's (the length is rewritten to match).
+    pub body: Option<Bytes>,
+    /// Work to run as a background request through the same proxy path, by stage position.
+    pub background: Vec<(usize, Box<dyn Any + Send + Sync>)>,
+}
+
+/// The request as a stage's `on_request` sees it.
+pub struct RequestCx<'a> {
+    pub req: &'a RequestHeader,
+    /// The whole request body, present when some stage of the route asked for it.
+    pub body: Option<&'a Bytes>,
+    pub route: &'a str,
+    /// The route upstream's per-operation timeout (e.g. for waiting on another request's fetch).
+    pub upstream_timeout: Duration,
+    /// This stage's per-request state.
+    pub slot: &'a mut Slot,
+    pub(crate) index: usize,
+    pub(crate) effects: &'a mut Effects,
+}
+
+impl<'a> RequestCx<'a> {
+    /// For the proxy (and stage tests): a view of one request for the stage at `index`.
+    pub fn new(
+        req: &'a RequestHeader,
+        body: Option<&'a Bytes>,
+        route: &'a str,
+        upstream_timeout: Duration,
+        slot: &'a mut Slot,
+        index: usize,
+        effects: &'a mut Effects,
+    ) -> Self {
+        RequestCx {
+            req,
+            body,
+            route,
+            upstream_timeout,
+            slot,
+            index,
+            effects,
+        }
+    }
+
+    /// Sends this request to another named upstream (validated at config load by the stage).
+    pub fn set_upstream(&mut self, name: impl Into<String>) {
+        self.effects.upstream = Some(name.into());
+    }
+
+    /// Replaces the body the upstream receives.
+    pub fn replace_body(&mut self, body: Bytes) {
+        self.effects.body = Some(body);
+    }
+
+    /// Runs `job` later as a request of its own through the same proxy path (same target bytes,
+    /// forwarding headers, request id, timeouts and metrics); the stage gets it back in
+    /// [`Stage::on_background`]. Dropped without running when too many are already running.
+    pub fn spawn_background(&mut self, job: Box<dyn Any + Send + Sync>) {
+        self.effects.background.push((self.index, job));
+    }
+}
+
+/// One capability's part in a request. Every hook has a no-op default; a stage overrides only
+/// what it needs. Hooks other than `on_request` get only the stage's own slot.
+#[async_trait]
+pub trait Stage: Send + Sync + std::fmt::Debug {
+    /// The capability's name (its YAML key).
+    fn name(&self) -> &'static str;
+
+    /// Whether `on_request` needs the whole request body first. Read once for all stages,
+    /// bounded by the route's `max_body`.
+    fn wants_body(&self, _req: &RequestHeader) -> bool {
+        false
+    }
+
+    /// Before the upstream is chosen: may answer by itself.
+    async fn on_request(&self, _cx: &mut RequestCx<'_>) -> Result<Verdict, StageError> {
+        Ok(Verdict::Continue)
+    }
+
+    /// In place of `on_request` when this request is background work the stage asked for with
+    /// [`RequestCx::spawn_background`]; other stages' `on_request` do not run for it.
+    async fn on_background(
+        &self,
+        _cx: &mut RequestCx<'_>,
+        _job: Box<dyn Any + Send + Sync>,
+    ) -> Result<Verdict, StageError> {
+        Ok(Verdict::Continue)
+    }
+
+    /// The request header about to go upstream (after outrider's forwarding headers).
+    fn on_upstream_request(&self, _slot: &mut Slot, _req: &mut RequestHeader) {}
+
+    /// The upstream's response header arrived.
+    fn on_upstream_response(&self, _slot: &mut Slot, _resp: &ResponseHeader) -> ResponseVerdict {
+        ResponseVerdict::Forward
+    }
+
+    /// The response header about to go to the client, from the upstream or from a stage.
+    fn on_response(&self, _slot: &Slot, _resp: &mut ResponseHeader) {}
+
+    /// `server-timing` entries of this stage (e.g. `, cache;desc=hit`).
+    fn server_timing(&self, _slot: &Slot, _out: &mut String) {}
+
+    /// Each upstream body chunk on its way to the client (never held back).
+    fn on_body_chunk(&self, _slot: &mut Slot, _chunk: Option<&Bytes>, _end_of_stream: bool) {}
+
+    /// The upstream could not be reached or failed mid-way: may answer instead.
+    fn on_upstream_failure(&self, _slot: &mut Slot, _failure: &UpstreamFailure) -> Option<Answer> {
+        None
+    }
+
+    /// The request is over (metrics, logs).
+    fn on_complete(&self, _slot: &mut Slot, _done: &Completion<'_>) {}
+}

@@ -1,0 +1,105 @@
+//! Where capabilities meet the config: each route section a capability owns implements
+//! [`RouteFeature`] (validate, then build a [`Stage`]), and [`route_features`] lists them in
+//! stage order. Adding a capability adds its field to `RouteConfig` and one line here.
+
+use std::sync::Arc;
+
+use super::Stage;
+use crate::config::schema::{Config, RouteConfig};
+use crate::store::Store;
+
+/// Long-lived services stages are built with; the same for every config generation.
+pub struct Services {
+    pub store: Arc<Store>,
+}
+
+impl Services {
+    /// An in-memory store and nothing else: for config checks and tests.
+    pub fn in_memory() -> Result<Arc<Services>, crate::store::CacheError> {
+        let store = Store::new(
+            crate::store::CacheSettings::default(),
+            &prometheus::Registry::new(),
+        )?;
+        Ok(Arc::new(Services { store }))
+    }
+}
+
+/// A problem in one capability's section; the loader adds the file position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldProblem {
+    /// Key path, e.g. `routes[2].cache.ttl`.
+    pub path: String,
+    pub message: String,
+}
+
+impl FieldProblem {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        FieldProblem {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// What validation may look at besides the section itself.
+pub struct ValidateCx<'a> {
+    pub config: &'a Config,
+}
+
+/// What building a stage may use.
+pub struct BuildCx<'a> {
+    pub config: &'a Config,
+    pub services: &'a Services,
+    pub route_name: &'a str,
+}
+
+/// A capability's per-route config section.
+pub trait RouteFeature {
+    /// Semantic checks serde cannot do; `at` is the section's key path.
+    fn validate(&self, at: &str, cx: &ValidateCx<'_>, out: &mut Vec<FieldProblem>);
+    /// The stage this section compiles to (once per config load).
+    fn build(&self, cx: &BuildCx<'_>) -> Result<Arc<dyn Stage>, String>;
+}
+
+/// The capability sections a route enables, in stage order, with their YAML keys.
+pub fn route_features(route: &RouteConfig) -> Vec<(&'static str, &dyn RouteFeature)> {
+    let mut features: Vec<(&'static str, &dyn RouteFeature)> = Vec::new();
+    if let Some(buffer) = route.buffer_request.as_ref().filter(|b| b.enabled()) {
+        features.push(("buffer_request", buffer));
+    }
+    if let Some(cache) = &route.cache {
+        features.push(("cache", cache));
+    }
+    features
+}
+
+/// Validates every capability section of every route.
+pub fn validate(config: &Config, route_paths: &[String], out: &mut Vec<FieldProblem>) {
+    let cx = ValidateCx { config };
+    for (route, base) in config.routes.iter().zip(route_paths) {
+        for (key, feature) in route_features(route) {
+            feature.validate(&format!("{base}.{key}"), &cx, out);
+        }
+    }
+}
+
+/// Builds a route's stages.
+pub fn build_stages(
+    config: &Config,
+    route: &RouteConfig,
+    services: &Services,
+) -> Result<Vec<Arc<dyn Stage>>, String> {
+    let cx = BuildCx {
+        config,
+        services,
+        route_name: &route.name,
+    };
+    route_features(route)
+        .into_iter()
+        .map(|(key, feature)| {
+            feature
+                .build(&cx)
+                .map_err(|e| format!("routes.{}.{key}: {e}", route.name))
+        })
+        .collect()
+}

@@ -1,0 +1,69 @@
+//! Reading a whole request body for stages that decide on it, bounded by the route's
+//! `max_body`, and forwarding it byte-exact afterwards.
+//!
+//! Pingora replays a body read in `request_filter` to the upstream by itself only up to its
+//! retry buffer (64 KiB); past that it would send the header and no body. Such requests are
+//! therefore handed, with their buffered body and the stages' state, to a subrequest that runs
+//! the same proxy path (see `proxy::subrequest`).
+
+use bytes::{Bytes, BytesMut};
+use pingora_proxy::Session;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("request body larger than this route's max_body ({limit} bytes)")]
+    TooLarge { limit: usize },
+    #[error("reading the request body failed: {0}")]
+    Read(Box<pingora_error::Error>),
+}
+
+/// Reads the whole body, or refuses it as soon as it is known to exceed `limit` (from
+/// `Content-Length` before reading anything, else while reading a chunked body).
+pub async fn read_bounded(session: &mut Session, limit: usize) -> Result<Bytes, BodyError> {
+    let declared = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(BodyError::TooLarge { limit });
+    }
+    // Pingora keeps a copy of what is read here and replays it to the upstream when it fits.
+    session.as_mut().enable_retry_buffering();
+    let mut body = BytesMut::with_capacity(declared.map_or(0, |l| l as usize));
+    while let Some(chunk) = session.read_request_body().await.map_err(BodyError::Read)? {
+        if body.len() + chunk.len() > limit {
+            return Err(BodyError::TooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// What to send upstream for one piece of the client's body when a stage replaced the body:
+/// nothing until the client's body ends, then the replacement. Pingora skips empty pieces.
+pub fn substitute(piece: &mut Option<Bytes>, end_of_stream: bool, replacement: &Bytes) {
+    *piece = if end_of_stream {
+        Some(replacement.clone())
+    } else {
+        Some(Bytes::new())
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replacement_goes_out_once_at_the_end() {
+        let replacement = Bytes::from_static(b"{\"query\":\"{ a }\"}");
+        let mut sent = Vec::new();
+        for (piece, end) in [(b"one".as_slice(), false), (b"two", false), (b"", true)] {
+            let mut p = Some(Bytes::copy_from_slice(piece));
+            substitute(&mut p, end, &replacement);
+            sent.extend_from_slice(&p.unwrap_or_default());
+        }
+        assert_eq!(sent, replacement);
+    }
+}

@@ -1,0 +1,168 @@
+//! What outrider changes on a request before it reaches the upstream, and the request-target
+//! rule that keeps what the app routes on equal to what outrider routed and keyed on.
+
+use std::net::IpAddr;
+
+use pingora_http::authority::{raw_target_authority, RawTargetAuthority};
+use pingora_http::RequestHeader;
+
+use crate::config::Upstream;
+
+/// The headers outrider sets on every request it forwards, foreground or background:
+/// `x-request-id`, `X-Forwarded-For` (appended), `X-Forwarded-Proto` (when absent), and for a TLS
+/// upstream (a provider API, which routes by Host) its own Host with the client's kept in
+/// `X-Forwarded-Host`.
+pub fn apply_forwarding_headers(
+    req: &mut RequestHeader,
+    client_ip: Option<IpAddr>,
+    upstream: Option<&Upstream>,
+    request_id: &http::HeaderValue,
+) -> pingora_error::Result<()> {
+    req.insert_header("x-request-id", request_id.clone())?;
+    if let Some(ip) = client_ip {
+        use std::fmt::Write;
+        let mut forwarded = String::with_capacity(48);
+        if let Some(prior) = req
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+        {
+            forwarded.push_str(prior);
+            forwarded.push_str(", ");
+        }
+        let _ = write!(forwarded, "{ip}");
+        req.insert_header("x-forwarded-for", forwarded)?;
+    }
+    // Behind an ingress that terminated TLS the client's scheme is already recorded; keep it.
+    if !req.headers.contains_key("x-forwarded-proto") {
+        req.insert_header("x-forwarded-proto", http::HeaderValue::from_static("http"))?;
+    }
+    if let Some(upstream) = upstream.filter(|u| u.tls) {
+        // A local app sees the client's Host; only the rewritten case needs X-Forwarded-Host.
+        if let Some(host) = req.headers.get(http::header::HOST).cloned() {
+            if !req.headers.contains_key("x-forwarded-host") {
+                req.insert_header("x-forwarded-host", host)?;
+            }
+        }
+        let host = if upstream.port == 443 {
+            upstream.host.clone()
+        } else {
+            format!("{}:{}", upstream.host, upstream.port)
+        };
+        req.insert_header(http::header::HOST, host)?;
+    }
+    Ok(())
+}
+
+/// Why a request target cannot be forwarded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TargetError {
+    #[error("absolute-form request target names {authority:?} but Host is {host:?}")]
+    AuthorityMismatch { authority: String, host: String },
+    #[error("absolute-form request target without a Host header")]
+    MissingHost,
+    #[error("request target cannot be rewritten to origin-form")]
+    Unrewritable,
+    #[error("request target has an ambiguous authority")]
+    Ambiguous,
+}
+
+/// Rewrites an absolute-form target (`GET http://shop/a?b HTTP/1.1`) to origin-form (`/a?b`),
+/// keeping the path and query bytes exactly, after checking that its authority is the Host.
+///
+/// Routing and cache keys use the path and the Host header; an upstream such as uvicorn routes
+/// on the raw target instead, so forwarding the absolute form would let a request be keyed as
+/// one resource and answered as another (nginx forwards origin-form for the same reason). The
+/// target is classified by Pingora's own parser, so both agree on where the authority ends.
+pub fn to_origin_form(req: &mut RequestHeader) -> Result<(), TargetError> {
+    let origin = match raw_target_authority(req.raw_path()) {
+        RawTargetAuthority::None => return Ok(()),
+        RawTargetAuthority::AmbiguousAuthority => return Err(TargetError::Ambiguous),
+        RawTargetAuthority::Absolute {
+            scheme,
+            authority,
+            path_and_query,
+        } => {
+            let host = req
+                .headers
+                .get(http::header::HOST)
+                .ok_or(TargetError::MissingHost)?;
+            if !same_authority(authority, host.as_bytes(), scheme) {
+                return Err(TargetError::AuthorityMismatch {
+                    authority: String::from_utf8_lossy(authority).into_owned(),
+                    host: String::from_utf8_lossy(host.as_bytes()).into_owned(),
+                });
+            }
+            match path_and_query.first() {
+                None => b"/".to_vec(),
+                Some(b'/') => path_and_query.to_vec(),
+                Some(_) => [b"/".as_slice(), path_and_query].concat(),
+            }
+        }
+    };
+    req.set_raw_path(&origin)
+        .map_err(|_| TargetError::Unrewritable)
+}
+
+/// Authority and Host name the same origin: equal ignoring ASCII case, where an explicit default
+/// port (`:80` for http, `:443` for https) equals none.
+fn same_authority(authority: &[u8], host: &[u8], scheme: &[u8]) -> bool {
+    let default_port: &[u8] = if scheme.eq_ignore_ascii_case(b"https") {
+        b":443"
+    } else {
+        b":80"
+    };
+    let strip = |v: &[u8]| -> Vec<u8> {
+        let v = v.trim_ascii();
+        let v = v.strip_suffix(default_port).unwrap_or(v);
+        v.to_ascii_lowercase()
+    };
+    strip(authority) == strip(host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(target: &str, host: Option<&str>) -> RequestHeader {
+        let mut r = RequestHeader::build("GET", target.as_bytes(), None).unwrap();
+        if let Some(h) = host {
+            r.insert_header("host", h).unwrap();
+        }
+        r
+    }
+
+    #[test]
+    fn absolute_form_becomes_origin_form_byte_exact() {
+        let mut r = req("http://shop/api/items/1?x=%2e%2e", Some("shop"));
+        to_origin_form(&mut r).unwrap();
+        assert_eq!(r.raw_path(), b"/api/items/1?x=%2e%2e");
+        assert_eq!(r.uri.path(), "/api/items/1");
+        let mut r = req("http://Shop:80?q", Some("shop"));
+        to_origin_form(&mut r).unwrap();
+        assert_eq!(r.raw_path(), b"/?q");
+        let mut r = req("http://shop/a/../b", Some("shop"));
+        to_origin_form(&mut r).unwrap();
+        assert_eq!(r.raw_path(), b"/a/../b", "never normalised");
+    }
+
+    #[test]
+    fn origin_form_is_left_alone() {
+        let mut r = req("/a/%2e%2e/b", Some("shop"));
+        to_origin_form(&mut r).unwrap();
+        assert_eq!(r.raw_path(), b"/a/%2e%2e/b");
+    }
+
+    #[test]
+    fn authority_must_match_host() {
+        let mut r = req("http://evil/api", Some("shop"));
+        assert!(matches!(
+            to_origin_form(&mut r),
+            Err(TargetError::AuthorityMismatch { .. })
+        ));
+        let mut r = req("http://shop/api", None);
+        assert_eq!(to_origin_form(&mut r), Err(TargetError::MissingHost));
+        let mut r = req("https://shop:443/api", Some("SHOP"));
+        assert!(to_origin_form(&mut r).is_ok());
+    }
+}

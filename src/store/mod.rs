@@ -1,0 +1,40 @@
+//! The shared two-tier store every feature caches in: BLAKE3 keys, one versioned entry format,
+//! a byte-bounded in-process L1, Redis as shared L2 behind timeouts and a circuit breaker,
+//! single-flight, purge, stats and metrics.
+//!
+//! It owns *where* entries live and for how long they are kept (their retention); it must not
+//! know Pingora, the config module or HTTP freshness rules. Features (the HTTP cache, and next
+//! APQ, LLM, inference) derive their own [`CacheKey`] (`CacheKey::http`, `CacheKey::from_parts`)
+//! under their own namespace and decide freshness themselves.
+
+mod breaker;
+mod core;
+mod entry;
+mod error;
+mod flight;
+mod key;
+mod l1;
+mod l2;
+pub mod metrics;
+
+#[cfg(test)]
+mod redis_tests;
+#[cfg(test)]
+mod testsupport;
+
+pub use self::breaker::{BreakerSettings, BreakerState};
+pub use self::core::{
+    CacheOptions, CacheSettings, Lookup, Outcome, PurgeReport, PurgeTarget, Store, Tier,
+};
+pub use self::entry::StoredResponse;
+pub use self::error::CacheError;
+pub use self::flight::{Flight, FollowerWait, LeaderGuard, RevalidationGuard};
+pub use self::key::CacheKey;
+pub use self::l2::RedisState;
+pub use self::metrics::CacheMetrics;
+
+/// A realistic stored entry for tests of features built on the store.
+#[cfg(test)]
+pub(crate) fn entry_for_tests(body_len: usize) -> StoredResponse {
+    entry::sample_entry(body_len)
+}

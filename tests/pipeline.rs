@@ -1,0 +1,268 @@
+//! The request pipeline end to end: bounded request bodies forwarded byte-exact, connections
+//! kept after answers a stage substitutes, and cache rules judged by the live config.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::time::Duration;
+
+use support::{client, Backend, Proxy};
+
+fn config(app: &str) -> String {
+    format!(
+        r#"
+listen: "{{listen}}"
+admin: {{ listen: "{{admin}}" }}
+upstreams:
+  app: {{ url: "{app}", timeout: 5s }}
+routes:
+  - name: upload
+    match: {{ path_prefix: /echo/upload }}
+    upstream: app
+    buffer_request: true
+    max_body: 2MiB
+  - name: etag
+    match: {{ path_prefix: /etag }}
+    upstream: app
+    cache: {{ ttl: 1s }}
+  - name: flaky
+    match: {{ path_prefix: /status }}
+    upstream: app
+    cache: {{ ttl: 1s, stale_if_error: 1h }}
+  - name: items
+    match: {{ path_prefix: /echo/items }}
+    upstream: app
+    cache: {{ ttl: 1s }}
+  - name: rest
+    match: {{ path_prefix: / }}
+    upstream: app
+"#
+    )
+}
+
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+#[tokio::test]
+async fn buffered_bodies_reach_the_upstream_byte_exact_up_to_max_body() {
+    let app = Backend::start("app").await;
+    let proxy = Proxy::start(&config(&app.url())).await;
+    let c = client();
+    // Around Pingora's 64 KiB replay buffer, and well past it.
+    for n in [0, 65_535, 65_537, 1 << 20] {
+        let body = pattern(n);
+        let resp = c
+            .post(proxy.url("/echo/upload"))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{n} bytes");
+        let echo: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(echo["body_len"], n, "{n} bytes");
+        assert_eq!(
+            echo["body_blake3"],
+            blake3::hash(&body).to_hex().to_string(),
+            "{n} bytes"
+        );
+    }
+    // A chunked body of 1 MiB in uneven pieces.
+    let body = pattern(1 << 20);
+    let pieces: Vec<Result<Vec<u8>, std::io::Error>> =
+        body.chunks(10_007).map(|c| Ok(c.to_vec())).collect();
+    let resp = c
+        .post(proxy.url("/echo/upload"))
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(pieces)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let echo: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(echo["body_len"], 1 << 20);
+    assert_eq!(
+        echo["body_blake3"],
+        blake3::hash(&body).to_hex().to_string()
+    );
+    let forwarded = app.hits("/echo/upload");
+    assert_eq!(forwarded, 5);
+
+    // Over max_body: 413 with a JSON error, declared length or chunked, and the app sees nothing.
+    let resp = c
+        .post(proxy.url("/echo/upload"))
+        .body(pattern(3 << 20))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    let error: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(error["error"], "payload_too_large");
+    let pieces: Vec<Result<Vec<u8>, std::io::Error>> = pattern(3 << 20)
+        .chunks(65_536)
+        .map(|c| Ok(c.to_vec()))
+        .collect();
+    let chunked = c
+        .post(proxy.url("/echo/upload"))
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(pieces)))
+        .send()
+        .await;
+    // The proxy answers as soon as the limit is passed; the client may still be sending.
+    if let Ok(resp) = chunked {
+        assert_eq!(resp.status(), 413);
+    }
+    assert_eq!(app.hits("/echo/upload"), forwarded);
+    // The proxy keeps serving.
+    let ok = c.get(proxy.url("/echo/after")).send().await.unwrap();
+    assert_eq!(ok.status(), 200);
+}
+
+/// One keep-alive connection speaking HTTP/1.1 with Content-Length bodies.
+struct Conn {
+    reader: BufReader<std::net::TcpStream>,
+}
+
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+impl Conn {
+    fn open(port: u16) -> Conn {
+        let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Conn {
+            reader: BufReader::new(s),
+        }
+    }
+
+    fn get(&mut self, path: &str) -> Reply {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n");
+        self.reader.get_mut().write_all(req.as_bytes()).unwrap();
+        let mut line = String::new();
+        self.reader.read_line(&mut line).unwrap();
+        let status = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status line, got {line:?}"));
+        let mut headers = Vec::new();
+        loop {
+            let mut h = String::new();
+            self.reader.read_line(&mut h).unwrap();
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((n, v)) = h.split_once(':') {
+                headers.push((n.trim().to_string(), v.trim().to_string()));
+            }
+        }
+        let len: usize = headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0; len];
+        self.reader.read_exact(&mut body).unwrap();
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+}
+
+#[tokio::test]
+async fn substituted_answers_keep_the_connection_and_entries_outlive_their_ttl_for_304s() {
+    let app = Backend::start("app").await;
+    let proxy = Proxy::start(&config(&app.url())).await;
+    let port = proxy.port;
+    let replies = tokio::task::spawn_blocking(move || {
+        let mut conn = Conn::open(port);
+        let first = conn.get("/etag/k");
+        // The route has no stale window: the entry is expired, but kept (`keep`) so it can be
+        // revalidated with a conditional request instead of fetched in full.
+        std::thread::sleep(Duration::from_millis(1100));
+        let revalidated = conn.get("/etag/k");
+        let after = conn.get("/etag/k");
+        let stored = conn.get("/status/200");
+        (first, revalidated, after, stored)
+    })
+    .await
+    .unwrap();
+    let (first, revalidated, after, _) = replies;
+    assert_eq!(first.header("x-cache-status"), Some("MISS"));
+    assert_eq!(
+        (revalidated.status, revalidated.header("x-cache-status")),
+        (200, Some("REVALIDATED"))
+    );
+    assert_eq!(
+        revalidated.body, first.body,
+        "the stored body, renewed by a 304"
+    );
+    assert_ne!(revalidated.header("connection"), Some("close"));
+    assert_eq!(
+        after.header("x-cache-status"),
+        Some("HIT"),
+        "same connection"
+    );
+    assert_eq!(app.hits("/etag/k"), 2);
+
+    // A stale entry standing in for a 5xx keeps the connection too.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    app.set_failing(true);
+    let replies = tokio::task::spawn_blocking(move || {
+        let mut conn = Conn::open(port);
+        (conn.get("/status/200"), conn.get("/echo/other"))
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        (replies.0.status, replies.0.header("x-cache-status")),
+        (200, Some("STALE"))
+    );
+    assert_eq!(replies.1.status, 503, "answered on the same connection");
+}
+
+#[tokio::test]
+async fn raising_a_ttl_by_reload_applies_to_stored_entries() {
+    let app = Backend::start("app").await;
+    let proxy = Proxy::start(&config(&app.url())).await;
+    let get = |path: &'static str| {
+        let c = client();
+        let url = proxy.url(path);
+        async move {
+            let r = c.get(url).send().await.unwrap();
+            r.headers()
+                .get("x-cache-status")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string()
+        }
+    };
+    assert_eq!(get("/echo/items/t").await, "MISS");
+    proxy.write_config(&config(&app.url()).replace(
+        "path_prefix: /echo/items }\n    upstream: app\n    cache: { ttl: 1s }",
+        "path_prefix: /echo/items }\n    upstream: app\n    cache: { ttl: 5m }",
+    ));
+    let resp = client().post(proxy.admin("/reload")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        get("/echo/items/t").await,
+        "HIT",
+        "the entry stored under a 1 s TTL is fresh under the new 5 m one"
+    );
+    assert_eq!(app.hits("/echo/items/t"), 1);
+}
