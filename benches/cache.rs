@@ -1,4 +1,5 @@
-//! Hot paths of the cache core: key derivation, entry encode/decode, and the L1 hit.
+//! Hot paths of the cache: key derivation, entry encode/decode, the L1 hit, the single-flight
+//! locks every cacheable miss takes, and the HTTP cache stage answering a hit end to end.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;
@@ -6,7 +7,12 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use outrider::store::{CacheKey, CacheSettings, Store, StoredResponse};
+use std::sync::Arc;
+
+use outrider::cache::policy::RoutePolicy;
+use outrider::cache::HttpCache;
+use outrider::pipeline::{Effects, RequestCx, Slot, Stage, Verdict};
+use outrider::store::{CacheKey, CacheSettings, Flight, Store, StoredResponse};
 
 fn entry(body: usize) -> StoredResponse {
     StoredResponse {
@@ -25,7 +31,7 @@ fn entry(body: usize) -> StoredResponse {
         body: Bytes::from(vec![b'x'; body]),
         stored_at: SystemTime::now(),
         ttl: Duration::from_secs(3600),
-        retention: Duration::from_secs(660),
+        retention: Duration::from_secs(7200),
         namespace: "items".into(),
         label: "/api/items/42".into(),
     }
@@ -115,5 +121,81 @@ fn l1_hit(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, keys, codec, l1_hit);
+/// The per-key locks of a miss: join or lead the flight, then release it. Sharded
+/// parking_lot maps: no lock is shared by unrelated keys.
+fn flights(c: &mut Criterion) {
+    let Ok(store) = Store::new(CacheSettings::default(), &prometheus::Registry::new()) else {
+        return;
+    };
+    let mut n = 0u64;
+    c.bench_function("flight/lead_and_complete", |b| {
+        b.iter(|| {
+            n += 1;
+            let key = CacheKey::from_parts("bench", "", &[&n.to_le_bytes()]);
+            if let Flight::Leader(guard) = store.single_flight(black_box(&key)) {
+                guard.complete(None);
+            }
+        })
+    });
+    // Two threads hammering different keys at once: contention on the flight map.
+    c.bench_function("flight/lead_and_complete_2_threads", |b| {
+        b.iter_custom(|iters| {
+            let started = std::time::Instant::now();
+            std::thread::scope(|s| {
+                for t in 0..2u64 {
+                    let store = &store;
+                    s.spawn(move || {
+                        for i in 0..iters {
+                            let key = CacheKey::from_parts(
+                                "bench",
+                                "",
+                                &[&t.to_le_bytes(), &i.to_le_bytes()],
+                            );
+                            if let Flight::Leader(guard) = store.single_flight(&key) {
+                                guard.complete(None);
+                            }
+                        }
+                    });
+                }
+            });
+            started.elapsed()
+        })
+    });
+}
+
+/// What a cached GET costs in the cache stage: decision, key, L1 lookup, freshness, answer.
+fn stage_hit(c: &mut Criterion) {
+    let Ok(store) = Store::new(CacheSettings::default(), &prometheus::Registry::new()) else {
+        return;
+    };
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() else {
+        return;
+    };
+    let stage = HttpCache::new(store.clone(), Arc::new(RoutePolicy::default()), "items");
+    let key = CacheKey::http("items", "GET", "h", "/api/items/42", None, &[], None);
+    store.store_now(&key, entry(1024));
+    let Ok(mut req) = pingora_http::RequestHeader::build("GET", b"/api/items/42", None) else {
+        return;
+    };
+    let _ = req.insert_header("host", "h");
+    c.bench_function("stage/cache_hit", |b| {
+        b.iter(|| {
+            let mut slot: Slot = None;
+            let mut effects = Effects::default();
+            let mut cx = RequestCx::new(
+                &req,
+                None,
+                "items",
+                Duration::from_secs(1),
+                &mut slot,
+                0,
+                &mut effects,
+            );
+            let verdict = rt.block_on(stage.on_request(&mut cx));
+            assert!(matches!(verdict, Ok(Verdict::Answer(_))));
+        })
+    });
+}
+
+criterion_group!(benches, keys, codec, l1_hit, flights, stage_hit);
 criterion_main!(benches);

@@ -49,6 +49,11 @@ fn main() -> ExitCode {
         },
         Command::Check { config } => match outrider::server::load(Some(&config)) {
             Ok((cfg, _)) => {
+                // Build the stages too, as `run` would, so nothing valid-looking fails at start.
+                if let Err(message) = outrider::server::compile_check(&cfg) {
+                    eprintln!("{}: {message}", config.display());
+                    return ExitCode::from(1);
+                }
                 println!(
                     "{}: ok ({} routes, {} upstreams)",
                     config.display(),

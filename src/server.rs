@@ -61,6 +61,12 @@ pub fn load(path: Option<&std::path::Path>) -> Result<(Config, String), ConfigEr
     }
 }
 
+/// Compiles a loaded config against an in-memory store, as `run` would at start.
+pub fn compile_check(config: &Config) -> Result<(), String> {
+    let services = Services::in_memory().map_err(|e| e.to_string())?;
+    ActiveConfig::compile(config.clone(), 1, &services).map(|_| ())
+}
+
 /// Runs the proxy until SIGTERM/SIGINT and a drain; returns when the process should exit 0.
 pub fn run(path: Option<PathBuf>) -> Result<(), StartError> {
     let (config, text) = load(path.as_deref())?;

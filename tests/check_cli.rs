@@ -155,3 +155,49 @@ fn missing_file_is_a_clear_error() {
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("/nonexistent/outrider.yaml: cannot read config"));
 }
+
+/// The exact text users read for each kind of mistake, pinned so a change to it is reviewed
+/// (`tests/snapshots/`; update with INSTA_UPDATE=always after checking the diff).
+#[test]
+fn check_messages_are_stable() {
+    let cases: Vec<(&str, String)> = vec![
+        ("unknown top-level key", format!("{BASE}listn: 1\n")),
+        (
+            "unknown key in a capability section",
+            BASE.replace("upstream: app", "upstream: app\n    cache: { tll: 5m }"),
+        ),
+        ("wrong type", format!("{BASE}threads: many\n")),
+        (
+            "bad duration",
+            BASE.replace("8000\" }", "8000\", timeout: 3 parsecs }"),
+        ),
+        (
+            "bad size",
+            format!("{BASE}cache: {{ memory: {{ max_size: 12 furlongs }} }}\n"),
+        ),
+        (
+            "unknown upstream and duplicate route",
+            format!(
+                "{}  - name: all\n    match: {{ path: /x }}\n    upstream: app\n",
+                BASE.replace("upstream: app", "upstream: ap")
+            ),
+        ),
+        (
+            "capability semantics",
+            BASE.replace(
+                "upstream: app",
+                "upstream: app\n    cache: { ttl: 0s, statuses: [700], key: { headers: [\"bad header\"] } }",
+            ),
+        ),
+        ("zero max_body", BASE.replace("upstream: app", "upstream: app\n    max_body: 0")),
+        ("syntax and semantics together", "listen: nowhere\nupstreams:\n  app: { url: \"ftp://x\" }\nroutes:\n  - name: a\n    match: { path: nope, methods: [FETCH] }\n    upstream: zzz\n  - name: b\n    match: {}\n    upstream: app\n    bogus: 1\n".to_string()),
+        ("invalid YAML", "routes: [\n  - name: x\n".to_string()),
+    ];
+    let mut report = String::new();
+    for (name, text) in cases {
+        let (ok, _, stderr) = check(&text);
+        assert!(!ok, "{name} should fail");
+        report.push_str(&format!("## {name}\n{stderr}\n"));
+    }
+    insta::assert_snapshot!(report);
+}

@@ -154,3 +154,76 @@ fn broken_copies_fail_check_with_a_position() {
     // A route pointing at an upstream that does not exist.
     assert_broken_copy_fails("k8s/outrider.yaml", "upstream: app", "upstream: ap");
 }
+
+/// `outrider schema` as JSON, from the binary users run.
+fn schema() -> serde_json::Value {
+    let out = Command::new(BIN).arg("schema").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn yaml_as_json(text: &str) -> serde_json::Value {
+    let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).unwrap();
+    serde_json::to_value(yaml).unwrap()
+}
+
+#[test]
+fn every_shipped_config_validates_against_the_schema() {
+    let schema = schema();
+    assert_eq!(schema["title"], "outrider configuration");
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let configs = shipped_configs();
+    assert!(configs.len() >= 3, "{configs:?}");
+    for path in configs {
+        let doc = yaml_as_json(&std::fs::read_to_string(&path).unwrap());
+        let errors: Vec<String> = validator
+            .iter_errors(&doc)
+            .map(|e| format!("{} at {}", e, e.instance_path))
+            .collect();
+        assert!(errors.is_empty(), "{}: {errors:?}", path.display());
+    }
+    // The embedded default is what `outrider run` uses with no file.
+    let embedded =
+        yaml_as_json(&std::fs::read_to_string(root().join("config/outrider.yaml")).unwrap());
+    assert!(validator.is_valid(&embedded));
+}
+
+#[test]
+fn the_schema_rejects_what_the_loader_rejects() {
+    let validator = jsonschema::validator_for(&schema()).unwrap();
+    let base = "upstreams:\n  app: { url: \"http://127.0.0.1:8000\" }\nroutes:\n  - name: all\n    match: { path_prefix: / }\n    upstream: app\n";
+    assert!(validator.is_valid(&yaml_as_json(base)));
+    for (mistake, text) in [
+        ("unknown top-level key", format!("{base}lisen: 1\n")),
+        ("unknown route key", format!("{base}    cahce: {{}}\n")),
+        (
+            "unknown cache key",
+            format!("{base}    cache: {{ tll: 5m }}\n"),
+        ),
+        (
+            "duration as a number",
+            format!("{base}    cache: {{ ttl: 5 }}\n"),
+        ),
+        (
+            "size with a bad unit",
+            format!("{base}    max_body: 4 parsecs\n"),
+        ),
+        (
+            "buffer_request not a bool",
+            format!("{base}    buffer_request: yes please\n"),
+        ),
+    ] {
+        assert!(!validator.is_valid(&yaml_as_json(&text)), "{mistake}");
+    }
+}
+
+/// The schema editors and CI consume, pinned so a change to the config surface is reviewed.
+#[test]
+fn the_schema_is_pinned() {
+    let text = serde_json::to_string_pretty(&schema()).unwrap();
+    insta::assert_snapshot!(text);
+}

@@ -578,6 +578,12 @@ fn validate(parsed: &Parsed, spans: &SpanMap, problems: &mut Vec<Problem>) {
                 }
             }
         }
+        if route.max_body.0 == 0 {
+            problems.push(spans.problem(
+                &format!("{base}.max_body"),
+                format!("{base}.max_body: must be greater than zero"),
+            ));
+        }
         for (j, method) in m.methods.iter().enumerate() {
             if !KNOWN_METHODS.contains(&method.to_ascii_uppercase().as_str()) {
                 problems.push(spans.problem(
