@@ -190,6 +190,13 @@ fn check_messages_are_stable() {
             ),
         ),
         ("zero max_body", BASE.replace("upstream: app", "upstream: app\n    max_body: 0")),
+        (
+            "upstream_by_header: unknown upstream, cache not keyed on the header",
+            BASE.replace(
+                "upstream: app",
+                "upstream: app\n    upstream_by_header: { header: x-canary, upstreams: { \"1\": canary } }\n    cache: { ttl: 5m }",
+            ),
+        ),
         ("syntax and semantics together", "listen: nowhere\nupstreams:\n  app: { url: \"ftp://x\" }\nroutes:\n  - name: a\n    match: { path: nope, methods: [FETCH] }\n    upstream: zzz\n  - name: b\n    match: {}\n    upstream: app\n    bogus: 1\n".to_string()),
         ("invalid YAML", "routes: [\n  - name: x\n".to_string()),
     ];

@@ -266,3 +266,59 @@ async fn raising_a_ttl_by_reload_applies_to_stored_entries() {
     );
     assert_eq!(app.hits("/echo/items/t"), 1);
 }
+
+#[tokio::test]
+async fn a_stage_can_send_a_request_to_another_upstream() {
+    let stable = Backend::start("stable").await;
+    let canary = Backend::start("canary").await;
+    let cfg = format!(
+        r#"
+listen: "{{listen}}"
+admin: {{ listen: "{{admin}}" }}
+upstreams:
+  stable: {{ url: "{}" }}
+  canary: {{ url: "{}" }}
+routes:
+  - name: api
+    match: {{ path_prefix: / }}
+    upstream: stable
+    upstream_by_header: {{ header: x-canary, upstreams: {{ "1": canary }} }}
+    cache: {{ ttl: 5m, key: {{ headers: [x-canary] }} }}
+"#,
+        stable.url(),
+        canary.url()
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let c = client();
+    let backend_of = |resp: serde_json::Value| resp["backend"].as_str().unwrap_or("").to_string();
+    let plain: serde_json::Value = c
+        .get(proxy.url("/echo/a"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(backend_of(plain), "stable");
+    let routed: serde_json::Value = c
+        .get(proxy.url("/echo/a"))
+        .header("x-canary", "1")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(backend_of(routed), "canary", "not the stable entry");
+    let other: serde_json::Value = c
+        .get(proxy.url("/echo/a"))
+        .header("x-canary", "0")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(backend_of(other), "stable");
+    assert_eq!(canary.hits("/echo/a"), 1);
+}

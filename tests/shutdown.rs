@@ -105,3 +105,69 @@ async fn idle_proxy_exits_promptly_and_stops_accepting() {
         "listener closed"
     );
 }
+
+/// A response stored just before SIGTERM still reaches Redis: the drain waits for queued
+/// writes (here held up by a paused Redis) instead of exiting as soon as no request is left.
+#[tokio::test]
+async fn queued_redis_writes_are_finished_before_exit() {
+    let app = Backend::start("app").await;
+    let redis = support::Redis::start();
+    let cfg = format!(
+        r#"
+listen: "{{listen}}"
+admin: {{ listen: "{{admin}}" }}
+upstreams:
+  app: {{ url: "{}", timeout: 10s }}
+cache:
+  redis: {{ url: "{}", timeout: 200ms }}
+  max_entry_size: 32MiB
+shutdown:
+  grace_period: 20s
+routes:
+  - name: items
+    match: {{ path_prefix: / }}
+    upstream: app
+    cache: {{ ttl: 5m }}
+"#,
+        app.url(),
+        redis.url()
+    );
+    let mut proxy = Proxy::start(&cfg).await;
+    let ready = proxy.admin("/ready");
+    support::wait_for("redis up", Duration::from_secs(10), || async {
+        let body = client().get(&ready).send().await.ok()?.text().await.ok()?;
+        body.contains("\"up\"").then_some(())
+    })
+    .await;
+    let pause = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &redis.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    pause("-STOP");
+    // Larger than loopback socket buffers: the SET cannot be handed to the kernel while Redis
+    // is paused, so it is still queued in outrider when the signal arrives.
+    let resp = client()
+        .get(proxy.url("/big/25165824"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-cache-status"], "MISS");
+    assert_eq!(resp.bytes().await.unwrap().len(), 25_165_824);
+    proxy.signal(libc::SIGTERM);
+    // Long enough for the old behaviour (exit ~0.1 s after the last request) to lose the write.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    pause("-CONT");
+    let (status, log) = tokio::task::spawn_blocking(move || {
+        let status = proxy.wait_exit(Duration::from_secs(15));
+        (status, proxy.log())
+    })
+    .await
+    .unwrap();
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+    let keys = redis.cli(&["--scan", "--pattern", "*/big/*"]);
+    assert!(keys.contains("/big/25165824"), "keys: {keys:?}\n{log}");
+}

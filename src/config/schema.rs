@@ -225,6 +225,9 @@ pub struct RouteConfig {
     /// Read the whole request body before contacting the upstream (see `buffering`).
     #[serde(default)]
     pub buffer_request: Option<crate::buffering::BufferRequest>,
+    /// Send requests with a listed header value to another upstream.
+    #[serde(default)]
+    pub upstream_by_header: Option<crate::upstream_by_header::UpstreamByHeader>,
     /// HTTP response caching for this route (see `cache`).
     #[serde(default)]
     pub cache: Option<crate::cache::RouteCacheConfig>,

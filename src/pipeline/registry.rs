@@ -44,6 +44,8 @@ impl FieldProblem {
 /// What validation may look at besides the section itself.
 pub struct ValidateCx<'a> {
     pub config: &'a Config,
+    /// The route the section belongs to (its other sections included).
+    pub route: &'a RouteConfig,
 }
 
 /// What building a stage may use.
@@ -67,6 +69,9 @@ pub fn route_features(route: &RouteConfig) -> Vec<(&'static str, &dyn RouteFeatu
     if let Some(buffer) = route.buffer_request.as_ref().filter(|b| b.enabled()) {
         features.push(("buffer_request", buffer));
     }
+    if let Some(router) = &route.upstream_by_header {
+        features.push(("upstream_by_header", router));
+    }
     if let Some(cache) = &route.cache {
         features.push(("cache", cache));
     }
@@ -75,8 +80,8 @@ pub fn route_features(route: &RouteConfig) -> Vec<(&'static str, &dyn RouteFeatu
 
 /// Validates every capability section of every route.
 pub fn validate(config: &Config, route_paths: &[String], out: &mut Vec<FieldProblem>) {
-    let cx = ValidateCx { config };
     for (route, base) in config.routes.iter().zip(route_paths) {
+        let cx = ValidateCx { config, route };
         for (key, feature) in route_features(route) {
             feature.validate(&format!("{base}.{key}"), &cx, out);
         }
