@@ -245,12 +245,21 @@ impl ShutdownSignalWatch for DrainOnSignal {
             _ = int.recv() => "SIGINT",
             _ = quit.recv() => "SIGQUIT",
         };
-        let grace = self.live.snapshot().config.shutdown.grace_period.get();
-        tracing::info!(signal = which, in_flight = self.metrics.in_flight.get(), grace = ?grace, "draining");
+        let shutdown = self.live.snapshot().config.shutdown.clone();
+        let grace = shutdown.grace_period.get();
+        let ready_delay = shutdown.ready_delay.get().min(grace);
+        tracing::info!(signal = which, in_flight = self.metrics.in_flight.get(), grace = ?grace, ready_delay = ?ready_delay, "draining");
+        // From here /ready is 503 and every response says `Connection: close`.
         self.lifecycle.draining.store(true, Ordering::SeqCst);
+        if !ready_delay.is_zero() {
+            // Keep accepting until endpoints have had time to drop this replica.
+            tokio::time::sleep(ready_delay).await;
+            tracing::info!("ready delay over; closing the listener");
+        }
         let metrics = self.metrics.clone();
         let store = self.store.clone();
-        std::thread::spawn(move || exit_when_idle(metrics, store, grace));
+        let remaining = grace.saturating_sub(ready_delay);
+        std::thread::spawn(move || exit_when_idle(metrics, store, remaining));
         ShutdownSignal::GracefulTerminate
     }
 }

@@ -45,6 +45,10 @@ routes:
     match: {{ path_prefix: /big }}
     upstream: app
     cache: {{ ttl: 5m }}
+  - name: refreshable
+    match: {{ path_prefix: /echo/refreshable }}
+    upstream: app
+    cache: {{ ttl: 5m, client_no_cache: refresh }}
   - name: statuses
     match: {{ path_prefix: /status/ }}
     upstream: app
@@ -222,7 +226,8 @@ async fn uncacheable_responses_and_private_requests() {
     );
     assert_eq!(get(&proxy, "/echo/private/p", &[]).await.cache, "MISS");
 
-    // Request no-store bypasses; no-cache refetches and refreshes the entry.
+    // Request no-store bypasses; no-cache is served from the cache by default (a client cannot
+    // make a shared entry be refetched or overwritten), and refetches where the route says so.
     get(&proxy, "/echo/items/r", &[]).await;
     assert_eq!(
         get(&proxy, "/echo/items/r", &[("cache-control", "no-store")])
@@ -230,15 +235,47 @@ async fn uncacheable_responses_and_private_requests() {
             .cache,
         "BYPASS"
     );
-    let refreshed = get(&proxy, "/echo/items/r", &[("cache-control", "no-cache")]).await;
+    let ignored = get(&proxy, "/echo/items/r", &[("cache-control", "no-cache")]).await;
+    assert_eq!(ignored.cache, "HIT");
+    assert_eq!(
+        get(&proxy, "/echo/items/r", &[("pragma", "no-cache")])
+            .await
+            .cache,
+        "HIT"
+    );
+    assert_eq!(
+        app.hits("/echo/items/r"),
+        2,
+        "only the no-store request went upstream"
+    );
+
+    let first = get(&proxy, "/echo/refreshable/r", &[]).await;
+    let refreshed = get(
+        &proxy,
+        "/echo/refreshable/r",
+        &[("cache-control", "no-cache")],
+    )
+    .await;
     assert_eq!(refreshed.cache_status, "outrider; fwd=request; stored");
-    let after = get(&proxy, "/echo/items/r", &[]).await;
+    assert_ne!(refreshed.body, first.body);
+    let after = get(&proxy, "/echo/refreshable/r", &[]).await;
     assert_eq!(after.cache, "HIT");
     assert_eq!(
         after.body, refreshed.body,
         "the refetched response replaced the entry"
     );
-    assert_eq!(app.hits("/echo/items/r"), 3);
+    // A refetch whose response cannot be stored leaves the entry alone.
+    let unstorable = get(
+        &proxy,
+        "/echo/refreshable/r",
+        &[("cache-control", "no-cache"), ("x-test-set-cookie", "1")],
+    )
+    .await;
+    assert_eq!(unstorable.status, 200);
+    assert_eq!(
+        get(&proxy, "/echo/refreshable/r", &[]).await.body,
+        refreshed.body
+    );
 
     // Too large for cache.max_entry_size (64KiB): streamed through, not stored.
     let big = get(&proxy, "/big/70000", &[]).await;

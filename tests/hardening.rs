@@ -112,3 +112,59 @@ async fn background_revalidation_sends_the_exact_target_bytes() {
         "the refresh must not normalise the path"
     );
 }
+
+/// With stdout not being read at all, traffic keeps flowing: log lines are dropped once the
+/// bounded queue is full, and counted.
+#[tokio::test]
+async fn a_blocked_stdout_costs_log_lines_not_requests() {
+    use std::process::{Command, Stdio};
+    let app = Backend::start("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin_port) = (support::free_port(), support::free_port());
+    let config_path = dir.path().join("outrider.yaml");
+    std::fs::write(
+        &config_path,
+        support::render(&config(&app.url()), port, admin_port),
+    )
+    .unwrap();
+    let log_path = dir.path().join("unused.log");
+    // stdout is a pipe nobody reads: it fills after a few hundred lines.
+    let child = Command::new(env!("CARGO_BIN_EXE_outrider"))
+        .args(["run", "--config"])
+        .arg(&config_path)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let proxy = Proxy::from_parts(child, port, admin_port, dir, config_path, log_path);
+    proxy.wait_until_ready().await;
+    let c = support::client();
+    let url = proxy.url("/api/items/log");
+    let total = 20_000usize;
+    let workers: Vec<_> = (0..32)
+        .map(|w| {
+            let (c, url) = (c.clone(), url.clone());
+            tokio::spawn(async move {
+                let mut ok = 0;
+                for _ in (w..total).step_by(32) {
+                    if let Ok(r) = c.get(&url).send().await {
+                        if r.status() == 200 && r.bytes().await.is_ok() {
+                            ok += 1;
+                        }
+                    }
+                }
+                ok
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for w in workers {
+        ok += w.await.unwrap();
+    }
+    assert_eq!(ok, total, "every request answered while stdout is blocked");
+    let metrics = proxy.metrics().await;
+    let dropped =
+        support::metric_value(&metrics, "outrider_log_lines_dropped_total", &[]).unwrap_or(0.0);
+    assert!(dropped > 0.0, "dropped lines are counted:\n{metrics}");
+}

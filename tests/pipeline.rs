@@ -4,10 +4,9 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
 use std::time::Duration;
 
-use support::{client, Backend, Proxy};
+use support::{client, Backend, Conn, Proxy};
 
 fn config(app: &str) -> String {
     format!(
@@ -115,72 +114,6 @@ async fn buffered_bodies_reach_the_upstream_byte_exact_up_to_max_body() {
     // The proxy keeps serving.
     let ok = c.get(proxy.url("/echo/after")).send().await.unwrap();
     assert_eq!(ok.status(), 200);
-}
-
-/// One keep-alive connection speaking HTTP/1.1 with Content-Length bodies.
-struct Conn {
-    reader: BufReader<std::net::TcpStream>,
-}
-
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-impl Conn {
-    fn open(port: u16) -> Conn {
-        let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        Conn {
-            reader: BufReader::new(s),
-        }
-    }
-
-    fn get(&mut self, path: &str) -> Reply {
-        let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n");
-        self.reader.get_mut().write_all(req.as_bytes()).unwrap();
-        let mut line = String::new();
-        self.reader.read_line(&mut line).unwrap();
-        let status = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("no status line, got {line:?}"));
-        let mut headers = Vec::new();
-        loop {
-            let mut h = String::new();
-            self.reader.read_line(&mut h).unwrap();
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((n, v)) = h.split_once(':') {
-                headers.push((n.trim().to_string(), v.trim().to_string()));
-            }
-        }
-        let len: usize = headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
-            .and_then(|(_, v)| v.parse().ok())
-            .unwrap_or(0);
-        let mut body = vec![0; len];
-        self.reader.read_exact(&mut body).unwrap();
-        Reply {
-            status,
-            headers,
-            body,
-        }
-    }
 }
 
 #[tokio::test]

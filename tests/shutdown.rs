@@ -171,3 +171,65 @@ routes:
     let keys = redis.cli(&["--scan", "--pattern", "*/big/*"]);
     assert!(keys.contains("/big/25165824"), "keys: {keys:?}\n{log}");
 }
+
+/// A rollout loses no request of a client that honours `Connection: close`: after the signal
+/// the proxy keeps serving for `ready_delay` while `/ready` says 503, and every response —
+/// including one already in flight at the signal — tells the client to reconnect.
+#[tokio::test]
+async fn during_the_ready_delay_every_response_says_connection_close() {
+    let app = Backend::start("app").await;
+    let cfg =
+        config(&app.url()).replace("grace_period: 20s", "grace_period: 20s\n  ready_delay: 2s");
+    let mut proxy = Proxy::start(&cfg).await;
+    let port = proxy.port;
+    // One connection with a request in flight across the signal, one idle keep-alive one.
+    let in_flight = tokio::task::spawn_blocking(move || {
+        let mut conn = support::Conn::open(port);
+        conn.get("/slow/1000")
+    });
+    let idle = tokio::task::spawn_blocking(move || {
+        let mut conn = support::Conn::open(port);
+        let first = conn.get("/echo/first");
+        (conn, first)
+    })
+    .await
+    .unwrap();
+    let (mut idle_conn, first) = idle;
+    assert_eq!(first.status, 200);
+    assert_ne!(first.header("connection"), Some("close"));
+    support::wait_for(
+        "the slow request upstream",
+        Duration::from_secs(10),
+        || async { (app.hits("/slow/1000") == 1).then_some(()) },
+    )
+    .await;
+    proxy.signal(libc::SIGTERM);
+    let admin = proxy.admin("/ready");
+    support::wait_for("/ready 503", Duration::from_secs(5), || async {
+        let ready = client().get(&admin).send().await.ok()?;
+        (ready.status() == 503).then_some(())
+    })
+    .await;
+    let (reused, fresh) = tokio::task::spawn_blocking(move || {
+        let reused = idle_conn.get("/echo/after-signal");
+        let fresh = support::Conn::open(port).get("/echo/new-connection");
+        (reused, fresh)
+    })
+    .await
+    .unwrap();
+    for reply in [&reused, &fresh] {
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("connection"), Some("close"));
+    }
+    let slow = in_flight.await.unwrap();
+    assert_eq!(slow.status, 200);
+    assert_eq!(
+        slow.header("connection"),
+        Some("close"),
+        "in flight at the signal"
+    );
+    let status = tokio::task::spawn_blocking(move || proxy.wait_exit(Duration::from_secs(15)))
+        .await
+        .unwrap();
+    assert!(status.is_some_and(|s| s.success()));
+}

@@ -39,6 +39,21 @@ pub struct RouteCacheConfig {
     /// Statuses that may be stored; defaults to RFC 9111's heuristically cacheable set.
     #[serde(default)]
     pub statuses: Option<Vec<u16>>,
+    /// What a client's `Cache-Control: no-cache` / `Pragma: no-cache` does: `ignore` (served
+    /// from the cache, so no client can force refetches of a shared entry) or `refresh`
+    /// (refetch; the entry is replaced only by a storable response).
+    #[serde(default)]
+    pub client_no_cache: ClientNoCache,
+}
+
+#[derive(
+    Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientNoCache {
+    #[default]
+    Ignore,
+    Refresh,
 }
 
 fn default_keep() -> HumanDuration {
@@ -99,6 +114,7 @@ impl RouteCacheConfig {
                 .iter()
                 .map(|h| h.to_ascii_lowercase())
                 .collect(),
+            client_refresh: self.client_no_cache == ClientNoCache::Refresh,
         }
     }
 }

@@ -31,6 +31,9 @@ pub struct RoutePolicy {
     pub key_query: bool,
     /// Request headers (lowercase) whose values are part of the key.
     pub key_headers: Vec<String>,
+    /// A client's `Cache-Control: no-cache` refetches (and may replace) the entry; otherwise it
+    /// is served from the cache like any request, as shared caches such as Varnish do.
+    pub client_refresh: bool,
 }
 
 /// RFC 9111 §4.2.2 heuristically cacheable statuses, minus 206 (we do not store ranges).
@@ -49,6 +52,7 @@ impl Default for RoutePolicy {
             statuses: DEFAULT_STATUSES.to_vec(),
             key_query: true,
             key_headers: Vec::new(),
+            client_refresh: false,
         }
     }
 }
@@ -244,7 +248,7 @@ pub fn request_decision(method: &Method, req: &HeaderMap, route: &RoutePolicy) -
     // RFC 9111 §5.4: Pragma only counts when there is no Cache-Control.
     let pragma_no_cache = !req.contains_key(header::CACHE_CONTROL)
         && has(&directives(req, header::PRAGMA), "no-cache");
-    if has(&cc, "no-cache") || pragma_no_cache {
+    if route.client_refresh && (has(&cc, "no-cache") || pragma_no_cache) {
         RequestDecision::Refresh { credential }
     } else {
         RequestDecision::Lookup { credential }
@@ -534,8 +538,25 @@ mod tests {
     }
 
     #[test]
-    fn request_cache_control() {
+    fn client_no_cache_is_ignored_unless_the_route_honours_it() {
         let r = route();
+        for pairs in [
+            &[("cache-control", "no-cache")][..],
+            &[("pragma", "no-cache")],
+        ] {
+            assert_eq!(
+                request_decision(&Method::GET, &h(pairs), &r),
+                RequestDecision::Lookup { credential: None }
+            );
+        }
+    }
+
+    #[test]
+    fn request_cache_control() {
+        let r = RoutePolicy {
+            client_refresh: true,
+            ..route()
+        };
         let d = |pairs| request_decision(&Method::GET, &h(pairs), &r);
         assert_eq!(
             d(&[("cache-control", "no-store")]),
@@ -566,7 +587,10 @@ mod tests {
 
     #[test]
     fn credentials_bypass_unless_shared() {
-        let mut r = route();
+        let mut r = RoutePolicy {
+            client_refresh: true,
+            ..route()
+        };
         let auth = h(&[("authorization", "Bearer a")]);
         let cookie = h(&[("cookie", "sid=1")]);
         assert_eq!(

@@ -198,12 +198,18 @@ pub struct ShutdownConfig {
     /// Longest time in-flight requests get to finish after SIGTERM/SIGINT.
     #[serde(default = "default_grace")]
     pub grace_period: HumanDuration,
+    /// After the signal, keep accepting and serving (every response with `Connection: close`)
+    /// while `/ready` reports 503 for this long, so load balancers and Kubernetes endpoints stop
+    /// sending here before the listener closes. Counts towards `grace_period`.
+    #[serde(default)]
+    pub ready_delay: HumanDuration,
 }
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
         Self {
             grace_period: default_grace(),
+            ready_delay: HumanDuration::default(),
         }
     }
 }

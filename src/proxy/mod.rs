@@ -56,6 +56,14 @@ impl Outrider {
         }
     }
 
+    /// While draining, every response tells the client to reconnect (elsewhere), including
+    /// those of requests that started before the signal.
+    fn close_if_draining(&self, session: &mut Session) {
+        if self.lifecycle.draining.load(Ordering::Relaxed) {
+            session.set_keepalive(None);
+        }
+    }
+
     fn record_upstream_error(&self, ctx: &mut Ctx, kind: &'static str) {
         ctx.upstream_error = Some(kind);
         self.metrics
@@ -123,6 +131,7 @@ impl Outrider {
                 Ok(Verdict::Continue) => {}
                 Ok(Verdict::Answer(answer)) => {
                     self.spawn_background_work(session, ctx);
+                    self.close_if_draining(session);
                     respond::write_answer(session, ctx, answer).await?;
                     return Ok(true);
                 }
@@ -446,6 +455,7 @@ impl ProxyHttp for Outrider {
             }
         }
         if let Some(answer) = replacement {
+            self.close_if_draining(session);
             // Answer now; the upstream response is still read to its end (so its connection
             // is reused) but nothing of it reaches the client, and the client's connection
             // stays open for its next request.
@@ -457,10 +467,11 @@ impl ProxyHttp for Outrider {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        self.close_if_draining(session);
         if !ctx.answered {
             respond::finish_response_header(upstream_response, ctx);
         }

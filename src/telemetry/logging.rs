@@ -1,8 +1,11 @@
 //! Process logging through `tracing`: JSON or text lines on stdout, `RUST_LOG` respected. Lines
-//! are written by a background thread so a slow stdout consumer does not stall request threads.
+//! are written by a background thread through a bounded, lossy queue: a slow or blocked stdout
+//! consumer costs log lines (counted in `outrider_log_lines_dropped_total`), never traffic.
+
+use std::sync::OnceLock;
 
 use parking_lot::Mutex;
-use tracing_appender::non_blocking::WorkerGuard;
+use tracing_appender::non_blocking::{ErrorCounter, WorkerGuard};
 use tracing_subscriber::{fmt, prelude::*, EnvFilter};
 
 use crate::config::schema::AccessLogFormat;
@@ -11,13 +14,25 @@ use crate::config::schema::AccessLogFormat;
 pub const ACCESS_TARGET: &str = "access";
 
 static GUARD: Mutex<Option<WorkerGuard>> = Mutex::new(None);
+static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+
+/// Lines queued for stdout at most; past that, new lines are dropped (and counted) rather than
+/// blocking the thread that logs, which may be serving traffic.
+const QUEUE_LINES: usize = 16_384;
+
+/// Log lines dropped so far because stdout could not keep up.
+pub fn dropped_lines() -> usize {
+    DROPPED.get().map_or(0, ErrorCounter::dropped_lines)
+}
 
 /// Installs the global subscriber. The format (JSON or text) is fixed for the process; `off`
 /// only silences access lines, which the proxy checks per request so it can change live.
 pub fn init(format: AccessLogFormat) {
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
+        .lossy(true)
+        .buffered_lines_limit(QUEUE_LINES)
         .finish(std::io::stdout());
+    let _ = DROPPED.set(writer.error_counter());
     // A stage answering in place of an upstream response (a 304 renewal, stale for a 5xx) makes
     // Pingora's H1 writer note that the upstream's header was not sent; that is by design here.
     let filter = EnvFilter::try_from_default_env()

@@ -20,6 +20,7 @@ pub mod names {
     pub const CONFIG_RELOADS: &str = "outrider_config_reloads_total";
     pub const CONFIG_GENERATION: &str = "outrider_config_generation";
     pub const BUILD_INFO: &str = "outrider_build_info";
+    pub const LOG_LINES_DROPPED: &str = "outrider_log_lines_dropped_total";
 }
 
 /// Fine enough between 1 ms and 10 s to read p50/p95/p99 by interpolation.
@@ -37,6 +38,8 @@ pub struct Metrics {
     pub upstream_errors: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub config_generation: IntGauge,
+    /// Log lines dropped because stdout could not keep up (the log queue is lossy by design).
+    pub log_lines_dropped: IntCounter,
     /// Per-route handles, so the request path does not hash label values on every request.
     routes: RwLock<HashMap<String, Arc<RouteMetrics>>>,
 }
@@ -137,6 +140,10 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let log_lines_dropped = IntCounter::new(
+            names::LOG_LINES_DROPPED,
+            "Log lines dropped because stdout was not read fast enough (logging never blocks traffic)",
+        )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(upstream_duration.clone()))?;
@@ -145,6 +152,7 @@ impl Metrics {
         registry.register(Box::new(config_reloads.clone()))?;
         registry.register(Box::new(config_generation.clone()))?;
         registry.register(Box::new(build_info))?;
+        registry.register(Box::new(log_lines_dropped.clone()))?;
         Ok(Self {
             registry,
             requests,
@@ -154,6 +162,7 @@ impl Metrics {
             upstream_errors,
             config_reloads,
             config_generation,
+            log_lines_dropped,
             routes: RwLock::new(HashMap::new()),
         })
     }
@@ -179,6 +188,11 @@ impl Metrics {
 
     /// The Prometheus text exposition of every registered metric.
     pub fn render(&self) -> String {
+        let dropped = super::logging::dropped_lines() as u64;
+        let counted = self.log_lines_dropped.get();
+        if dropped > counted {
+            self.log_lines_dropped.inc_by(dropped - counted);
+        }
         let mut buf = Vec::with_capacity(16 * 1024);
         let encoder = TextEncoder::new();
         if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
