@@ -208,3 +208,39 @@ fn check_messages_are_stable() {
     }
     insta::assert_snapshot!(report);
 }
+
+/// A config path that is not a regular file (a FIFO nobody writes, an endless device) is
+/// refused at once instead of hanging the check or a reload, or reading without bound.
+#[test]
+fn special_files_are_refused_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo.yaml");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    for path in [fifo.as_path(), std::path::Path::new("/dev/zero")] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_outrider"))
+            .args(["check", "--config"])
+            .arg(path)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("outrider check hung on {}", path.display());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        assert!(!status.success());
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert!(stderr.contains("not a regular file"), "{stderr}");
+    }
+}

@@ -168,3 +168,71 @@ async fn a_blocked_stdout_costs_log_lines_not_requests() {
         support::metric_value(&metrics, "outrider_log_lines_dropped_total", &[]).unwrap_or(0.0);
     assert!(dropped > 0.0, "dropped lines are counted:\n{metrics}");
 }
+
+#[tokio::test]
+async fn negative_answers_and_explicit_zero_lifetimes_are_not_stored_by_default() {
+    let app = Backend::start("app").await;
+    let cfg = format!(
+        r#"
+listen: "{{listen}}"
+admin: {{ listen: "{{admin}}" }}
+upstreams:
+  app: {{ url: "{}", timeout: 5s }}
+routes:
+  - name: negative
+    match: {{ path_prefix: /status/410 }}
+    upstream: app
+    cache: {{ ttl: 5m, negative_ttl: 30s }}
+  - name: plain
+    match: {{ path_prefix: / }}
+    upstream: app
+    cache: {{ ttl: 5m }}
+"#,
+        app.url()
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let c = support::client();
+    let status_of = |path: &'static str| {
+        let (c, url) = (c.clone(), proxy.url(path));
+        async move {
+            let r = c.get(url).send().await.unwrap();
+            let cache = r.headers()["x-cache-status"].to_str().unwrap().to_string();
+            let cc = r
+                .headers()
+                .get("cache-status")
+                .map(|v| v.to_str().unwrap().to_string());
+            (r.status().as_u16(), cache, cc)
+        }
+    };
+    // A passing 404 is not served to everyone for the route's 5 minutes.
+    assert_eq!(status_of("/status/404").await.1, "MISS");
+    assert_eq!(status_of("/status/404").await.1, "MISS");
+    assert_eq!(app.hits("/status/404"), 2);
+    // Opted in: stored, with the shorter negative lifetime.
+    assert_eq!(status_of("/status/410").await.1, "MISS");
+    let (status, cache, cc) = status_of("/status/410").await;
+    assert_eq!((status, cache.as_str()), (410, "HIT"));
+    let ttl: i64 = cc
+        .as_deref()
+        .and_then(|v| v.rsplit("ttl=").next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(-1);
+    assert!((0..=30).contains(&ttl), "{cc:?}");
+    // The origin's explicit max-age=0 is honoured although the route sets its own TTL.
+    assert_eq!(
+        status_of("/headers?cache-control=max-age=0").await.1,
+        "MISS"
+    );
+    assert_eq!(
+        status_of("/headers?cache-control=max-age=0").await.1,
+        "MISS"
+    );
+    assert_eq!(
+        status_of("/headers?cache-control=max-age=60").await.1,
+        "MISS"
+    );
+    assert_eq!(
+        status_of("/headers?cache-control=max-age=60").await.1,
+        "HIT"
+    );
+}

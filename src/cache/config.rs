@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::policy::{RoutePolicy, DEFAULT_STATUSES};
+use super::policy::{RoutePolicy, DEFAULT_STATUSES, NEGATIVE_STATUSES};
 use super::stage::HttpCache;
 use crate::config::units::HumanDuration;
 use crate::pipeline::registry::{BuildCx, FieldProblem, RouteFeature, ValidateCx};
@@ -36,9 +36,14 @@ pub struct RouteCacheConfig {
     /// Use the upstream's `s-maxage`/`max-age` instead of `ttl` when present.
     #[serde(default)]
     pub respect_origin: bool,
-    /// Statuses that may be stored; defaults to RFC 9111's heuristically cacheable set.
+    /// Statuses that may be stored; defaults to 200, 203, 204, 300, 301, 308, plus 404, 405,
+    /// 410, 414, 501 when `negative_ttl` is set.
     #[serde(default)]
     pub statuses: Option<Vec<u16>>,
+    /// Store negative answers (404, 405, 410, 414, 501) for at most this long. Absent: they are
+    /// not stored (unless listed in `statuses`).
+    #[serde(default)]
+    pub negative_ttl: Option<HumanDuration>,
     /// What a client's `Cache-Control: no-cache` / `Pragma: no-cache` does: `ignore` (served
     /// from the cache, so no client can force refetches of a shared entry) or `refresh`
     /// (refetch; the entry is replaced only by a storable response).
@@ -103,10 +108,13 @@ impl RouteCacheConfig {
             retention_floor,
             shared: self.shared,
             respect_origin: self.respect_origin,
-            statuses: self
-                .statuses
-                .clone()
-                .unwrap_or_else(|| DEFAULT_STATUSES.to_vec()),
+            statuses: self.statuses.clone().unwrap_or_else(|| {
+                let mut statuses = DEFAULT_STATUSES.to_vec();
+                if self.negative_ttl.is_some() {
+                    statuses.extend_from_slice(NEGATIVE_STATUSES);
+                }
+                statuses
+            }),
             key_query: self.key.query,
             key_headers: self
                 .key
@@ -115,6 +123,7 @@ impl RouteCacheConfig {
                 .map(|h| h.to_ascii_lowercase())
                 .collect(),
             client_refresh: self.client_no_cache == ClientNoCache::Refresh,
+            negative_ttl: self.negative_ttl.map(HumanDuration::get),
         }
     }
 }
@@ -125,6 +134,12 @@ impl RouteFeature for RouteCacheConfig {
             out.push(FieldProblem::new(
                 format!("{at}.ttl"),
                 "must be greater than zero (remove `cache` to disable caching)",
+            ));
+        }
+        if self.negative_ttl.is_some_and(|t| t.get().is_zero()) {
+            out.push(FieldProblem::new(
+                format!("{at}.negative_ttl"),
+                "must be greater than zero (remove it to not store negative answers)",
             ));
         }
         if let Some(statuses) = &self.statuses {

@@ -34,10 +34,16 @@ pub struct RoutePolicy {
     /// A client's `Cache-Control: no-cache` refetches (and may replace) the entry; otherwise it
     /// is served from the cache like any request, as shared caches such as Varnish do.
     pub client_refresh: bool,
+    /// Freshness lifetime of negative answers (`NEGATIVE_STATUSES`) when stored.
+    pub negative_ttl: Option<Duration>,
 }
 
-/// RFC 9111 §4.2.2 heuristically cacheable statuses, minus 206 (we do not store ranges).
-pub const DEFAULT_STATUSES: &[u16] = &[200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501];
+/// The positive part of RFC 9111 §4.2.2's heuristically cacheable statuses (minus 206: ranges
+/// are not stored). Stored by default.
+pub const DEFAULT_STATUSES: &[u16] = &[200, 203, 204, 300, 301, 308];
+/// The negative part: stored only with a route's `negative_ttl` (or when listed in `statuses`),
+/// so a passing 404 is not served to everyone for the full TTL.
+pub const NEGATIVE_STATUSES: &[u16] = &[404, 405, 410, 414, 501];
 
 impl Default for RoutePolicy {
     fn default() -> Self {
@@ -53,6 +59,7 @@ impl Default for RoutePolicy {
             key_query: true,
             key_headers: Vec::new(),
             client_refresh: false,
+            negative_ttl: None,
         }
     }
 }
@@ -306,6 +313,7 @@ pub fn response_storable(
             return Err(NotStorable::VaryNotKeyed(d.name));
         }
     }
+    let origin_seconds = seconds(&cc, "s-maxage").or_else(|| seconds(&cc, "max-age"));
     let ttl = if route.respect_origin {
         // The response may already have aged upstream (a CDN or cache in front of the app).
         let age = resp
@@ -313,13 +321,21 @@ pub fn response_storable(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .unwrap_or(0);
-        match seconds(&cc, "s-maxage").or_else(|| seconds(&cc, "max-age")) {
+        match origin_seconds {
             Some(s) if s <= age => return Err(NotStorable::ZeroMaxAge),
             Some(s) => Duration::from_secs(s - age),
             None => route.ttl,
         }
+    } else if origin_seconds == Some(0) {
+        // An explicit (or invalid, hence stale) zero lifetime is honoured even when the route
+        // sets its own TTL: the origin said this must not be reused.
+        return Err(NotStorable::ZeroMaxAge);
     } else {
         route.ttl
+    };
+    let ttl = match route.negative_ttl {
+        Some(negative) if NEGATIVE_STATUSES.contains(&status) => ttl.min(negative),
+        _ => ttl,
     };
     if ttl.is_zero() {
         return Err(NotStorable::ZeroTtl);
@@ -454,9 +470,11 @@ pub enum Freshness {
 /// The freshness lifetime in force for `entry`: the origin's when the route respects it.
 pub fn effective_ttl(entry: &StoredResponse, policy: &RoutePolicy) -> Duration {
     if policy.respect_origin {
-        entry.ttl
-    } else {
-        policy.ttl
+        return entry.ttl;
+    }
+    match policy.negative_ttl {
+        Some(negative) if NEGATIVE_STATUSES.contains(&entry.status) => policy.ttl.min(negative),
+        _ => policy.ttl,
     }
 }
 
@@ -643,10 +661,12 @@ mod tests {
     #[test]
     fn storable_statuses() {
         let r = route();
-        for s in [200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501] {
+        for s in [200, 203, 204, 300, 301, 308] {
             assert_eq!(response_storable(s, &h(&[]), &r), Ok(r.ttl), "{s}");
         }
-        for s in [201, 206, 302, 304, 400, 500, 502, 503] {
+        for s in [
+            201, 206, 302, 304, 400, 404, 405, 410, 414, 500, 501, 502, 503,
+        ] {
             assert_eq!(
                 response_storable(s, &h(&[]), &r),
                 Err(NotStorable::Status(s))
@@ -658,6 +678,17 @@ mod tests {
         };
         assert!(response_storable(302, &h(&[]), &custom).is_ok());
         assert!(response_storable(200, &h(&[]), &custom).is_err());
+        // Negative caching is opt-in, with its own (shorter) lifetime.
+        let negative = RoutePolicy {
+            statuses: [DEFAULT_STATUSES, NEGATIVE_STATUSES].concat(),
+            negative_ttl: Some(Duration::from_secs(5)),
+            ..route()
+        };
+        assert_eq!(
+            response_storable(404, &h(&[]), &negative),
+            Ok(Duration::from_secs(5))
+        );
+        assert_eq!(response_storable(200, &h(&[]), &negative), Ok(r.ttl));
     }
 
     #[test]
@@ -695,8 +726,18 @@ mod tests {
             ..route()
         };
         assert!(response_storable(200, &h(&[("vary", "Accept-Language")]), &keyed).is_ok());
-        // Ignored when the route does not respect the origin.
-        assert_eq!(s(&[("cache-control", "max-age=0")]), Ok(r.ttl));
+        // The route's TTL applies when the route does not respect the origin, but an explicit
+        // zero lifetime is always honoured.
+        assert_eq!(s(&[("cache-control", "max-age=30")]), Ok(r.ttl));
+        assert_eq!(
+            s(&[("cache-control", "max-age=0")]),
+            Err(NotStorable::ZeroMaxAge)
+        );
+        assert_eq!(
+            s(&[("cache-control", "s-maxage=0, max-age=60")]),
+            Err(NotStorable::ZeroMaxAge)
+        );
+        assert_eq!(s(&[("cache-control", "s-maxage=60, max-age=0")]), Ok(r.ttl));
     }
 
     #[test]

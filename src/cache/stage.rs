@@ -352,7 +352,8 @@ impl Stage for HttpCache {
             Flight::Follower(wait) => {
                 if let Some(entry) = wait.wait(cx.upstream_timeout).await {
                     if let Some(answer) = answer_from(&entry) {
-                        self.hit(&mut state, &entry, Tier::L1);
+                        // Served by another request's fetch, not found in a tier.
+                        self.hit(&mut state, &entry, Tier::None);
                         *cx.slot = Some(Box::new(state));
                         return Ok(Verdict::Answer(answer));
                     }

@@ -107,7 +107,7 @@ impl LiveConfig {
             };
         };
         let mut last_text = self.last_text.lock();
-        let text = match std::fs::read_to_string(path) {
+        let text = match super::load::read_config_text(path) {
             Ok(text) => text,
             Err(source) => {
                 return ReloadOutcome::Rejected(ConfigError::Read {

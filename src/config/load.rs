@@ -61,9 +61,36 @@ fn render_problems(file: &str, problems: &[Problem]) -> String {
     out
 }
 
+/// Largest config file read; anything bigger is certainly not a config (or not a file).
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// Reads a config file's text: a regular file (symlinks followed, as in a ConfigMap) of at most
+/// [`MAX_CONFIG_BYTES`], so a FIFO or a device can neither hang a reload nor exhaust memory.
+pub fn read_config_text(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(MAX_CONFIG_BYTES + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {MAX_CONFIG_BYTES} bytes"),
+        ));
+    }
+    Ok(text)
+}
+
 /// Reads, interpolates, parses and validates a config file.
 pub fn load_file(path: &Path) -> Result<(Config, String), ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = read_config_text(path).map_err(|source| ConfigError::Read {
         path: path.display().to_string(),
         source,
     })?;
