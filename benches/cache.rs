@@ -46,7 +46,7 @@ fn keys(c: &mut Criterion) {
                 black_box("api.example.com"),
                 black_box("/api/items/42"),
                 black_box(Some("page=2&sort=asc")),
-                black_box(&[("accept-language", "de-DE")]),
+                black_box(&[("accept-language", b"de-DE".as_slice())]),
                 black_box(None),
             )
         })

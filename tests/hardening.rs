@@ -236,3 +236,83 @@ routes:
         "HIT"
     );
 }
+
+#[tokio::test]
+async fn the_key_covers_every_forwarded_value_in_bytes_and_host_must_be_sane() {
+    let app = Backend::start("app").await;
+    let cfg = format!(
+        r#"
+listen: "{{listen}}"
+admin: {{ listen: "{{admin}}" }}
+upstreams:
+  app: {{ url: "{}", timeout: 5s }}
+routes:
+  - name: items
+    match: {{ path_prefix: / }}
+    upstream: app
+    cache: {{ ttl: 5m, key: {{ strip: [x-forwarded-prefix] }} }}
+"#,
+        app.url()
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let send = |target: &str, headers: &[&[u8]]| {
+        let mut req = format!("GET {target} HTTP/1.1\r\n").into_bytes();
+        for h in headers {
+            req.extend_from_slice(h);
+            req.extend_from_slice(b"\r\n");
+        }
+        req.extend_from_slice(b"Connection: close\r\n\r\n");
+        let port = proxy.port;
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                s.write_all(&req).unwrap();
+                let mut buf = Vec::new();
+                let _ = s.read_to_end(&mut buf);
+                String::from_utf8_lossy(&buf).into_owned()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    // Only the first X-Forwarded-Host value used to be keyed: a second one (which an app may
+    // read) could poison the entry everyone else gets.
+    let both = send(
+        "/p",
+        &[
+            b"Host: shop",
+            b"X-Forwarded-Host: a",
+            b"X-Forwarded-Host: evil",
+        ],
+    )
+    .await;
+    assert_eq!(header(&both, "x-cache-status"), Some("MISS"));
+    let one = send("/p", &[b"Host: shop", b"X-Forwarded-Host: a"]).await;
+    assert_eq!(header(&one, "x-cache-status"), Some("MISS"), "{one}");
+    // Non-ASCII values used to be left out of the key entirely.
+    let odd = send("/q", &[b"Host: shop", b"X-Forwarded-Host: sh\xc3\xb6p"]).await;
+    assert_eq!(header(&odd, "x-cache-status"), Some("MISS"));
+    let none = send("/q", &[b"Host: shop"]).await;
+    assert_eq!(header(&none, "x-cache-status"), Some("MISS"), "{none}");
+    assert_eq!(app.hits("/p"), 2);
+    assert_eq!(app.hits("/q"), 2);
+    // Unkeyed headers the route strips never reach the app.
+    let stripped = send("/r", &[b"Host: shop", b"X-Forwarded-Prefix: /evil"]).await;
+    assert!(
+        body(&stripped)["headers"]
+            .get("x-forwarded-prefix")
+            .is_none(),
+        "{stripped}"
+    );
+    // HTTP/1.1 without Host, with two, or with a non-ASCII one: 400, nothing keyed or forwarded.
+    for headers in [
+        &[][..],
+        &[b"Host: a".as_slice(), b"Host: b"][..],
+        &[b"Host: sh\xc3\xb6p".as_slice()][..],
+    ] {
+        let answer = send("/s", headers).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    }
+    assert_eq!(app.hits("/s"), 0);
+}

@@ -74,6 +74,10 @@ pub struct CacheKeyConfig {
     /// Request headers whose values split the cache (like `Vary`).
     #[serde(default)]
     pub headers: Vec<String>,
+    /// Request headers removed before forwarding, so the app cannot vary on what the key
+    /// ignores (e.g. `forwarded`, `x-forwarded-prefix` from untrusted clients).
+    #[serde(default)]
+    pub strip: Vec<String>,
 }
 
 impl Default for CacheKeyConfig {
@@ -81,6 +85,7 @@ impl Default for CacheKeyConfig {
         Self {
             query: true,
             headers: Vec::new(),
+            strip: Vec::new(),
         }
     }
 }
@@ -123,6 +128,12 @@ impl RouteCacheConfig {
                 .map(|h| h.to_ascii_lowercase())
                 .collect(),
             client_refresh: self.client_no_cache == ClientNoCache::Refresh,
+            strip_headers: self
+                .key
+                .strip
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
             negative_ttl: self.negative_ttl.map(HumanDuration::get),
         }
     }
@@ -152,11 +163,26 @@ impl RouteFeature for RouteCacheConfig {
                 }
             }
         }
-        for (j, header) in self.key.headers.iter().enumerate() {
-            if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+        for (list, names) in [("headers", &self.key.headers), ("strip", &self.key.strip)] {
+            for (j, header) in names.iter().enumerate() {
+                if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+                    out.push(FieldProblem::new(
+                        format!("{at}.key.{list}[{j}]"),
+                        format!("{header:?} is not a valid header name"),
+                    ));
+                }
+            }
+        }
+        for (j, header) in self.key.strip.iter().enumerate() {
+            if self
+                .key
+                .headers
+                .iter()
+                .any(|k| k.eq_ignore_ascii_case(header))
+            {
                 out.push(FieldProblem::new(
-                    format!("{at}.key.headers[{j}]"),
-                    format!("{header:?} is not a valid header name"),
+                    format!("{at}.key.strip[{j}]"),
+                    format!("{header:?} is keyed: it cannot also be stripped"),
                 ));
             }
         }

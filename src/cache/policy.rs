@@ -36,6 +36,8 @@ pub struct RoutePolicy {
     pub client_refresh: bool,
     /// Freshness lifetime of negative answers (`NEGATIVE_STATUSES`) when stored.
     pub negative_ttl: Option<Duration>,
+    /// Request headers (lowercase) removed before forwarding.
+    pub strip_headers: Vec<String>,
 }
 
 /// The positive part of RFC 9111 §4.2.2's heuristically cacheable statuses (minus 206: ranges
@@ -60,6 +62,7 @@ impl Default for RoutePolicy {
             key_headers: Vec::new(),
             client_refresh: false,
             negative_ttl: None,
+            strip_headers: Vec::new(),
         }
     }
 }
@@ -262,21 +265,27 @@ pub fn request_decision(method: &Method, req: &HeaderMap, route: &RoutePolicy) -
     }
 }
 
-/// Values of the route's key headers in configured order (absent headers as empty), ready for
-/// [`CacheKey::http`](super::CacheKey::http). Multiple values are joined with `", "`.
-pub fn vary_values(req: &HeaderMap, route: &RoutePolicy) -> Vec<(String, String)> {
+/// Values of the route's key headers in configured order (absent headers as empty), as raw
+/// bytes, ready for [`CacheKey::http`](crate::store::CacheKey::http). Multiple values are joined
+/// with `", "` (length-prefixed hashing downstream keeps joins unambiguous per header).
+pub fn vary_values(req: &HeaderMap, route: &RoutePolicy) -> Vec<(String, Vec<u8>)> {
     route
         .key_headers
         .iter()
-        .map(|name| {
-            let vals: Vec<String> = req
-                .get_all(name.as_str())
-                .iter()
-                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-                .collect();
-            (name.to_ascii_lowercase(), vals.join(", "))
-        })
+        .map(|name| (name.to_ascii_lowercase(), all_values(req, name)))
         .collect()
+}
+
+/// Every value of header `name`, in order, joined with `", "`, as bytes.
+pub fn all_values(req: &HeaderMap, name: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, v) in req.get_all(name).iter().enumerate() {
+        if i > 0 {
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(v.as_bytes());
+    }
+    out
 }
 
 /// Whether a response may be stored, and for how long it is fresh.
@@ -854,12 +863,29 @@ mod tests {
         assert_eq!(
             v,
             [
-                ("accept-language".to_owned(), "de".to_owned()),
-                ("x-tenant".to_owned(), "t1".to_owned())
+                ("accept-language".to_owned(), b"de".to_vec()),
+                ("x-tenant".to_owned(), b"t1".to_vec())
             ]
         );
         let v = vary_values(&h(&[]), &r);
-        assert_eq!(v[1], ("x-tenant".to_owned(), String::new()));
+        assert_eq!(v[1], ("x-tenant".to_owned(), Vec::new()));
+        // Non-UTF-8 values stay distinct (no lossy replacement characters).
+        let mut a = HeaderMap::new();
+        a.append(
+            "x-tenant",
+            HeaderValue::from_bytes(b"\xff").unwrap_or(HeaderValue::from_static("")),
+        );
+        let mut b = HeaderMap::new();
+        b.append(
+            "x-tenant",
+            HeaderValue::from_bytes(b"\xfe").unwrap_or(HeaderValue::from_static("")),
+        );
+        assert_ne!(vary_values(&a, &r), vary_values(&b, &r));
+        // Every value counts, not just the first.
+        let mut two = HeaderMap::new();
+        two.append("x-tenant", HeaderValue::from_static("a"));
+        two.append("x-tenant", HeaderValue::from_static("b"));
+        assert_eq!(vary_values(&two, &r)[1].1, b"a, b".to_vec());
     }
 
     #[test]

@@ -181,24 +181,29 @@ impl HttpCache {
     /// The key of a request that may use the cache.
     fn key(&self, req: &RequestHeader, credential: Option<&[u8]>) -> CacheKey {
         // Everything the app sees that can change its answer is in the key: the client's Host
-        // (kept for plain-HTTP upstreams) and the forwarded scheme/host a client may send.
+        // (kept for plain-HTTP upstreams; the proxy refuses a non-ASCII one) and every value of
+        // the forwarded scheme/host a client may send, as bytes.
         let host = req
             .headers
             .get(http::header::HOST)
             .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri.authority().map(|a| a.as_str()))
             .unwrap_or("");
-        let forwarded: Vec<(&str, &str)> = ["x-forwarded-proto", "x-forwarded-host"]
-            .into_iter()
-            .filter_map(|name| {
-                let value = req.headers.get(name)?.to_str().ok()?;
-                Some((name, value))
-            })
-            .collect();
+        let forwarded = [
+            (
+                "x-forwarded-proto",
+                policy::all_values(&req.headers, "x-forwarded-proto"),
+            ),
+            (
+                "x-forwarded-host",
+                policy::all_values(&req.headers, "x-forwarded-host"),
+            ),
+        ];
         let vary = policy::vary_values(&req.headers, &self.policy);
-        let vary: Vec<(&str, &str)> = forwarded
-            .into_iter()
-            .chain(vary.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        let vary: Vec<(&str, &[u8])> = forwarded
+            .iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(k, v)| (*k, v.as_slice()))
+            .chain(vary.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
             .collect();
         let query = if self.policy.key_query {
             req.uri.query()
@@ -387,6 +392,9 @@ impl Stage for HttpCache {
     }
 
     fn on_upstream_request(&self, slot: &mut Slot, req: &mut RequestHeader) {
+        for name in &self.policy.strip_headers {
+            req.remove_header(name.as_str());
+        }
         let Some(state) = state_mut::<CacheState>(slot) else {
             return;
         };

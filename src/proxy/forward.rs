@@ -65,6 +65,12 @@ pub enum TargetError {
     Unrewritable,
     #[error("request target has an ambiguous authority")]
     Ambiguous,
+    #[error("HTTP/1.1 request without a Host header")]
+    NoHost,
+    #[error("more than one Host header")]
+    SeveralHosts,
+    #[error("Host header is not visible ASCII")]
+    BadHost,
 }
 
 /// Rewrites an absolute-form target (`GET http://shop/a?b HTTP/1.1`) to origin-form (`/a?b`),
@@ -102,6 +108,21 @@ pub fn to_origin_form(req: &mut RequestHeader) -> Result<(), TargetError> {
     };
     req.set_raw_path(&origin)
         .map_err(|_| TargetError::Unrewritable)
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request must carry exactly one Host, and it is keyed and
+/// forwarded as text, so it must be visible ASCII. Anything else is refused with 400 rather than
+/// keyed under an empty or lossy name.
+pub fn check_host(req: &RequestHeader) -> Result<(), TargetError> {
+    let mut hosts = req.headers.get_all(http::header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) if req.version == http::Version::HTTP_11 => Err(TargetError::NoHost),
+        (Some(_), Some(_)) => Err(TargetError::SeveralHosts),
+        (Some(host), None) if !host.as_bytes().iter().all(|b| (0x21..0x7f).contains(b)) => {
+            Err(TargetError::BadHost)
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Authority and Host name the same origin: equal ignoring ASCII case, where an explicit default
@@ -151,6 +172,25 @@ mod tests {
         let mut r = req("/a/%2e%2e/b", Some("shop"));
         to_origin_form(&mut r).unwrap();
         assert_eq!(r.raw_path(), b"/a/%2e%2e/b");
+    }
+
+    #[test]
+    fn host_rules() {
+        assert_eq!(check_host(&req("/", Some("shop:8080"))), Ok(()));
+        assert_eq!(check_host(&req("/", None)), Err(TargetError::NoHost));
+        let mut two = req("/", Some("a"));
+        two.append_header("host", "b").unwrap();
+        assert_eq!(check_host(&two), Err(TargetError::SeveralHosts));
+        let mut odd = req("/", None);
+        odd.insert_header(
+            "host",
+            http::HeaderValue::from_bytes(b"sh\xc3\xb6p").unwrap(),
+        )
+        .unwrap();
+        assert_eq!(check_host(&odd), Err(TargetError::BadHost));
+        let mut http10 = req("/", None);
+        http10.set_version(http::Version::HTTP_10);
+        assert_eq!(check_host(&http10), Ok(()));
     }
 
     #[test]

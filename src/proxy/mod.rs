@@ -320,7 +320,9 @@ impl ProxyHttp for Outrider {
             // Tell keep-alive clients to reconnect elsewhere while we drain.
             session.set_keepalive(None);
         }
-        if let Err(e) = forward::to_origin_form(session.req_header_mut()) {
+        let target = forward::check_host(session.req_header())
+            .and_then(|()| forward::to_origin_form(session.req_header_mut()));
+        if let Err(e) = target {
             ctx.config = Some(config);
             ctx.metrics = Some(self.metrics.route("none"));
             // The connection may hold a body we will not read.

@@ -66,15 +66,16 @@ impl CacheKey {
     ///
     /// `HEAD` is keyed as `GET` so a HEAD is answered from the GET entry. The host is compared
     /// case-insensitively. `vary` must be given in a stable order (the route's configured order)
-    /// with lowercased names; an absent header should be passed with an empty value or left out
-    /// consistently. `credential` is hashed, never stored.
+    /// with lowercased names and values as raw bytes (two different non-UTF-8 values must not
+    /// meet); an absent header should be passed with an empty value or left out consistently.
+    /// `credential` is hashed, never stored.
     pub fn http(
         namespace: &str,
         method: &str,
         host: &str,
         path: &str,
         query: Option<&str>,
-        vary: &[(&str, &str)],
+        vary: &[(&str, &[u8])],
         credential: Option<&[u8]>,
     ) -> Self {
         let vary_len: usize = vary.iter().map(|(n, v)| n.len() + v.len() + 16).sum();
@@ -103,7 +104,7 @@ impl CacheKey {
         h.count(vary.len());
         for (name, value) in vary {
             h.put(name.as_bytes());
-            h.put(value.as_bytes());
+            h.put(value);
         }
         h.put_opt(credential);
         CacheKey {
@@ -216,7 +217,7 @@ mod tests {
                 "example.com",
                 "/a",
                 Some("x=1"),
-                &[("accept-language", "de")],
+                &[("accept-language", b"de".as_slice())],
                 None,
             ),
             CacheKey::http(
@@ -238,7 +239,7 @@ mod tests {
             "h",
             "/",
             None,
-            &[("accept-language", "de")],
+            &[("accept-language", b"de".as_slice())],
             None,
         );
         let fr = CacheKey::http(
@@ -247,7 +248,7 @@ mod tests {
             "h",
             "/",
             None,
-            &[("accept-language", "fr")],
+            &[("accept-language", b"fr".as_slice())],
             None,
         );
         assert_ne!(de.hash, fr.hash);
@@ -278,8 +279,8 @@ mod tests {
         let p = CacheKey::http("i", "GET", "h", "/a?b", None, &[], None);
         let q = CacheKey::http("i", "GET", "h", "/a", Some("b"), &[], None);
         assert_ne!(p.hash, q.hash);
-        let v1 = CacheKey::http("i", "GET", "h", "/", None, &[("ab", "c")], None);
-        let v2 = CacheKey::http("i", "GET", "h", "/", None, &[("a", "bc")], None);
+        let v1 = CacheKey::http("i", "GET", "h", "/", None, &[("ab", b"c".as_slice())], None);
+        let v2 = CacheKey::http("i", "GET", "h", "/", None, &[("a", b"bc".as_slice())], None);
         assert_ne!(v1.hash, v2.hash);
         // Namespace is part of the hash for both derivations.
         assert_ne!(
