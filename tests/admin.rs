@@ -184,3 +184,60 @@ async fn metrics_cover_requests_latency_and_build() {
     );
     assert!(!m.contains("/api/items/1"), "raw paths never become labels");
 }
+
+/// Every credential form outrider accepts in a URL stays out of `GET /config` and the log
+/// (the Redis connect failures are logged with the URL).
+#[tokio::test]
+async fn config_and_logs_never_show_credentials() {
+    let app = Backend::start("app").await;
+    let cases = [
+        (
+            "password with @",
+            "redis://app:p@ss-w0rd@127.0.0.1:1/0",
+            "p@ss-w0rd",
+        ),
+        ("TLS", "rediss://:tls-s3cret@127.0.0.1:1", "tls-s3cret"),
+        (
+            "unix ?pass=",
+            "unix:///nonexistent/redis.sock?db=0&pass=unix-s3cret",
+            "unix-s3cret",
+        ),
+        (
+            "?password=",
+            "redis://127.0.0.1:1/0?password=query-s3cret",
+            "query-s3cret",
+        ),
+    ];
+    for (form, redis_url, secret) in cases {
+        let text = config(&app.url()).replace("redis://:hunter2@127.0.0.1:1/0", redis_url)
+            // Any URL-valued string, not only the known URL keys.
+            + "telemetry: { service_name: \"https://svc:name-s3cret@example.com\" }\n";
+        let proxy = Proxy::start(&text).await;
+        let shown = client()
+            .get(proxy.admin("/config"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            !shown.contains(secret),
+            "{form}: /config shows {secret}: {shown}"
+        );
+        assert!(!shown.contains("name-s3cret"), "{form}: {shown}");
+        assert!(shown.contains("***"), "{form}: {shown}");
+        // The connect loop logs the URL once it has failed.
+        support::wait_for(
+            "the redis connect failure in the log",
+            std::time::Duration::from_secs(10),
+            || async { proxy.log().contains("redis L2").then_some(()) },
+        )
+        .await;
+        let log = proxy.log();
+        assert!(
+            !log.contains(secret),
+            "{form}: the log shows {secret}:\n{log}"
+        );
+    }
+}

@@ -146,6 +146,29 @@ fn syntax_and_env_errors() {
 }
 
 #[test]
+fn messages_never_echo_credentials() {
+    for (url, secret) in [
+        ("http://user:up-s3cret@app:8000", "up-s3cret"),
+        ("ftp://user:ftp-s3cret@app", "ftp-s3cret"),
+        ("http://app:8000/path?token=tok-s3cret", "tok-s3cret"),
+    ] {
+        let (ok, _, stderr) = check(&BASE.replace("http://127.0.0.1:8000", url));
+        assert!(!ok, "{url} should fail");
+        assert!(stderr.contains("***"), "{stderr}");
+        assert!(!stderr.contains(secret), "{url}: {stderr}");
+    }
+    let (ok, _, stderr) = check(&format!(
+        "{BASE}cache: {{ redis: {{ url: \"http://:redis-s3cret@nope\" }} }}\n"
+    ));
+    assert!(!ok);
+    assert!(
+        stderr.contains("cache.redis.url: not a valid Redis URL"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("redis-s3cret"), "{stderr}");
+}
+
+#[test]
 fn missing_file_is_a_clear_error() {
     let out = Command::new(env!("CARGO_BIN_EXE_outrider"))
         .args(["check", "--config", "/nonexistent/outrider.yaml"])

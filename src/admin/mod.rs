@@ -1,6 +1,7 @@
 //! The admin HTTP service on its own listener: health, readiness, metrics, config, reload.
 //! It never shares a port with traffic and binds to loopback unless told otherwise.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ pub mod cache;
 
 use crate::config::{LiveConfig, ReloadOutcome};
 use crate::proxy::Lifecycle;
-use crate::telemetry::Metrics;
+use crate::telemetry::{redact, Metrics};
 
 /// Largest admin request body accepted (purge requests are tiny).
 const MAX_BODY: usize = 64 * 1024;
@@ -231,44 +232,133 @@ async fn reload(state: &AdminState) -> Response<Full<Bytes>> {
     }
 }
 
-/// Hides credentials (URL passwords) anywhere in the config before it is shown.
+/// Hides credentials anywhere in the config before it is shown: URL userinfo and credential
+/// query parameters in every string ([`redact::url`]), the values of keys named like a
+/// credential (`*token*`, `*password*`, `*secret*`, `*api_key*`; not `*_file`, which names where a
+/// secret is read from), and the values of `*headers*` under an `otlp` section (exporter headers
+/// carry API keys).
 pub fn redact(value: &mut Value) {
+    redact_in(value, false);
+}
+
+fn redact_in(value: &mut Value, in_otlp: bool) {
     match value {
         Value::String(s) => {
-            if let Some(redacted) = redact_url(s) {
+            if let Cow::Owned(redacted) = redact::url(s) {
                 *s = redacted;
             }
         }
-        Value::Array(items) => items.iter_mut().for_each(redact),
-        Value::Object(map) => map.values_mut().for_each(redact),
+        Value::Array(items) => items.iter_mut().for_each(|v| redact_in(v, in_otlp)),
+        Value::Object(map) => {
+            for (key, v) in map.iter_mut() {
+                let lower = key.to_ascii_lowercase();
+                let names_a_secret = redact::is_secret_name(&lower) && !lower.ends_with("_file");
+                if names_a_secret || (in_otlp && lower.contains("headers")) {
+                    hide(v);
+                } else {
+                    redact_in(v, in_otlp || lower.contains("otlp"));
+                }
+            }
+        }
         _ => {}
     }
 }
 
-fn redact_url(url: &str) -> Option<String> {
-    let (scheme, rest) = url.split_once("://")?;
-    let (userinfo, host) = rest.split_once('@')?;
-    if host.contains('/') && userinfo.contains('/') {
-        return None;
+/// Replaces every value under a secret key with `***`, keeping map keys (header names) and
+/// leaving unset values (`null`, `""`) as they are, so an operator still sees what is unset.
+fn hide(value: &mut Value) {
+    match value {
+        Value::Null => {}
+        Value::String(s) if s.is_empty() => {}
+        Value::Array(items) => items.iter_mut().for_each(hide),
+        Value::Object(map) => map.values_mut().for_each(hide),
+        _ => *value = Value::String(redact::HIDDEN.to_string()),
     }
-    let user = userinfo.split(':').next().unwrap_or("");
-    Some(format!("{scheme}://{user}:***@{host}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn redacted(mut v: Value) -> Value {
+        redact(&mut v);
+        v
+    }
+
     #[test]
-    fn passwords_are_redacted() {
-        let mut v = json!({ "redis": { "url": "redis://:s3cret@redis:6379/0" }, "n": 1 });
-        redact(&mut v);
+    fn url_credentials_are_redacted_in_every_string() {
+        let v = redacted(json!({ "redis": { "url": "redis://:s3cret@redis:6379/0" }, "n": 1 }));
         assert_eq!(v["redis"]["url"], "redis://:***@redis:6379/0");
-        let mut v = json!("rediss://user:pw@host");
-        redact(&mut v);
-        assert_eq!(v, "rediss://user:***@host");
-        let mut v = json!("http://127.0.0.1:8000");
-        redact(&mut v);
-        assert_eq!(v, "http://127.0.0.1:8000");
+        assert_eq!(v["n"], 1);
+        assert_eq!(
+            redacted(json!("rediss://user:pw@host")),
+            "rediss://user:***@host"
+        );
+        assert_eq!(
+            redacted(json!(["redis://user:p@ss@host:6379"])),
+            json!(["redis://user:***@host:6379"])
+        );
+        assert_eq!(
+            redacted(json!({ "any": "unix:///run/redis.sock?pass=s3cret" })),
+            json!({ "any": "unix:///run/redis.sock?pass=***" })
+        );
+        assert_eq!(
+            redacted(json!("redis://h:6379/0?password=s3cret")),
+            "redis://h:6379/0?password=***"
+        );
+        assert_eq!(
+            redacted(json!("http://127.0.0.1:8000")),
+            "http://127.0.0.1:8000"
+        );
+    }
+
+    #[test]
+    fn keys_named_like_credentials_are_hidden() {
+        let v = redacted(json!({
+            "admin": { "token": "hunter2", "token_file": "/run/secrets/admin-token", "listen": "0.0.0.0:9901" },
+            "db": { "Password": "pw", "client_secret": "cs", "api_key": 12345, "auth_token": null },
+            "llm": { "openai_api_key": "sk-1", "empty_token": "" },
+            "nested": { "secrets": { "a": "x", "b": ["y", 2] } },
+        }));
+        assert_eq!(v["admin"]["token"], "***");
+        assert_eq!(
+            v["admin"]["token_file"], "/run/secrets/admin-token",
+            "a path to a secret is not the secret"
+        );
+        assert_eq!(v["admin"]["listen"], "0.0.0.0:9901");
+        assert_eq!(v["db"]["Password"], "***");
+        assert_eq!(v["db"]["client_secret"], "***");
+        assert_eq!(v["db"]["api_key"], "***");
+        assert_eq!(v["db"]["auth_token"], Value::Null, "unset stays visible");
+        assert_eq!(v["llm"]["openai_api_key"], "***");
+        assert_eq!(v["llm"]["empty_token"], "");
+        assert_eq!(
+            v["nested"]["secrets"],
+            json!({ "a": "***", "b": ["***", "***"] })
+        );
+    }
+
+    #[test]
+    fn otlp_headers_are_hidden_but_other_headers_are_not() {
+        let v = redacted(json!({
+            "telemetry": { "otlp": {
+                "endpoint": "https://otel.example:4318",
+                "headers": { "authorization": "Bearer abc", "x-honeycomb-team": "k" },
+                "traces": { "extra_headers": ["dd-api-key=k"] },
+            } },
+            "routes": [ { "cache": { "key": { "headers": ["accept-language"] } } } ],
+        }));
+        let otlp = &v["telemetry"]["otlp"];
+        assert_eq!(otlp["endpoint"], "https://otel.example:4318");
+        assert_eq!(
+            otlp["headers"],
+            json!({ "authorization": "***", "x-honeycomb-team": "***" })
+        );
+        assert_eq!(otlp["traces"]["extra_headers"], json!(["***"]));
+        assert_eq!(
+            v["routes"][0]["cache"]["key"]["headers"],
+            json!(["accept-language"]),
+            "cache key header names are configuration, not credentials"
+        );
     }
 }
