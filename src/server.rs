@@ -110,12 +110,17 @@ pub fn run(path: Option<PathBuf>) -> Result<(), StartError> {
             addr: admin_listen.clone(),
             source,
         })?;
-    let admin_state = Arc::new(AdminState {
-        live: live.clone(),
-        metrics: metrics.clone(),
-        lifecycle: lifecycle.clone(),
+    let traffic: std::net::SocketAddr = listen
+        .parse()
+        .map_err(|e| StartError::Compile(format!("listen {listen:?}: {e}")))?;
+    let admin_state = Arc::new(AdminState::new(
+        live.clone(),
+        metrics.clone(),
+        lifecycle.clone(),
         extensions,
-    });
+        traffic,
+    ));
+    background.spawn(admin::watch_traffic_listener(admin_state.clone()));
     background.spawn(admin::serve(admin_listener, admin_state));
     {
         let _guard = background.enter();

@@ -241,3 +241,39 @@ async fn config_and_logs_never_show_credentials() {
         );
     }
 }
+
+/// `/ready` (and `/health`) must not say yes before the traffic port takes connections: Pingora
+/// binds it inside `server.run()`, after the admin service is already answering.
+#[tokio::test]
+async fn ready_is_never_answered_before_the_traffic_port_listens() {
+    let app = Backend::start("app").await;
+    let c = client();
+    for _ in 0..5 {
+        let proxy = Proxy::spawn(&config(&app.url()));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        // As fast as possible: the window between the two listeners is short.
+        let mut starting_seen = false;
+        loop {
+            if let Ok(resp) = c.get(proxy.admin("/ready")).send().await {
+                if resp.status() == 200 {
+                    break;
+                }
+                let body: serde_json::Value = resp.json().await.unwrap();
+                assert_eq!(body["status"], "starting", "{body}");
+                starting_seen = true;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never ready; log:\n{}",
+                proxy.log()
+            );
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", proxy.port)).is_ok(),
+            "/ready said 200 but the traffic port refuses connections (saw starting: {starting_seen})"
+        );
+        let health = c.get(proxy.admin("/health")).send().await.unwrap();
+        assert_eq!(health.status(), 200);
+    }
+}

@@ -3,8 +3,10 @@
 
 use std::borrow::Cow;
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -49,6 +51,61 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub lifecycle: Arc<Lifecycle>,
     pub extensions: Vec<Arc<dyn AdminExtension>>,
+    /// The traffic listener's address, probed until it accepts connections.
+    traffic: SocketAddr,
+    /// Set once the traffic listener has accepted a connection; never cleared.
+    accepting: AtomicBool,
+}
+
+impl AdminState {
+    pub fn new(
+        live: Arc<LiveConfig>,
+        metrics: Arc<Metrics>,
+        lifecycle: Arc<Lifecycle>,
+        extensions: Vec<Arc<dyn AdminExtension>>,
+        traffic: SocketAddr,
+    ) -> Self {
+        Self {
+            live,
+            metrics,
+            lifecycle,
+            extensions,
+            traffic,
+            accepting: AtomicBool::new(false),
+        }
+    }
+
+    fn accepting(&self) -> bool {
+        self.accepting.load(Ordering::Acquire)
+    }
+}
+
+/// How often the traffic listener is probed while outrider starts.
+const LISTENER_PROBE_EVERY: Duration = Duration::from_millis(5);
+
+/// Pingora binds the traffic listener inside `server.run()`, after the admin service is already
+/// answering; until a TCP connect to it succeeds, `/health` and `/ready` answer 503 `starting`
+/// so no probe sends traffic to a port that refuses it. Runs until the first success.
+pub async fn watch_traffic_listener(state: Arc<AdminState>) {
+    let target = probe_address(state.traffic);
+    loop {
+        if tokio::net::TcpStream::connect(target).await.is_ok() {
+            state.accepting.store(true, Ordering::Release);
+            tracing::info!(listen = %state.traffic, "traffic listener accepts connections");
+            return;
+        }
+        tokio::time::sleep(LISTENER_PROBE_EVERY).await;
+    }
+}
+
+/// Where to connect to reach a listener: a wildcard address is reached through loopback.
+fn probe_address(listen: SocketAddr) -> SocketAddr {
+    let ip = match listen.ip() {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    SocketAddr::new(ip, listen.port())
 }
 
 /// Serves admin requests until the listener fails; each connection in its own task.
@@ -58,7 +115,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
             Ok(accepted) => accepted,
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
@@ -106,6 +163,7 @@ async fn handle(
         }
     };
     let resp = match (method.clone(), path.as_str()) {
+        (Method::GET, "/health" | "/ready") if !state.accepting() => starting(),
         (Method::GET, "/health") => json_response(StatusCode::OK, &json!({ "status": "ok" })),
         (Method::GET, "/ready") => ready(&state),
         (Method::GET, "/metrics") => {
@@ -145,6 +203,13 @@ async fn handle(
         }
     };
     Ok(resp)
+}
+
+fn starting() -> Response<Full<Bytes>> {
+    json_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &json!({ "status": "starting", "message": "the traffic listener does not accept connections yet" }),
+    )
 }
 
 fn ready(state: &AdminState) -> Response<Full<Bytes>> {
@@ -279,6 +344,14 @@ fn hide(value: &mut Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wildcard_listeners_are_probed_on_loopback() {
+        let probe = |s: &str| probe_address(s.parse().unwrap()).to_string();
+        assert_eq!(probe("0.0.0.0:8080"), "127.0.0.1:8080");
+        assert_eq!(probe("[::]:8080"), "[::1]:8080");
+        assert_eq!(probe("10.1.2.3:8080"), "10.1.2.3:8080");
+    }
 
     fn redacted(mut v: Value) -> Value {
         redact(&mut v);
