@@ -137,6 +137,16 @@ def port_of(listen):
     return int(str(listen).rsplit(":", 1)[1])
 
 
+def host_allowed(host, admin_cfg):
+    """outrider's admin Host check: IP literals, localhost, or admin.allowed_hosts."""
+    import ipaddress
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return host.lower() in ["localhost"] + [h.lower() for h in admin_cfg.get("allowed_hosts", [])]
+
+
 # ---------------------------------------------------------------- kustomize (subset)
 KNOWN_KEYS = {"apiVersion", "kind", "labels", "resources", "components",
               "configMapGenerator", "generatorOptions", "images"}
@@ -395,6 +405,9 @@ else:
         targets = [t for job in prom["scrape_configs"] for sc in job.get("static_configs", []) for t in sc["targets"]]
         if f"outrider:{admin_port}" not in targets:
             err(f"prometheus.yml does not scrape outrider:{admin_port} ({targets})")
+        for t in targets:
+            if t.endswith(f":{admin_port}") and not host_allowed(t.rsplit(":", 1)[0], ccfg["admin"]):
+                err(f"prometheus.yml scrapes {t}, a Host that admin.allowed_hosts does not allow (421)")
         grace = duration_s(ccfg.get("shutdown", {}).get("grace_period", "25s"))
         if duration_s(o.get("stop_grace_period", "10s")) <= grace:
             err(f"compose outrider: stop_grace_period must exceed shutdown.grace_period {grace:g}s")

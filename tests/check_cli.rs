@@ -222,6 +222,12 @@ fn check_messages_are_stable() {
         ),
         ("syntax and semantics together", "listen: nowhere\nupstreams:\n  app: { url: \"ftp://x\" }\nroutes:\n  - name: a\n    match: { path: nope, methods: [FETCH] }\n    upstream: zzz\n  - name: b\n    match: {}\n    upstream: app\n    bogus: 1\n".to_string()),
         ("invalid YAML", "routes: [\n  - name: x\n".to_string()),
+        (
+            "admin settings mistakes",
+            format!(
+                "{BASE}admin:\n  allowed_hosts: [\"https://outrider.internal:9901\"]\n  read_timeout: 0s\n"
+            ),
+        ),
     ];
     let mut report = String::new();
     for (name, text) in cases {

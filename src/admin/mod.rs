@@ -1,5 +1,7 @@
 //! The admin HTTP service on its own listener: health, readiness, metrics, config, reload.
-//! It never shares a port with traffic and binds to loopback unless told otherwise.
+//! It never shares a port with traffic and binds to loopback unless told otherwise; every
+//! request passes [`guard`] (Host, JSON bodies) before an endpoint sees it,
+//! and slow clients are bounded by `admin.read_timeout`.
 
 use std::borrow::Cow;
 use std::convert::Infallible;
@@ -11,13 +13,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
 pub mod cache;
+pub mod guard;
 
 use crate::config::{LiveConfig, ReloadOutcome};
 use crate::proxy::Lifecycle;
@@ -120,9 +123,15 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
             }
         };
         let state = state.clone();
+        // Read per connection, so a reload changes it for the next connections.
+        let read_timeout = state.live.snapshot().config.admin.read_timeout.get();
         tokio::spawn(async move {
             let service = service_fn(move |req| handle(state.clone(), req));
+            // The header timeout also runs while a keep-alive connection waits for its next
+            // request: a client that connects and sends nothing (or drips bytes) is dropped.
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(read_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
@@ -150,22 +159,83 @@ async fn handle(
     state: Arc<AdminState>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(_) => {
-            return Ok(error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                "admin request bodies are limited to 64 KiB",
-            ))
-        }
+    // One snapshot for the whole request: the checks and the endpoint see the same config.
+    let active = state.live.snapshot();
+    let admin = &active.config.admin;
+    let (parts, body) = req.into_parts();
+    if let Err(refusal) = guard::check_host(&parts.headers, &admin.allowed_hosts) {
+        return Ok(refused(refusal));
+    }
+    // HEAD is GET without the body (RFC 9110 §9.3.2): same status and headers.
+    let head = parts.method == Method::HEAD;
+    let method = if head {
+        Method::GET
+    } else {
+        parts.method.clone()
     };
-    let resp = match (method.clone(), path.as_str()) {
+    let body = match read_body(body, admin.read_timeout.get()).await {
+        Ok(body) => body,
+        Err(resp) => return Ok(resp),
+    };
+    if let Err(refusal) = guard::check_json_body(&parts.headers, &body) {
+        return Ok(refused(refusal));
+    }
+    let resp = endpoint(&state, &method, &parts.method, parts.uri.path(), &body).await;
+    Ok(if head { without_body(resp) } else { resp })
+}
+
+/// The whole body, bounded in size and in time (a client dripping it byte by byte does not hold
+/// the connection past `admin.read_timeout`).
+async fn read_body(body: Incoming, timeout: Duration) -> Result<Bytes, Response<Full<Bytes>>> {
+    match tokio::time::timeout(timeout, Limited::new(body, MAX_BODY).collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(_)) => Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            "admin request bodies are limited to 64 KiB",
+        )),
+        Err(_) => {
+            let mut resp = error(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                "the request body did not arrive within admin.read_timeout",
+            );
+            resp.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+            Err(resp)
+        }
+    }
+}
+
+fn refused(refusal: guard::Refusal) -> Response<Full<Bytes>> {
+    error(refusal.status, refusal.code, &refusal.message)
+}
+
+/// The same response with an empty body and the `Content-Length` the body had.
+fn without_body(resp: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    let (mut parts, body) = resp.into_parts();
+    let len = body.size_hint().exact().unwrap_or(0);
+    parts
+        .headers
+        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+    Response::from_parts(parts, Full::new(Bytes::new()))
+}
+
+/// Dispatches a request that passed the checks; `method` is GET for a HEAD request, `sent` is
+/// the method as sent (for messages).
+async fn endpoint(
+    state: &AdminState,
+    method: &Method,
+    sent: &Method,
+    path: &str,
+    body: &[u8],
+) -> Response<Full<Bytes>> {
+    match (method.clone(), path) {
         (Method::GET, "/health" | "/ready") if !state.accepting() => starting(),
         (Method::GET, "/health") => json_response(StatusCode::OK, &json!({ "status": "ok" })),
-        (Method::GET, "/ready") => ready(&state),
+        (Method::GET, "/ready") => ready(state),
         (Method::GET, "/metrics") => {
             for ext in &state.extensions {
                 ext.before_metrics();
@@ -177,32 +247,27 @@ async fn handle(
             );
             resp
         }
-        (Method::GET, "/config") => config(&state),
-        (Method::POST, "/reload") => reload(&state).await,
+        (Method::GET, "/config") => config(state),
+        (Method::POST, "/reload") => reload(state).await,
         (_, "/health" | "/ready" | "/metrics" | "/config" | "/reload") => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
-            &format!("{method} is not allowed on {path}"),
+            &format!("{sent} is not allowed on {path}"),
         ),
         _ => {
-            let mut answered = None;
             for ext in &state.extensions {
-                if let Some(fut) = ext.handle(&method, &path, &body) {
-                    answered = Some(fut.await);
-                    break;
+                if let Some(fut) = ext.handle(method, path, body) {
+                    let (status, body) = fut.await;
+                    return json_response(status, &body);
                 }
             }
-            match answered {
-                Some((status, body)) => json_response(status, &body),
-                None => error(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    &format!("no admin endpoint {path}"),
-                ),
-            }
+            error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                &format!("no admin endpoint {path}"),
+            )
         }
-    };
-    Ok(resp)
+    }
 }
 
 fn starting() -> Response<Full<Bytes>> {

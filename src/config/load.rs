@@ -13,7 +13,7 @@ use serde_yaml_ng::{Mapping, Value};
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
 use yaml_rust2::scanner::Marker;
 
-use super::schema::{Config, RouteConfig};
+use super::schema::{AdminConfig, Config, RouteConfig};
 
 /// One problem in a config file, with a 1-based position.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -476,6 +476,9 @@ fn validate(parsed: &Parsed, spans: &SpanMap, problems: &mut Vec<Problem>) {
             "admin.listen must differ from listen: the admin port is not the traffic port",
         ));
     }
+    if !failed("admin") {
+        validate_admin(&config.admin, spans, problems);
+    }
     if config.threads > 1024 {
         problems.push(spans.problem("threads", "threads: at most 1024"));
     }
@@ -606,6 +609,41 @@ fn validate(parsed: &Parsed, spans: &SpanMap, problems: &mut Vec<Problem>) {
     }
 }
 
+fn validate_admin(admin: &AdminConfig, spans: &SpanMap, problems: &mut Vec<Problem>) {
+    for (i, host) in admin.allowed_hosts.iter().enumerate() {
+        if !is_host_name(host) {
+            let path = format!("admin.allowed_hosts[{i}]");
+            problems.push(spans.problem(
+                &path,
+                format!(
+                    "{path}: {host:?} is not a host name (no scheme, port or path; e.g. outrider.internal)"
+                ),
+            ));
+        }
+    }
+    if admin.read_timeout.get().is_zero() {
+        problems.push(spans.problem(
+            "admin.read_timeout",
+            "admin.read_timeout: must be greater than zero",
+        ));
+    }
+}
+
+/// A DNS name as it appears in a `Host` header, without port: dot-separated labels of letters,
+/// digits, `-` and `_`.
+fn is_host_name(host: &str) -> bool {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -692,6 +730,22 @@ mod tests {
         assert_eq!((err[0].line, err[0].column), (2, 4));
         assert!(interpolate_env("a: ${OPEN", &lookup).is_err());
         assert!(interpolate_env("a: ${BAD-NAME}", &lookup).is_err());
+    }
+
+    #[test]
+    fn admin_settings_are_checked() {
+        let p = problems(&format!(
+            "admin:\n  allowed_hosts: [ok.example, \"http://x\", \"h:80\"]\n  read_timeout: 0s\n{GOOD}"
+        ));
+        let expected = [
+            "t.yaml:2:31: admin.allowed_hosts[1]: \"http://x\" is not a host name",
+            "t.yaml:2:43: admin.allowed_hosts[2]",
+            "t.yaml:3:17: admin.read_timeout: must be greater than zero",
+        ];
+        assert_eq!(p.len(), expected.len(), "{p:?}");
+        for (got, want) in p.iter().zip(expected) {
+            assert!(got.starts_with(want), "{got:?} should start with {want:?}");
+        }
     }
 
     #[test]
