@@ -1,4 +1,5 @@
-//! Who may use the admin port: the `Host` check against DNS rebinding, and JSON-only bodies.
+//! Who may use the admin port: the token for mutations (inline from the environment, or from a
+//! file re-read on reload), the `Host` check against DNS rebinding, and JSON-only bodies.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -6,6 +7,8 @@ mod support;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use support::{client, Backend, Proxy};
+
+const TOKEN_ENV: &str = "OUTRIDER_TEST_ADMIN_TOKEN";
 
 fn config(app: &str, admin_extra: &str) -> String {
     format!(
@@ -21,6 +24,121 @@ routes:
     cache: {{ ttl: 5m }}
 "#
     )
+}
+
+async fn post(proxy: &Proxy, path: &str, token: Option<&str>) -> reqwest::Response {
+    let mut req = client()
+        .post(proxy.admin(path))
+        .header("content-type", "application/json")
+        .body(if path == "/cache/purge" {
+            r#"{"all":true}"#
+        } else {
+            ""
+        });
+    if let Some(token) = token {
+        req = req.bearer_auth(token);
+    }
+    req.send().await.unwrap()
+}
+
+async fn assert_unauthorized(resp: reqwest::Response) {
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let challenge = resp.headers()["www-authenticate"].to_str().unwrap();
+    assert!(challenge.starts_with("Bearer"), "{challenge}");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "unauthorized", "{body}");
+}
+
+#[tokio::test]
+async fn mutations_need_the_token_reads_do_not() {
+    let app = Backend::start("app").await;
+    let secret = "env-t0ken-5ecret";
+    let proxy = Proxy::start_with_env(
+        &config(&app.url(), &format!(r#", token: "${{{TOKEN_ENV}}}""#)),
+        &[(TOKEN_ENV, secret)],
+    )
+    .await;
+
+    for path in ["/reload", "/cache/purge"] {
+        assert_unauthorized(post(&proxy, path, None).await).await;
+        assert_unauthorized(post(&proxy, path, Some("wrong")).await).await;
+        assert_unauthorized(post(&proxy, path, Some(&format!("{secret}x"))).await).await;
+        let ok = post(&proxy, path, Some(secret)).await;
+        assert_eq!(ok.status(), StatusCode::OK, "{path}");
+    }
+    // Any other method that is not a read needs it too, even where it would be a 404/405.
+    let delete = client()
+        .delete(proxy.admin("/cache/purge"))
+        .send()
+        .await
+        .unwrap();
+    assert_unauthorized(delete).await;
+
+    // Reads stay open (probes and Prometheus carry no token).
+    for path in ["/health", "/ready", "/metrics", "/config", "/cache/stats"] {
+        let resp = client().get(proxy.admin(path)).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+    }
+    let shown = client()
+        .get(proxy.admin("/config"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!shown.contains(secret), "{shown}");
+    let shown: Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["config"]["admin"]["token"], "***");
+    assert!(!proxy.log().contains(secret));
+}
+
+#[tokio::test]
+async fn the_token_file_is_read_at_start_and_on_reload() {
+    let app = Backend::start("app").await;
+    let secrets = tempfile::tempdir().unwrap();
+    let token_path = secrets.path().join("admin-token");
+    std::fs::write(&token_path, "first-t0ken\n").unwrap();
+    let template = config(
+        &app.url(),
+        &format!(r#", token_file: "{}""#, token_path.display()),
+    );
+    let proxy = Proxy::start(&template).await;
+
+    assert_unauthorized(post(&proxy, "/reload", None).await).await;
+    // The file's trailing newline is not part of the token.
+    let resp = post(&proxy, "/reload", Some("first-t0ken")).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.json::<Value>().await.unwrap()["outcome"], "unchanged");
+
+    // The Secret is rotated: the next reload reads it, though the config file is unchanged.
+    std::fs::write(&token_path, "second-t0ken\n").unwrap();
+    assert_unauthorized(post(&proxy, "/cache/purge", Some("second-t0ken")).await).await;
+    let resp = post(&proxy, "/reload", Some("first-t0ken")).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["outcome"], "applied", "{body}");
+    assert_unauthorized(post(&proxy, "/reload", Some("first-t0ken")).await).await;
+    let resp = post(&proxy, "/cache/purge", Some("second-t0ken")).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    // A token file that cannot be read rejects the reload; the token in force stays.
+    std::fs::remove_file(&token_path).unwrap();
+    let resp = post(&proxy, "/reload", Some("second-t0ken")).await;
+    assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body: Value = resp.json().await.unwrap();
+    let problem = body["problems"][0].as_str().unwrap();
+    assert!(
+        problem.contains(":3:") && problem.contains("admin.token_file: cannot read"),
+        "{problem}"
+    );
+    assert_eq!(
+        post(&proxy, "/cache/purge", Some("second-t0ken"))
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    assert!(!proxy.log().contains("t0ken"), "{}", proxy.log());
 }
 
 /// Sends a request with the given `Host` to the admin port.

@@ -1,19 +1,24 @@
 //! What an admin request must satisfy before an endpoint sees it: a `Host` that cannot be a
-//! rebound DNS name, and JSON for any body.
+//! rebound DNS name, the admin token for anything that is not a read, and JSON for any body.
 //! Each check answers with the JSON error the caller sends back as is; the checks know no
 //! endpoint.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use http::header::{CONTENT_TYPE, HOST};
-use http::{HeaderMap, StatusCode};
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST, WWW_AUTHENTICATE};
+use http::{HeaderMap, HeaderValue, StatusCode};
 
-/// A refused request: the status, a stable error code and a message.
+use crate::config::schema::AdminConfig;
+use crate::config::secret::AdminToken;
+
+/// A refused request: the status, a stable error code and a message, plus the
+/// `WWW-Authenticate` challenge for a 401.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Refusal {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    pub challenge: Option<HeaderValue>,
 }
 
 impl Refusal {
@@ -22,7 +27,13 @@ impl Refusal {
             status,
             code,
             message: message.into(),
+            challenge: None,
         }
+    }
+
+    /// The header a refused response carries, if any.
+    pub fn header(&self) -> Option<(http::HeaderName, HeaderValue)> {
+        self.challenge.clone().map(|v| (WWW_AUTHENTICATE, v))
     }
 }
 
@@ -97,6 +108,39 @@ fn host_without_port(host: &str) -> Option<&str> {
     }
 }
 
+/// Requests that change something need `Authorization: Bearer <admin token>` when a token is
+/// configured. A configured token that could not be resolved refuses everything (fail closed).
+pub fn check_token(
+    headers: &HeaderMap,
+    admin: &AdminConfig,
+    token: Option<&AdminToken>,
+) -> Result<(), Refusal> {
+    if admin.token.is_none() && admin.token_file.is_none() {
+        return Ok(());
+    }
+    let presented = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, credentials)| credentials.trim());
+    let refuse = |message: &str, challenge: &'static str| Refusal {
+        challenge: Some(HeaderValue::from_static(challenge)),
+        ..Refusal::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    };
+    match (presented, token) {
+        (None, _) => Err(refuse(
+            "this admin request needs `Authorization: Bearer <admin token>`",
+            r#"Bearer realm="outrider-admin""#,
+        )),
+        (Some(presented), Some(token)) if token.matches(presented.as_bytes()) => Ok(()),
+        (Some(_), _) => Err(refuse(
+            "the admin token is wrong",
+            r#"Bearer realm="outrider-admin", error="invalid_token""#,
+        )),
+    }
+}
+
 /// Admin request bodies are JSON: a body with another (or no) `Content-Type` is refused with
 /// 415 — which also keeps a browser form (`text/plain`, no CORS preflight) from posting one —
 /// and one that does not parse with 400. An empty body needs neither.
@@ -129,11 +173,12 @@ pub fn check_json_body(headers: &HeaderMap, body: &[u8]) -> Result<(), Refusal> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::secret::SecretString;
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(*k, http::HeaderValue::from_str(v).unwrap());
+            h.append(*k, HeaderValue::from_str(v).unwrap());
         }
         h
     }
@@ -181,6 +226,46 @@ mod tests {
         assert!(check_host(
             &headers(&[("host", "127.0.0.1"), ("host", "evil.example")]),
             &allowed
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn mutations_need_the_token_when_one_is_configured() {
+        let open = AdminConfig::default();
+        assert_eq!(check_token(&HeaderMap::new(), &open, None), Ok(()));
+
+        let admin = AdminConfig {
+            token: Some(SecretString::new("s3cret")),
+            ..AdminConfig::default()
+        };
+        let token = AdminToken::new("s3cret");
+        let check =
+            |pairs: &[(&'static str, &str)]| check_token(&headers(pairs), &admin, Some(&token));
+        assert_eq!(check(&[("authorization", "Bearer s3cret")]), Ok(()));
+        assert_eq!(check(&[("authorization", "bearer  s3cret")]), Ok(()));
+        let missing = check(&[]).unwrap_err();
+        assert_eq!(missing.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(missing.code, "unauthorized");
+        assert_eq!(
+            missing.header().unwrap().1,
+            r#"Bearer realm="outrider-admin""#
+        );
+        for wrong in [
+            "Bearer s3cre",
+            "Bearer s3cret2",
+            "Basic s3cret",
+            "s3cret",
+            "Bearer ",
+        ] {
+            let refusal = check(&[("authorization", wrong)]).unwrap_err();
+            assert_eq!(refusal.status, StatusCode::UNAUTHORIZED, "{wrong}");
+        }
+        // Configured but not resolved: refuse, never open.
+        assert!(check_token(
+            &headers(&[("authorization", "Bearer s3cret")]),
+            &admin,
+            None
         )
         .is_err());
     }

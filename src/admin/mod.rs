@@ -1,6 +1,6 @@
 //! The admin HTTP service on its own listener: health, readiness, metrics, config, reload.
 //! It never shares a port with traffic and binds to loopback unless told otherwise; every
-//! request passes [`guard`] (Host, JSON bodies) before an endpoint sees it,
+//! request passes [`guard`] (Host, token for mutations, JSON bodies) before an endpoint sees it,
 //! and slow clients are bounded by `admin.read_timeout`.
 
 use std::borrow::Cow;
@@ -173,6 +173,13 @@ async fn handle(
     } else {
         parts.method.clone()
     };
+    // Anything but a read changes something; the token is checked before the body is read.
+    if method != Method::GET {
+        if let Err(refusal) = guard::check_token(&parts.headers, admin, active.admin_token.as_ref())
+        {
+            return Ok(refused(refusal));
+        }
+    }
     let body = match read_body(body, admin.read_timeout.get()).await {
         Ok(body) => body,
         Err(resp) => return Ok(resp),
@@ -210,7 +217,11 @@ async fn read_body(body: Incoming, timeout: Duration) -> Result<Bytes, Response<
 }
 
 fn refused(refusal: guard::Refusal) -> Response<Full<Bytes>> {
-    error(refusal.status, refusal.code, &refusal.message)
+    let mut resp = error(refusal.status, refusal.code, &refusal.message);
+    if let Some((name, value)) = refusal.header() {
+        resp.headers_mut().insert(name, value);
+    }
+    resp
 }
 
 /// The same response with an empty body and the `Content-Length` the body had.

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 
 use super::schema::Config;
+use super::secret::AdminToken;
 use crate::pipeline::registry::{build_stages, Services};
 use crate::pipeline::Stage;
 
@@ -20,6 +21,9 @@ pub struct ActiveConfig {
     pub upstreams: std::collections::HashMap<String, Arc<Upstream>>,
     /// Increases by one with each successful load; visible in `/config` and logs.
     pub generation: u64,
+    /// The token admin mutations need (`admin.token`, or `admin.token_file` as read for this
+    /// generation); `None` when none is configured.
+    pub admin_token: Option<AdminToken>,
 }
 
 #[derive(Debug)]
@@ -42,8 +46,14 @@ enum PathMatcher {
 }
 
 impl ActiveConfig {
-    /// Compiles a config that has already passed validation.
-    pub fn compile(config: Config, generation: u64, services: &Services) -> Result<Self, String> {
+    /// Compiles a config that has already passed validation, with its resolved admin token
+    /// ([`super::load::resolve_admin_token`]).
+    pub fn compile(
+        config: Config,
+        generation: u64,
+        services: &Services,
+        admin_token: Option<AdminToken>,
+    ) -> Result<Self, String> {
         let mut upstreams = std::collections::HashMap::new();
         for (name, u) in &config.upstreams {
             let (tls, host, port) = parse_upstream_url(&u.url)?;
@@ -102,6 +112,7 @@ impl ActiveConfig {
             routes,
             upstreams,
             generation,
+            admin_token,
         })
     }
 
@@ -288,6 +299,7 @@ mod tests {
             parse_str(text, "t").unwrap(),
             1,
             &Services::in_memory().unwrap(),
+            None,
         )
         .unwrap();
         let name = |m, p| {
