@@ -47,7 +47,9 @@ trap 'rm -rf "$WORK"' EXIT
 
 # --- 1. docker-compose -------------------------------------------------------------------
 step "docker-compose config (examples/docker-compose/docker-compose.yml)"
-if docker-compose -f examples/docker-compose/docker-compose.yml config -q; then
+# The compose file requires the admin token from the environment; any value renders it.
+if OUTRIDER_ADMIN_TOKEN="${OUTRIDER_ADMIN_TOKEN:-validate-deploy}" \
+  docker-compose -f examples/docker-compose/docker-compose.yml config -q; then
   echo "ok"
 else
   fail "docker-compose config"
@@ -135,6 +137,23 @@ def size_bytes(text):
 
 def port_of(listen):
     return int(str(listen).rsplit(":", 1)[1])
+
+
+def admin_exposed_without_token(admin_cfg):
+    """outrider refuses a non-loopback admin.listen without admin.token or admin.token_file."""
+    host = str(admin_cfg.get("listen", "127.0.0.1:9901")).rsplit(":", 1)[0].strip("[]")
+    loopback = host.startswith("127.") or host == "::1"
+    return not loopback and not admin_cfg.get("token") and not admin_cfg.get("token_file")
+
+
+def host_allowed(host, admin_cfg):
+    """outrider's admin Host check: IP literals, localhost, or admin.allowed_hosts."""
+    import ipaddress
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return host.lower() in ["localhost"] + [h.lower() for h in admin_cfg.get("allowed_hosts", [])]
 
 
 # ---------------------------------------------------------------- kustomize (subset)
@@ -306,6 +325,27 @@ for dep in deployments:
         err(f"{dname}: container port admin={ports.get('admin')} but admin.listen is {admin}")
     if not admin.startswith("0.0.0.0:"):
         err(f"{dname}: admin.listen {admin} is not reachable by the kubelet probes (use 0.0.0.0)")
+    admin_cfg = cfg.get("admin", {})
+    if admin_exposed_without_token(admin_cfg):
+        err(f"{dname}: admin.listen {admin} needs admin.token or admin.token_file")
+    token_file = admin_cfg.get("token_file")
+    if token_file:
+        tmount = next((m for m in sidecar.get("volumeMounts", [])
+                       if token_file.startswith(m["mountPath"].rstrip("/") + "/")), None)
+        if tmount is None:
+            err(f"{dname}: admin.token_file {token_file} is not under any volumeMount")
+        else:
+            if "subPath" in tmount or "subPathExpr" in tmount:
+                err(f"{dname}: admin token mount uses subPath; a rotated Secret would never reach outrider")
+            tvol = next((v for v in pspec.get("volumes", []) if v["name"] == tmount["name"]), {})
+            sname = tvol.get("secret", {}).get("secretName")
+            secret = by_kind.get("Secret", {}).get(sname)
+            tkey = os.path.relpath(token_file, tmount["mountPath"])
+            keys = set((secret or {}).get("data") or {}) | set((secret or {}).get("stringData") or {})
+            if secret is None or tkey not in keys:
+                err(f"{dname}: admin.token_file {token_file}: Secret {sname!r} with key {tkey!r} not rendered")
+            else:
+                ok(f"{dname}: admin token read from Secret {sname} key {tkey}, mounted as a directory")
     for probe, path in (("livenessProbe", "/health"), ("readinessProbe", "/ready"), ("startupProbe", "/health")):
         get = sidecar.get(probe, {}).get("httpGet", {})
         if get.get("path") != path or get.get("port") not in ("admin", ports.get("admin")):
@@ -395,6 +435,14 @@ else:
         targets = [t for job in prom["scrape_configs"] for sc in job.get("static_configs", []) for t in sc["targets"]]
         if f"outrider:{admin_port}" not in targets:
             err(f"prometheus.yml does not scrape outrider:{admin_port} ({targets})")
+        for t in targets:
+            if t.endswith(f":{admin_port}") and not host_allowed(t.rsplit(":", 1)[0], ccfg["admin"]):
+                err(f"prometheus.yml scrapes {t}, a Host that admin.allowed_hosts does not allow (421)")
+        if admin_exposed_without_token(ccfg["admin"]):
+            err("compose outrider: admin.listen is not loopback but there is no admin.token or admin.token_file")
+        token_var = re.fullmatch(r"\$\{(\w+)(:-[^}]*)?\}", str(ccfg["admin"].get("token", "")))
+        if token_var and token_var.group(1) not in (o.get("environment") or {}):
+            err(f"compose outrider: admin.token reads ${{{token_var.group(1)}}}, which the service's environment does not set")
         grace = duration_s(ccfg.get("shutdown", {}).get("grace_period", "25s"))
         if duration_s(o.get("stop_grace_period", "10s")) <= grace:
             err(f"compose outrider: stop_grace_period must exceed shutdown.grace_period {grace:g}s")

@@ -49,13 +49,23 @@ fn cache_settings(config: &Config) -> CacheSettings {
     }
 }
 
+/// How messages name the config: its path, or the embedded default.
+fn source_name(path: &Option<PathBuf>) -> String {
+    match path {
+        Some(path) => path.display().to_string(),
+        None => EMBEDDED_NAME.to_string(),
+    }
+}
+
+const EMBEDDED_NAME: &str = "<embedded config/outrider.yaml>";
+
 /// Loads the config from `path`, or the embedded default when `path` is `None`.
 pub fn load(path: Option<&std::path::Path>) -> Result<(Config, String), ConfigError> {
     match path {
         Some(path) => config::load_file(path),
         None => {
             let text = config::EMBEDDED_DEFAULT.to_string();
-            let config = config::parse_str(&text, "<embedded config/outrider.yaml>")?;
+            let config = config::parse_str(&text, EMBEDDED_NAME)?;
             Ok((config, text))
         }
     }
@@ -64,12 +74,15 @@ pub fn load(path: Option<&std::path::Path>) -> Result<(Config, String), ConfigEr
 /// Compiles a loaded config against an in-memory store, as `run` would at start.
 pub fn compile_check(config: &Config) -> Result<(), String> {
     let services = Services::in_memory().map_err(|e| e.to_string())?;
-    ActiveConfig::compile(config.clone(), 1, &services).map(|_| ())
+    // `admin.token_file` names a file of the running environment (a Secret mount); `check` does
+    // not read it, `run` does (at start and on reload).
+    ActiveConfig::compile(config.clone(), 1, &services, None).map(|_| ())
 }
 
 /// Runs the proxy until SIGTERM/SIGINT and a drain; returns when the process should exit 0.
 pub fn run(path: Option<PathBuf>) -> Result<(), StartError> {
     let (config, text) = load(path.as_deref())?;
+    let admin_token = config::load::resolve_admin_token(&config, &text, &source_name(&path))?;
     logging::init(config.telemetry.access_log);
     let metrics = Arc::new(Metrics::new()?);
     let threads = match config.threads {
@@ -97,7 +110,8 @@ pub fn run(path: Option<PathBuf>) -> Result<(), StartError> {
     let services = Arc::new(Services {
         store: store.clone(),
     });
-    let active = ActiveConfig::compile(config, 1, &services).map_err(StartError::Compile)?;
+    let active =
+        ActiveConfig::compile(config, 1, &services, admin_token).map_err(StartError::Compile)?;
     let live = LiveConfig::new(active, path.clone(), text, services);
     metrics.config_generation.set(1);
     install_reload_hook(&live, &metrics);
@@ -110,12 +124,17 @@ pub fn run(path: Option<PathBuf>) -> Result<(), StartError> {
             addr: admin_listen.clone(),
             source,
         })?;
-    let admin_state = Arc::new(AdminState {
-        live: live.clone(),
-        metrics: metrics.clone(),
-        lifecycle: lifecycle.clone(),
+    let traffic: std::net::SocketAddr = listen
+        .parse()
+        .map_err(|e| StartError::Compile(format!("listen {listen:?}: {e}")))?;
+    let admin_state = Arc::new(AdminState::new(
+        live.clone(),
+        metrics.clone(),
+        lifecycle.clone(),
         extensions,
-    });
+        traffic,
+    ));
+    background.spawn(admin::watch_traffic_listener(admin_state.clone()));
     background.spawn(admin::serve(admin_listener, admin_state));
     {
         let _guard = background.enter();

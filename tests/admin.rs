@@ -184,3 +184,197 @@ async fn metrics_cover_requests_latency_and_build() {
     );
     assert!(!m.contains("/api/items/1"), "raw paths never become labels");
 }
+
+/// Every credential form outrider accepts in a URL stays out of `GET /config` and the log
+/// (the Redis connect failures are logged with the URL).
+#[tokio::test]
+async fn config_and_logs_never_show_credentials() {
+    let app = Backend::start("app").await;
+    let cases = [
+        (
+            "password with @",
+            "redis://app:p@ss-w0rd@127.0.0.1:1/0",
+            "p@ss-w0rd",
+        ),
+        ("TLS", "rediss://:tls-s3cret@127.0.0.1:1", "tls-s3cret"),
+        (
+            "unix ?pass=",
+            "unix:///nonexistent/redis.sock?db=0&pass=unix-s3cret",
+            "unix-s3cret",
+        ),
+        (
+            "?password=",
+            "redis://127.0.0.1:1/0?password=query-s3cret",
+            "query-s3cret",
+        ),
+    ];
+    for (form, redis_url, secret) in cases {
+        let text = config(&app.url()).replace("redis://:hunter2@127.0.0.1:1/0", redis_url)
+            // Any URL-valued string, not only the known URL keys.
+            + "telemetry: { service_name: \"https://svc:name-s3cret@example.com\" }\n";
+        let proxy = Proxy::start(&text).await;
+        let shown = client()
+            .get(proxy.admin("/config"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            !shown.contains(secret),
+            "{form}: /config shows {secret}: {shown}"
+        );
+        assert!(!shown.contains("name-s3cret"), "{form}: {shown}");
+        assert!(shown.contains("***"), "{form}: {shown}");
+        // The connect loop logs the URL once it has failed.
+        support::wait_for(
+            "the redis connect failure in the log",
+            std::time::Duration::from_secs(10),
+            || async { proxy.log().contains("redis L2").then_some(()) },
+        )
+        .await;
+        let log = proxy.log();
+        assert!(
+            !log.contains(secret),
+            "{form}: the log shows {secret}:\n{log}"
+        );
+    }
+}
+
+/// `/ready` (and `/health`) must not say yes before the traffic port takes connections: Pingora
+/// binds it inside `server.run()`, after the admin service is already answering.
+#[tokio::test]
+async fn ready_is_never_answered_before_the_traffic_port_listens() {
+    let app = Backend::start("app").await;
+    let c = client();
+    for _ in 0..5 {
+        let proxy = Proxy::spawn(&config(&app.url()));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        // As fast as possible: the window between the two listeners is short.
+        let mut starting_seen = false;
+        loop {
+            if let Ok(resp) = c.get(proxy.admin("/ready")).send().await {
+                if resp.status() == 200 {
+                    break;
+                }
+                let body: serde_json::Value = resp.json().await.unwrap();
+                assert_eq!(body["status"], "starting", "{body}");
+                starting_seen = true;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never ready; log:\n{}",
+                proxy.log()
+            );
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", proxy.port)).is_ok(),
+            "/ready said 200 but the traffic port refuses connections (saw starting: {starting_seen})"
+        );
+        let health = c.get(proxy.admin("/health")).send().await.unwrap();
+        assert_eq!(health.status(), 200);
+    }
+}
+
+/// Sends raw bytes to a port and returns everything the server sends until it closes the
+/// connection, or `None` if it is still open after 30 s.
+async fn raw_exchange(port: u16, request: &'static [u8]) -> Option<String> {
+    use std::io::{Read, Write};
+    tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        s.write_all(request).unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return Some(String::from_utf8_lossy(&out).into_owned()),
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    return Some(String::from_utf8_lossy(&out).into_owned())
+                }
+                Err(_) => return None,
+            }
+        }
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn head_answers_like_get_without_a_body() {
+    let app = Backend::start("app").await;
+    let proxy = Proxy::start(&config(&app.url())).await;
+    let c = client();
+    for path in ["/health", "/ready", "/metrics", "/config"] {
+        let get = c.get(proxy.admin(path)).send().await.unwrap();
+        let head = c.head(proxy.admin(path)).send().await.unwrap();
+        assert_eq!(head.status(), get.status(), "{path}");
+        assert_eq!(
+            head.headers()["content-type"],
+            get.headers()["content-type"],
+            "{path}"
+        );
+        let get_len = get.bytes().await.unwrap().len();
+        // /metrics changes between two scrapes; the others are stable.
+        if path != "/metrics" {
+            assert_eq!(
+                head.headers()["content-length"],
+                get_len.to_string().as_str(),
+                "{path}"
+            );
+        }
+        assert!(head.bytes().await.unwrap().is_empty());
+    }
+    // On the wire: a HEAD answer ends after its header.
+    let port = proxy.admin_port;
+    let answer = raw_exchange(
+        port,
+        b"HEAD /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .expect("closed after the answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("content-length: 15"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\n"), "no body expected: {answer:?}");
+    // HEAD is a read: not allowed where GET is not.
+    let head = c.head(proxy.admin("/reload")).send().await.unwrap();
+    assert_eq!(head.status(), 405);
+}
+
+#[tokio::test]
+async fn slow_clients_do_not_hold_admin_connections() {
+    let app = Backend::start("app").await;
+    let proxy = Proxy::start(&config(&app.url()).replace(
+        r#"admin: { listen: "{admin}" }"#,
+        r#"admin: { listen: "{admin}", read_timeout: 300ms }"#,
+    ))
+    .await;
+    let port = proxy.admin_port;
+    // A header that never ends: the connection is closed, with or without a 408.
+    let answer = raw_exchange(port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        .await
+        .expect("a never-ending header must not keep the connection open");
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+    // A connection that never sends anything.
+    let answer = raw_exchange(port, b"").await;
+    assert!(answer.is_some(), "an idle connection must be closed");
+    // A body that never completes: 408 JSON, then the connection closes.
+    let answer = raw_exchange(
+        port,
+        b"POST /cache/purge HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"all\"",
+    )
+    .await
+    .expect("a never-ending body must not keep the connection open");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    // Normal requests still work.
+    let ok = client().get(proxy.admin("/health")).send().await.unwrap();
+    assert_eq!(ok.status(), 200);
+}

@@ -146,6 +146,54 @@ fn syntax_and_env_errors() {
 }
 
 #[test]
+fn an_exposed_admin_port_needs_a_token() {
+    for listen in ["0.0.0.0:9901", "[::]:9901", "10.0.0.5:9901"] {
+        assert_fails(
+            &format!("{BASE}admin: {{ listen: \"{listen}\" }}\n"),
+            &[&format!(
+                "FILE:7:18: admin.listen {listen} is not a loopback address: set admin.token or admin.token_file"
+            )],
+        );
+    }
+    let (ok, _, stderr) = check(&format!(
+        "{BASE}admin:\n  listen: 0.0.0.0:9901\n  token_file: /run/secrets/outrider/admin-token\n"
+    ));
+    assert!(
+        ok,
+        "a token file that does not exist here is read by `run`, not `check`: {stderr}"
+    );
+    assert_fails(
+        &format!(
+            "{BASE}admin: {{ listen: 0.0.0.0:9901, token: \"${{OUTRIDER_TEST_UNSET:-}}\" }}\n"
+        ),
+        &["FILE:7:", "admin.token is empty"],
+    );
+}
+
+#[test]
+fn messages_never_echo_credentials() {
+    for (url, secret) in [
+        ("http://user:up-s3cret@app:8000", "up-s3cret"),
+        ("ftp://user:ftp-s3cret@app", "ftp-s3cret"),
+        ("http://app:8000/path?token=tok-s3cret", "tok-s3cret"),
+    ] {
+        let (ok, _, stderr) = check(&BASE.replace("http://127.0.0.1:8000", url));
+        assert!(!ok, "{url} should fail");
+        assert!(stderr.contains("***"), "{stderr}");
+        assert!(!stderr.contains(secret), "{url}: {stderr}");
+    }
+    let (ok, _, stderr) = check(&format!(
+        "{BASE}cache: {{ redis: {{ url: \"http://:redis-s3cret@nope\" }} }}\n"
+    ));
+    assert!(!ok);
+    assert!(
+        stderr.contains("cache.redis.url: not a valid Redis URL"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("redis-s3cret"), "{stderr}");
+}
+
+#[test]
 fn missing_file_is_a_clear_error() {
     let out = Command::new(env!("CARGO_BIN_EXE_outrider"))
         .args(["check", "--config", "/nonexistent/outrider.yaml"])
@@ -199,6 +247,16 @@ fn check_messages_are_stable() {
         ),
         ("syntax and semantics together", "listen: nowhere\nupstreams:\n  app: { url: \"ftp://x\" }\nroutes:\n  - name: a\n    match: { path: nope, methods: [FETCH] }\n    upstream: zzz\n  - name: b\n    match: {}\n    upstream: app\n    bogus: 1\n".to_string()),
         ("invalid YAML", "routes: [\n  - name: x\n".to_string()),
+        (
+            "admin port exposed without a token",
+            format!("{BASE}admin: {{ listen: \"0.0.0.0:9901\" }}\n"),
+        ),
+        (
+            "admin settings mistakes",
+            format!(
+                "{BASE}admin:\n  token: \"two words\"\n  token_file: /run/token\n  allowed_hosts: [\"https://outrider.internal:9901\"]\n  read_timeout: 0s\n"
+            ),
+        ),
     ];
     let mut report = String::new();
     for (name, text) in cases {

@@ -222,7 +222,9 @@ async fn start_stack() -> Stack {
     cmd.arg("run")
         .arg("--config")
         .arg(&config)
-        .env_remove("REDIS_URL");
+        .env_remove("REDIS_URL")
+        // The demo's admin.token, as docker-compose.yml passes it.
+        .env("OUTRIDER_ADMIN_TOKEN", "deploy-e2e-admin-token");
     let mut outrider = Proc::spawn("outrider", cmd, dir.path().join("outrider.log"));
     let ready = format!("http://127.0.0.1:{admin_port}/ready");
     wait_until_ok("outrider", &ready, &mut outrider, Duration::from_secs(30)).await;

@@ -16,6 +16,8 @@ fn root() -> PathBuf {
 fn check(path: &Path, redis_url: Option<&str>) -> Output {
     let mut cmd = Command::new(BIN);
     cmd.arg("check").arg("--config").arg(path);
+    // The docker-compose demo reads its admin token from here, as docker-compose.yml passes it.
+    cmd.env("OUTRIDER_ADMIN_TOKEN", "shipped-configs-test-token");
     match redis_url {
         Some(url) => cmd.env("REDIS_URL", url),
         None => cmd.env_remove("REDIS_URL"),

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 
 use super::schema::Config;
+use super::secret::AdminToken;
 use crate::pipeline::registry::{build_stages, Services};
 use crate::pipeline::Stage;
 
@@ -20,6 +21,9 @@ pub struct ActiveConfig {
     pub upstreams: std::collections::HashMap<String, Arc<Upstream>>,
     /// Increases by one with each successful load; visible in `/config` and logs.
     pub generation: u64,
+    /// The token admin mutations need (`admin.token`, or `admin.token_file` as read for this
+    /// generation); `None` when none is configured.
+    pub admin_token: Option<AdminToken>,
 }
 
 #[derive(Debug)]
@@ -42,8 +46,14 @@ enum PathMatcher {
 }
 
 impl ActiveConfig {
-    /// Compiles a config that has already passed validation.
-    pub fn compile(config: Config, generation: u64, services: &Services) -> Result<Self, String> {
+    /// Compiles a config that has already passed validation, with its resolved admin token
+    /// ([`super::load::resolve_admin_token`]).
+    pub fn compile(
+        config: Config,
+        generation: u64,
+        services: &Services,
+        admin_token: Option<AdminToken>,
+    ) -> Result<Self, String> {
         let mut upstreams = std::collections::HashMap::new();
         for (name, u) in &config.upstreams {
             let (tls, host, port) = parse_upstream_url(&u.url)?;
@@ -102,6 +112,7 @@ impl ActiveConfig {
             routes,
             upstreams,
             generation,
+            admin_token,
         })
     }
 
@@ -136,35 +147,37 @@ fn method_bit(method: &str) -> u16 {
 
 /// Splits an upstream URL into (tls, host, port); refuses paths, queries and unknown schemes.
 pub fn parse_upstream_url(url: &str) -> Result<(bool, String, u16), String> {
+    // Messages reach `outrider check` output and reload logs: never echo a credential.
+    let shown = crate::telemetry::redact::url(url);
     let (tls, rest) = if let Some(rest) = url.strip_prefix("http://") {
         (false, rest)
     } else if let Some(rest) = url.strip_prefix("https://") {
         (true, rest)
     } else {
-        return Err(format!("{url:?} must start with http:// or https://"));
+        return Err(format!("{shown:?} must start with http:// or https://"));
     };
     let authority = rest.strip_suffix('/').unwrap_or(rest);
     if authority.contains(['/', '?', '#']) {
         return Err(format!(
-            "{url:?} must not contain a path: outrider forwards the request path unchanged"
+            "{shown:?} must not contain a path: outrider forwards the request path unchanged"
         ));
     }
     if authority.contains('@') {
         return Err(format!(
-            "{url:?}: credentials in upstream URLs are not supported"
+            "{shown:?}: credentials in upstream URLs are not supported"
         ));
     }
     let default_port = if tls { 443 } else { 80 };
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
         let (host, after) = v6
             .split_once(']')
-            .ok_or_else(|| format!("{url:?}: unterminated IPv6 address"))?;
+            .ok_or_else(|| format!("{shown:?}: unterminated IPv6 address"))?;
         let port = match after.strip_prefix(':') {
             Some(p) => p
                 .parse()
-                .map_err(|_| format!("{url:?}: invalid port {p:?}"))?,
+                .map_err(|_| format!("{shown:?}: invalid port {p:?}"))?,
             None if after.is_empty() => default_port,
-            None => return Err(format!("{url:?}: unexpected text after the address")),
+            None => return Err(format!("{shown:?}: unexpected text after the address")),
         };
         (host.to_string(), port)
     } else {
@@ -172,16 +185,16 @@ pub fn parse_upstream_url(url: &str) -> Result<(bool, String, u16), String> {
             Some((host, p)) => (
                 host.to_string(),
                 p.parse()
-                    .map_err(|_| format!("{url:?}: invalid port {p:?}"))?,
+                    .map_err(|_| format!("{shown:?}: invalid port {p:?}"))?,
             ),
             None => (authority.to_string(), default_port),
         }
     };
     if host.is_empty() {
-        return Err(format!("{url:?}: missing host"));
+        return Err(format!("{shown:?}: missing host"));
     }
     if port == 0 {
-        return Err(format!("{url:?}: port 0 is not a valid upstream port"));
+        return Err(format!("{shown:?}: port 0 is not a valid upstream port"));
     }
     Ok((tls, host, port))
 }
@@ -286,6 +299,7 @@ mod tests {
             parse_str(text, "t").unwrap(),
             1,
             &Services::in_memory().unwrap(),
+            None,
         )
         .unwrap();
         let name = |m, p| {

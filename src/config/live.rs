@@ -10,7 +10,7 @@ use notify::{RecursiveMode, Watcher};
 use parking_lot::Mutex;
 
 use super::compile::ActiveConfig;
-use super::load::{parse_str, ConfigError};
+use super::load::{parse_str, resolve_admin_token, ConfigError};
 use super::schema::Config;
 use crate::pipeline::registry::Services;
 
@@ -123,8 +123,13 @@ impl LiveConfig {
                 generation: self.current.load().generation,
             };
         }
-        let config = match parse_str(&text, &path.display().to_string()) {
-            Ok(config) => config,
+        let file = path.display().to_string();
+        // The admin token file is read on every reload that gets this far, so a rotated Secret
+        // is picked up by an explicit reload even when the config file is unchanged.
+        let parsed = parse_str(&text, &file)
+            .and_then(|config| Ok((resolve_admin_token(&config, &text, &file)?, config)));
+        let (admin_token, config) = match parsed {
+            Ok(parsed) => parsed,
             Err(e) => {
                 *last_rejected = Some(text);
                 return ReloadOutcome::Rejected(e);
@@ -132,18 +137,18 @@ impl LiveConfig {
         };
         *last_rejected = None;
         let old = self.current.load_full();
-        if text == *last_text && *old.config == config {
+        if text == *last_text && *old.config == config && old.admin_token == admin_token {
             return ReloadOutcome::Unchanged {
                 generation: old.generation,
             };
         }
         let restart_needed = restart_only_changes(&old.config, &config);
         let generation = old.generation + 1;
-        let active = match ActiveConfig::compile(config, generation, &self.services) {
+        let active = match ActiveConfig::compile(config, generation, &self.services, admin_token) {
             Ok(active) => active,
             Err(message) => {
                 return ReloadOutcome::Rejected(ConfigError::Invalid {
-                    file: path.display().to_string(),
+                    file,
                     problems: vec![super::load::Problem {
                         line: 1,
                         column: 1,

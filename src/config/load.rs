@@ -13,7 +13,8 @@ use serde_yaml_ng::{Mapping, Value};
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
 use yaml_rust2::scanner::Marker;
 
-use super::schema::{Config, RouteConfig};
+use super::schema::{AdminConfig, Config, RouteConfig};
+use super::secret::{self, AdminToken};
 
 /// One problem in a config file, with a 1-based position.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -503,6 +504,9 @@ fn validate(parsed: &Parsed, spans: &SpanMap, problems: &mut Vec<Problem>) {
             "admin.listen must differ from listen: the admin port is not the traffic port",
         ));
     }
+    if !failed("admin") {
+        validate_admin(&config.admin, spans, problems);
+    }
     if config.threads > 1024 {
         problems.push(spans.problem("threads", "threads: at most 1024"));
     }
@@ -633,6 +637,97 @@ fn validate(parsed: &Parsed, spans: &SpanMap, problems: &mut Vec<Problem>) {
     }
 }
 
+fn validate_admin(admin: &AdminConfig, spans: &SpanMap, problems: &mut Vec<Problem>) {
+    if admin.token.is_some() && admin.token_file.is_some() {
+        problems.push(spans.problem(
+            "admin.token_file",
+            "admin: give either token or token_file, not both",
+        ));
+    }
+    if let Some(problem) = admin
+        .token
+        .as_ref()
+        .and_then(|t| secret::token_problem(t.expose()))
+    {
+        problems.push(spans.problem("admin.token", format!("admin.token {problem}")));
+    }
+    if admin
+        .token_file
+        .as_deref()
+        .is_some_and(|p| p.trim().is_empty())
+    {
+        problems.push(spans.problem("admin.token_file", "admin.token_file: must not be empty"));
+    }
+    let exposed = admin
+        .listen
+        .parse::<SocketAddr>()
+        .is_ok_and(|addr| !addr.ip().to_canonical().is_loopback());
+    if exposed && admin.token.is_none() && admin.token_file.is_none() {
+        problems.push(spans.problem(
+            "admin.listen",
+            format!(
+                "admin.listen {} is not a loopback address: set admin.token or admin.token_file, \
+                 so that only holders of the token can reload or purge",
+                admin.listen
+            ),
+        ));
+    }
+    for (i, host) in admin.allowed_hosts.iter().enumerate() {
+        if !is_host_name(host) {
+            let path = format!("admin.allowed_hosts[{i}]");
+            problems.push(spans.problem(
+                &path,
+                format!(
+                    "{path}: {host:?} is not a host name (no scheme, port or path; e.g. outrider.internal)"
+                ),
+            ));
+        }
+    }
+    if admin.read_timeout.get().is_zero() {
+        problems.push(spans.problem(
+            "admin.read_timeout",
+            "admin.read_timeout: must be greater than zero",
+        ));
+    }
+}
+
+/// A DNS name as it appears in a `Host` header, without port: dot-separated labels of letters,
+/// digits, `-` and `_`.
+fn is_host_name(host: &str) -> bool {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        })
+}
+
+/// The admin token for a config loaded from `text` (`admin.token_file` is read now); a file that
+/// cannot be used is reported at the position of `admin.token_file`, like any config problem.
+pub fn resolve_admin_token(
+    config: &Config,
+    text: &str,
+    file: &str,
+) -> Result<Option<AdminToken>, ConfigError> {
+    secret::admin_token(&config.admin).map_err(|e| {
+        let (line, column) = SpanMap::build(text)
+            .map(|spans| spans.value_at("admin.token_file"))
+            .unwrap_or((1, 1));
+        ConfigError::Invalid {
+            file: file.to_string(),
+            problems: vec![Problem {
+                line,
+                column,
+                message: format!("admin.token_file: {e}"),
+            }],
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -719,6 +814,62 @@ mod tests {
         assert_eq!((err[0].line, err[0].column), (2, 4));
         assert!(interpolate_env("a: ${OPEN", &lookup).is_err());
         assert!(interpolate_env("a: ${BAD-NAME}", &lookup).is_err());
+    }
+
+    #[test]
+    fn an_exposed_admin_port_needs_a_token() {
+        let exposed = format!("admin: {{ listen: \"0.0.0.0:9901\" }}\n{GOOD}");
+        let p = problems(&exposed);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].starts_with("t.yaml:1:18: admin.listen 0.0.0.0:9901 is not a loopback address"),
+            "{p:?}"
+        );
+        for ok in [
+            "admin: { listen: \"0.0.0.0:9901\", token: \"t0ken\" }\n",
+            "admin: { listen: \"[::]:9901\", token_file: /run/secrets/token }\n",
+            "admin: { listen: \"127.0.0.2:9901\" }\n",
+            "admin: { listen: \"[::1]:9901\" }\n",
+        ] {
+            assert_eq!(
+                problems(&format!("{ok}{GOOD}")),
+                Vec::<String>::new(),
+                "{ok}"
+            );
+        }
+        assert!(!problems(&format!("admin: {{ listen: \"[::]:9901\" }}\n{GOOD}")).is_empty());
+    }
+
+    #[test]
+    fn admin_settings_are_checked() {
+        let p = problems(&format!(
+            "admin:\n  token: \"a b\"\n  token_file: /x\n  allowed_hosts: [ok.example, \"http://x\", \"h:80\"]\n  read_timeout: 0s\n{GOOD}"
+        ));
+        let expected = [
+            "t.yaml:2:10: admin.token must be visible ASCII",
+            "t.yaml:3:15: admin: give either token or token_file, not both",
+            "t.yaml:4:31: admin.allowed_hosts[1]: \"http://x\" is not a host name",
+            "t.yaml:4:43: admin.allowed_hosts[2]",
+            "t.yaml:5:17: admin.read_timeout: must be greater than zero",
+        ];
+        assert_eq!(p.len(), expected.len(), "{p:?}");
+        for (got, want) in p.iter().zip(expected) {
+            assert!(got.starts_with(want), "{got:?} should start with {want:?}");
+        }
+        assert!(!problems(&format!("admin: {{ token: \"\" }}\n{GOOD}")).is_empty());
+        assert!(!problems(&format!("admin: {{ token: 1234 }}\n{GOOD}"))[0].contains("1234"));
+    }
+
+    #[test]
+    fn an_unreadable_token_file_is_reported_at_its_key() {
+        let text = format!("admin:\n  token_file: /nonexistent/token\n{GOOD}");
+        let config = parse_str(&text, "t.yaml").unwrap();
+        let err = resolve_admin_token(&config, &text, "t.yaml").unwrap_err();
+        let lines = err.lines();
+        assert!(
+            lines[0].starts_with("t.yaml:2:15: admin.token_file: cannot read /nonexistent/token"),
+            "{lines:?}"
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod compile;
 pub mod live;
 pub mod load;
 pub mod schema;
+pub mod secret;
 pub mod units;
 
 pub use compile::{ActiveConfig, Route, Upstream};

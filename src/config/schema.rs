@@ -38,21 +38,47 @@ fn default_listen() -> String {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
-    /// Admin listener; loopback by default so it is never exposed by accident.
+    /// Admin listener; loopback by default so it is never exposed by accident. Any other address
+    /// needs `token` or `token_file`. Changing it needs a restart.
     #[serde(default = "default_admin_listen")]
     pub listen: String,
+    /// Bearer token that every admin request other than GET and HEAD (`POST /reload`,
+    /// `POST /cache/purge`) must send as `Authorization: Bearer <token>`. Write it as
+    /// `"${ENV_VAR}"`. Give this or `token_file`, not both.
+    #[serde(default)]
+    pub token: Option<super::secret::SecretString>,
+    /// File holding the admin token (e.g. a mounted Kubernetes Secret), read at start and on every
+    /// reload; trailing newlines are ignored.
+    #[serde(default)]
+    pub token_file: Option<String>,
+    /// Host names (besides IP addresses and `localhost`) that admin requests may name in their
+    /// `Host` header; any other name is refused, against DNS rebinding.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Longest time a client may take to send a request's header, and then its body; an idle
+    /// keep-alive connection is closed after it too.
+    #[serde(default = "default_admin_read_timeout")]
+    pub read_timeout: HumanDuration,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: default_admin_listen(),
+            token: None,
+            token_file: None,
+            allowed_hosts: Vec::new(),
+            read_timeout: default_admin_read_timeout(),
         }
     }
 }
 
 fn default_admin_listen() -> String {
     "127.0.0.1:9901".to_string()
+}
+
+fn default_admin_read_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]

@@ -211,12 +211,9 @@ fn log_allowed(slot: &AtomicU64) -> bool {
             .is_ok()
 }
 
-/// Hides the password of a Redis URL for logs.
+/// The Redis URL as logs and errors may show it.
 fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_owned(),
-    }
+    crate::telemetry::redact::url(url).into_owned()
 }
 
 impl L2 {
@@ -641,7 +638,7 @@ mod tests {
     fn redacts_password() {
         assert_eq!(
             redact("redis://:secret@host:6379/0"),
-            "redis://***@host:6379/0"
+            "redis://:***@host:6379/0"
         );
         assert_eq!(redact("redis://host:6379"), "redis://host:6379");
     }

@@ -2,6 +2,7 @@
 
 pub mod logging;
 pub mod metrics;
+pub mod redact;
 pub mod request_id;
 
 pub use metrics::Metrics;

@@ -295,6 +295,24 @@ impl Proxy {
         config: &str,
         env: &[(&str, &str)],
     ) -> Proxy {
+        let mut proxy = Self::spawn_at(dir, config_path, config, env);
+        proxy.wait_ready().await;
+        proxy
+    }
+
+    /// Starts outrider on `config` without waiting for anything (for tests of start-up itself).
+    pub fn spawn(config: &str) -> Proxy {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("outrider.yaml");
+        Self::spawn_at(dir, config_path, config, &[])
+    }
+
+    fn spawn_at(
+        dir: tempfile::TempDir,
+        config_path: PathBuf,
+        config: &str,
+        env: &[(&str, &str)],
+    ) -> Proxy {
         let port = free_port();
         let admin_port = free_port();
         let text = render(config, port, admin_port);
@@ -314,16 +332,14 @@ impl Proxy {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawn outrider");
-        let mut proxy = Proxy {
+        Proxy {
             child,
             port,
             admin_port,
             dir,
             config_path,
             log_path,
-        };
-        proxy.wait_ready().await;
-        proxy
+        }
     }
 
     pub fn from_parts(
