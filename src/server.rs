@@ -46,6 +46,8 @@ fn cache_settings(config: &Config) -> CacheSettings {
         redis_key_prefix: redis.key_prefix.clone(),
         redis_timeout: redis.timeout.get(),
         max_entry_size: config.cache.max_entry_size.0 as usize,
+        max_inflight_bytes: usize::try_from(config.cache.max_inflight_bytes.0)
+            .unwrap_or(usize::MAX),
     }
 }
 

@@ -19,7 +19,8 @@ use crate::pipeline::{
     UpstreamFailure, Verdict,
 };
 use crate::store::{
-    CacheKey, Flight, LeaderGuard, Outcome, RevalidationGuard, Store, StoredResponse, Tier,
+    CacheKey, Flight, LeaderGuard, Outcome, Reservation, RevalidationGuard, Store, StoredResponse,
+    Tier,
 };
 
 /// One route's cache: its compiled policy over the shared store.
@@ -86,6 +87,8 @@ struct Capture {
     headers: Vec<(String, Bytes)>,
     ttl: std::time::Duration,
     body: BytesMut,
+    /// The body's bytes against `cache.max_inflight_bytes`; given back when the capture ends.
+    reservation: Reservation,
 }
 
 /// A stale entry to refresh as background work (see [`RequestCx::spawn_background`]).
@@ -474,11 +477,18 @@ impl Stage for HttpCache {
         let too_big = content_length.is_some_and(|len| max_entry_size > 0 && len > max_entry_size);
         match response_storable(status, &resp.headers, &self.policy) {
             Ok(ttl) if !too_big => {
+                let Some(reservation) = self.store.reserve_inflight(content_length.unwrap_or(0))
+                else {
+                    tracing::debug!("cache.max_inflight_bytes reached; streaming through uncached");
+                    state.leader.take();
+                    return ResponseVerdict::Forward;
+                };
                 state.capture = Some(Capture {
                     status,
                     headers: storable_headers(&resp.headers),
                     ttl,
                     body: BytesMut::with_capacity(content_length.unwrap_or(0)),
+                    reservation,
                 });
                 set_stored(&mut state.status, true);
                 // Pingora calls no body filter for a response that ends with its header.
@@ -538,6 +548,16 @@ impl Stage for HttpCache {
                 set_stored(&mut state.status, false);
                 return;
             }
+            // A body of unknown length reserves as it grows.
+            let beyond =
+                (capture.body.len() + chunk.len()).saturating_sub(capture.reservation.bytes());
+            if beyond > 0 && !self.store.grow_inflight(&mut capture.reservation, beyond) {
+                tracing::debug!("cache.max_inflight_bytes reached; not stored");
+                state.capture = None;
+                state.leader.take();
+                set_stored(&mut state.status, false);
+                return;
+            }
             capture.body.extend_from_slice(chunk);
         }
         if end_of_stream {
@@ -575,5 +595,89 @@ impl Stage for HttpCache {
             return;
         }
         self.store.record_at(done.route, state.tier, state.outcome);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::Effects;
+    use crate::store::CacheSettings;
+
+    fn store(max_inflight: usize) -> Arc<Store> {
+        let settings = CacheSettings {
+            max_inflight_bytes: max_inflight,
+            ..CacheSettings::default()
+        };
+        Store::new(settings, &prometheus::Registry::new()).unwrap()
+    }
+
+    /// Runs `on_request` for a GET of `path` and returns the stage's slot.
+    async fn miss(stage: &HttpCache, path: &str) -> Slot {
+        let mut req = RequestHeader::build("GET", path.as_bytes(), None).unwrap();
+        req.insert_header("host", "h").unwrap();
+        let mut slot: Slot = None;
+        let mut effects = Effects::default();
+        let mut cx = RequestCx::new(
+            &req,
+            None,
+            "items",
+            std::time::Duration::from_secs(1),
+            &mut slot,
+            0,
+            &mut effects,
+        );
+        assert!(matches!(
+            stage.on_request(&mut cx).await,
+            Ok(Verdict::Continue)
+        ));
+        slot
+    }
+
+    fn ok_with_length(len: Option<usize>) -> ResponseHeader {
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        if let Some(len) = len {
+            resp.insert_header("content-length", len.to_string())
+                .unwrap();
+        }
+        resp
+    }
+
+    fn status(stage: &HttpCache, slot: &Slot) -> String {
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        stage.on_response(slot, &mut resp);
+        resp.headers["cache-status"].to_str().unwrap().to_string()
+    }
+
+    #[tokio::test]
+    async fn captures_beyond_the_inflight_bound_stream_through_uncached() {
+        let store = store(1000);
+        let stage = HttpCache::new(store.clone(), Arc::new(RoutePolicy::default()), "items");
+        let (mut a, mut b) = (miss(&stage, "/a").await, miss(&stage, "/b").await);
+        // Two 600-byte responses at once: the second does not fit next to the first.
+        assert!(matches!(
+            stage.on_upstream_response(&mut a, &ok_with_length(Some(600))),
+            ResponseVerdict::Forward
+        ));
+        stage.on_upstream_response(&mut b, &ok_with_length(Some(600)));
+        assert_eq!(status(&stage, &a), "outrider; fwd=miss; stored");
+        assert_eq!(status(&stage, &b), "outrider; fwd=miss");
+        stage.on_body_chunk(&mut a, Some(&Bytes::from(vec![b'a'; 600])), true);
+        assert!(store.lookup_l1(&stage.key(&get("/a"), None)).is_some());
+        // The finished capture gave its bytes back.
+        let mut c = miss(&stage, "/c").await;
+        stage.on_upstream_response(&mut c, &ok_with_length(None));
+        // A body of unknown length reserves as it grows, and stops being captured at the bound.
+        stage.on_body_chunk(&mut c, Some(&Bytes::from(vec![b'c'; 900])), false);
+        stage.on_body_chunk(&mut c, Some(&Bytes::from(vec![b'c'; 200])), true);
+        assert_eq!(status(&stage, &c), "outrider; fwd=miss");
+        assert!(store.lookup_l1(&stage.key(&get("/c"), None)).is_none());
+        assert_eq!(store.stats()["single_flight"]["in_flight"], 0);
+    }
+
+    fn get(path: &str) -> RequestHeader {
+        let mut req = RequestHeader::build("GET", path.as_bytes(), None).unwrap();
+        req.insert_header("host", "h").unwrap();
+        req
     }
 }

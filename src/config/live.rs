@@ -187,6 +187,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.cache.max_entry_size != new.cache.max_entry_size {
         changed.push("cache.max_entry_size");
     }
+    if old.cache.max_inflight_bytes != new.cache.max_inflight_bytes {
+        changed.push("cache.max_inflight_bytes");
+    }
     let format_changed =
         |f: super::schema::AccessLogFormat| f != super::schema::AccessLogFormat::Off;
     if old.telemetry.access_log != new.telemetry.access_log

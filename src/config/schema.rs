@@ -113,6 +113,14 @@ pub struct CacheConfig {
     /// Responses larger than this stream through uncached.
     #[serde(default = "default_max_entry_size")]
     pub max_entry_size: ByteSize,
+    /// Bytes held at once for responses being captured and values queued for Redis; past it,
+    /// responses stream through uncached and writes are skipped. `0` means no bound.
+    #[serde(default = "default_max_inflight_bytes")]
+    pub max_inflight_bytes: ByteSize,
+}
+
+fn default_max_inflight_bytes() -> ByteSize {
+    ByteSize(64 * 1024 * 1024)
 }
 
 impl Default for CacheConfig {
@@ -122,6 +130,7 @@ impl Default for CacheConfig {
             redis: RedisConfig::default(),
             default_ttl: default_ttl(),
             max_entry_size: default_max_entry_size(),
+            max_inflight_bytes: default_max_inflight_bytes(),
         }
     }
 }

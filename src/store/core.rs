@@ -8,6 +8,7 @@ use prometheus::core::Collector;
 use serde_json::{json, Value};
 
 use super::breaker::{BreakerSettings, BreakerState};
+use super::budget::{InflightBudget, Reservation};
 use super::flight::{Flight, Flights, RevalidationGuard, Revalidations};
 use super::key::parse_hex32;
 use super::l1::L1;
@@ -27,6 +28,8 @@ pub struct CacheSettings {
     pub redis_timeout: Duration,
     /// Larger bodies are not stored (0 means no limit).
     pub max_entry_size: usize,
+    /// Bytes held at once for captures and queued Redis writes (0 means no limit).
+    pub max_inflight_bytes: usize,
 }
 
 impl Default for CacheSettings {
@@ -37,6 +40,7 @@ impl Default for CacheSettings {
             redis_key_prefix: "outrider:".into(),
             redis_timeout: Duration::from_millis(50),
             max_entry_size: 8 * 1024 * 1024,
+            max_inflight_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -130,6 +134,7 @@ pub struct Store {
     /// straight upstream instead of queueing behind one leader whose answer nobody can reuse.
     uncacheable: moka::sync::Cache<[u8; 32], ()>,
     metrics: CacheMetrics,
+    inflight: Arc<InflightBudget>,
 }
 
 /// How long a key stays marked uncacheable after a response that could not be stored.
@@ -166,6 +171,7 @@ impl Store {
         metrics: CacheMetrics,
     ) -> Result<Arc<Self>, CacheError> {
         let l1 = (settings.memory_max_bytes > 0).then(|| L1::new(settings.memory_max_bytes));
+        let inflight = InflightBudget::new(settings.max_inflight_bytes);
         let l2 = match settings.redis_url.as_deref().map(str::trim) {
             None | Some("") => {
                 metrics.breaker_state.set(0);
@@ -177,6 +183,7 @@ impl Store {
                 settings.redis_timeout,
                 options.breaker,
                 metrics.clone(),
+                Arc::clone(&inflight),
             )?),
         };
         Ok(Arc::new(Store {
@@ -190,11 +197,31 @@ impl Store {
                 .time_to_live(UNCACHEABLE_MEMORY)
                 .build(),
             metrics,
+            inflight,
         }))
     }
 
     pub fn settings(&self) -> &CacheSettings {
         &self.settings
+    }
+
+    /// Reserves bytes for a response being captured; `None` when the in-flight bound is
+    /// reached (the response then streams through uncached).
+    pub fn reserve_inflight(&self, bytes: usize) -> Option<Reservation> {
+        let reserved = self.inflight.reserve(bytes);
+        if reserved.is_none() {
+            self.metrics.inflight_full.inc();
+        }
+        reserved
+    }
+
+    /// Grows a capture's reservation, counting a refusal.
+    pub fn grow_inflight(&self, reservation: &mut Reservation, more: usize) -> bool {
+        let grown = reservation.grow(more);
+        if !grown {
+            self.metrics.inflight_full.inc();
+        }
+        grown
     }
 
     pub fn metrics(&self) -> &CacheMetrics {
@@ -399,8 +426,11 @@ impl Store {
             .inc();
     }
 
-    /// Brings the L1 gauges up to date; cheap, call it from the metrics scrape.
+    /// Brings the L1 and in-flight gauges up to date; cheap, call it from the metrics scrape.
     pub fn refresh_gauges(&self) {
+        self.metrics
+            .inflight_bytes
+            .set(i64::try_from(self.inflight.used()).unwrap_or(i64::MAX));
         if let Some(l1) = &self.l1 {
             self.metrics
                 .l1_bytes

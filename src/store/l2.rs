@@ -17,6 +17,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::oneshot;
 
 use super::breaker::{Admission, Breaker, BreakerSettings, BreakerState};
+use super::budget::InflightBudget;
 use super::metrics::{CacheMetrics, RedisErrorKind};
 use super::{CacheError, StoredResponse};
 
@@ -78,6 +79,8 @@ struct Inner {
     breaker: Mutex<Breaker>,
     metrics: CacheMetrics,
     pending_writes: AtomicUsize,
+    /// Encoded values waiting for Redis count against the store's in-flight bound.
+    inflight: Arc<InflightBudget>,
     last_decode_log: AtomicU64,
     last_connect_log: AtomicU64,
 }
@@ -223,6 +226,7 @@ impl L2 {
         timeout: Duration,
         breaker: BreakerSettings,
         metrics: CacheMetrics,
+        inflight: Arc<InflightBudget>,
     ) -> Result<Self, CacheError> {
         let client = redis::Client::open(url)
             .map_err(|e| CacheError::Config(format!("redis url {}: {e}", redact(url))))?;
@@ -255,6 +259,7 @@ impl L2 {
             breaker: Mutex::new(Breaker::new(breaker)),
             metrics,
             pending_writes: AtomicUsize::new(0),
+            inflight,
             last_decode_log: AtomicU64::new(0),
             last_connect_log: AtomicU64::new(0),
         });
@@ -345,6 +350,12 @@ impl L2 {
         let ms = u64::try_from(ttl.as_millis())
             .unwrap_or(u64::MAX)
             .clamp(1, 1 << 40);
+        // The encoded copy made for the write is what the queue adds to memory.
+        let Some(reservation) = inner.inflight.reserve(entry.approx_size()) else {
+            inner.metrics.inflight_full.inc();
+            tracing::debug!("cache.max_inflight_bytes reached; dropping redis write");
+            return;
+        };
         if inner.pending_writes.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING_WRITES {
             inner.pending_writes.fetch_sub(1, Ordering::Relaxed);
             tracing::debug!("redis write queue full; dropping write");
@@ -373,6 +384,7 @@ impl L2 {
                     .observe(started.elapsed().as_secs_f64());
                 inner.settle(res);
             }
+            drop(reservation);
             inner.pending_writes.fetch_sub(1, Ordering::Relaxed);
         });
     }

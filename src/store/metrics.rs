@@ -14,6 +14,8 @@ pub const REDIS_ERRORS_TOTAL: &str = "outrider_cache_redis_errors_total";
 pub const REDIS_DURATION_SECONDS: &str = "outrider_cache_redis_duration_seconds";
 pub const REDIS_BREAKER_STATE: &str = "outrider_cache_redis_breaker_state";
 pub const SINGLEFLIGHT_WAITS_TOTAL: &str = "outrider_cache_singleflight_waits_total";
+pub const INFLIGHT_BYTES: &str = "outrider_cache_inflight_bytes";
+pub const INFLIGHT_FULL_TOTAL: &str = "outrider_cache_inflight_full_total";
 
 /// Every metric this module registers, with its labels and meaning (for the operations page).
 pub const METRICS: &[(&str, &str, &str)] = &[
@@ -48,6 +50,16 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         "result (served|fallthrough)",
         "Requests that waited for another request's upstream fetch of the same key.",
     ),
+    (
+        INFLIGHT_BYTES,
+        "",
+        "Bytes held for responses being captured and values queued for Redis.",
+    ),
+    (
+        INFLIGHT_FULL_TOTAL,
+        "",
+        "Captures or Redis writes skipped because cache.max_inflight_bytes was reached.",
+    ),
 ];
 
 /// Registered handles. Shareable so a rebuilt `Cache` (new Redis URL) can reuse them instead
@@ -64,6 +76,8 @@ pub struct CacheMetrics {
     pub(crate) get_duration: Histogram,
     pub(crate) set_duration: Histogram,
     pub(crate) purge_duration: Histogram,
+    pub(crate) inflight_bytes: IntGauge,
+    pub(crate) inflight_full: IntCounter,
 }
 
 /// Redis error classes, as the `kind` label.
@@ -126,6 +140,16 @@ impl CacheMetrics {
         registry.register(Box::new(redis_duration.clone()))?;
         registry.register(Box::new(breaker_state.clone()))?;
         registry.register(Box::new(sf.clone()))?;
+        let inflight_bytes = IntGauge::new(
+            INFLIGHT_BYTES,
+            "Bytes held for captures and queued Redis writes.",
+        )?;
+        let inflight_full = IntCounter::new(
+            INFLIGHT_FULL_TOTAL,
+            "Captures or Redis writes skipped at cache.max_inflight_bytes.",
+        )?;
+        registry.register(Box::new(inflight_bytes.clone()))?;
+        registry.register(Box::new(inflight_full.clone()))?;
         for kind in ["timeout", "connection", "protocol", "decode"] {
             redis_errors.with_label_values(&[kind]);
         }
@@ -133,6 +157,8 @@ impl CacheMetrics {
             get_duration: redis_duration.with_label_values(&["get"]),
             set_duration: redis_duration.with_label_values(&["set"]),
             purge_duration: redis_duration.with_label_values(&["purge"]),
+            inflight_bytes,
+            inflight_full,
             sf_served: sf.with_label_values(&["served"]),
             sf_fallthrough: sf.with_label_values(&["fallthrough"]),
             requests,

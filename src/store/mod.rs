@@ -8,6 +8,7 @@
 //! under their own namespace and decide freshness themselves.
 
 mod breaker;
+mod budget;
 mod core;
 mod entry;
 mod error;
@@ -23,6 +24,7 @@ mod redis_tests;
 mod testsupport;
 
 pub use self::breaker::{BreakerSettings, BreakerState};
+pub use self::budget::{InflightBudget, Reservation};
 pub use self::core::{
     CacheOptions, CacheSettings, Lookup, Outcome, PurgeReport, PurgeTarget, Store, Tier,
 };

@@ -14,6 +14,7 @@ fn settings(url: Option<String>, l1_bytes: u64) -> CacheSettings {
         redis_key_prefix: "test:".into(),
         redis_timeout: Duration::from_millis(50),
         max_entry_size: 1024 * 1024,
+        max_inflight_bytes: 0,
     }
 }
 
