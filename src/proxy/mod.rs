@@ -75,10 +75,15 @@ impl Outrider {
     /// Runs the route's stages on a new request: the body first when one asks for it, then
     /// each `on_request` until one answers. `Ok(true)` when the request has been answered.
     async fn run_stages(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        let Some(route) = ctx.route().map(|r| (r.stages.clone(), r.max_body)) else {
+        // The config snapshot is held apart from `ctx` so stages can be borrowed while the
+        // request's slots are mutated (no per-request copy of the stage list).
+        let (Some(config), Some(index)) = (ctx.config.clone(), ctx.route) else {
             return Ok(false);
         };
-        let (stages, max_body) = route;
+        let Some(route) = config.routes.get(index) else {
+            return Ok(false);
+        };
+        let (stages, max_body) = (&route.stages, route.max_body);
         if stages.is_empty() {
             return Ok(false);
         }
@@ -108,8 +113,8 @@ impl Outrider {
         } else {
             None
         };
-        let timeout = ctx.route().map(|r| r.upstream.timeout).unwrap_or_default();
-        let route_name = ctx.route_name().to_owned();
+        let timeout = route.upstream.timeout;
+        let route_name: &str = &route.name;
         for (index, stage) in stages.iter().enumerate() {
             let verdict = {
                 let Ctx { slots, effects, .. } = &mut *ctx;
@@ -119,7 +124,7 @@ impl Outrider {
                 let mut cx = RequestCx::new(
                     session.req_header(),
                     body.as_ref(),
-                    &route_name,
+                    route_name,
                     timeout,
                     slot,
                     index,
