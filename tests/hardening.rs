@@ -111,6 +111,30 @@ async fn background_revalidation_sends_the_exact_target_bytes() {
         0,
         "the refresh must not normalise the path"
     );
+
+    // A stale entry first filled by an absolute-form request is refreshed in origin-form too
+    // (the refresh is rebuilt from the client's original request bytes).
+    let abs = "GET http://shop/api/fa/abs HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n";
+    assert!(raw(proxy.port, abs.to_string())
+        .await
+        .starts_with("HTTP/1.1 200"));
+    wait_for("a stale answer", Duration::from_secs(15), || {
+        let port = proxy.port;
+        async move {
+            let answer = raw(port, abs.to_string()).await;
+            (header(&answer, "x-cache-status") == Some("STALE")).then_some(())
+        }
+    })
+    .await;
+    wait_for("the refresh", Duration::from_secs(10), || async {
+        (app.hits("/api/fa/abs") >= 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        app.hits("uri:http://shop/api/fa/abs"),
+        0,
+        "never absolute-form upstream"
+    );
 }
 
 /// With stdout not being read at all, traffic keeps flowing: log lines are dropped once the

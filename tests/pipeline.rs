@@ -84,19 +84,37 @@ async fn buffered_bodies_reach_the_upstream_byte_exact_up_to_max_body() {
         echo["body_blake3"],
         blake3::hash(&body).to_hex().to_string()
     );
+    // Held in full, it goes upstream with its length, not chunked.
+    assert_eq!(
+        echo["headers"]["content-length"],
+        (1 << 20).to_string(),
+        "{echo}"
+    );
+    assert!(echo["headers"].get("transfer-encoding").is_none(), "{echo}");
     let forwarded = app.hits("/echo/upload");
     assert_eq!(forwarded, 5);
 
     // Over max_body: 413 with a JSON error, declared length or chunked, and the app sees nothing.
-    let resp = c
-        .post(proxy.url("/echo/upload"))
-        .body(pattern(3 << 20))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 413);
-    let error: serde_json::Value = resp.json().await.unwrap();
-    assert_eq!(error["error"], "payload_too_large");
+    // A declared length over the limit is refused before any of the body is read (sent raw: a
+    // client library still writing its body may see the close first).
+    let port = proxy.port;
+    let answer = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"POST /echo/upload HTTP/1.1\r\nHost: t\r\nContent-Length: 3145728\r\n\r\n")
+            .unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        answer.contains("\"error\":\"payload_too_large\""),
+        "{answer}"
+    );
     let pieces: Vec<Result<Vec<u8>, std::io::Error>> = pattern(3 << 20)
         .chunks(65_536)
         .map(|c| Ok(c.to_vec()))
@@ -130,6 +148,10 @@ async fn substituted_answers_keep_the_connection_and_entries_outlive_their_ttl_f
         let revalidated = conn.get("/etag/k");
         let after = conn.get("/etag/k");
         let stored = conn.get("/status/200");
+        assert_eq!(
+            stored.status, 200,
+            "a fourth request on the same connection"
+        );
         (first, revalidated, after, stored)
     })
     .await
@@ -254,4 +276,97 @@ routes:
         .unwrap();
     assert_eq!(backend_of(other), "stable");
     assert_eq!(canary.hits("/echo/a"), 1);
+}
+
+/// A client that sends `Expect: 100-continue` is told to go on (Pingora does not do it by
+/// itself) and its body reaches the upstream without the expectation.
+#[tokio::test]
+async fn expect_continue_uploads_are_not_stalled() {
+    let app = Backend::start("app").await;
+    let proxy = Proxy::start(&config(&app.url())).await;
+    let port = proxy.port;
+    let (interim, reply) = tokio::task::spawn_blocking(move || {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"POST /echo/upload HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut reader = BufReader::new(s.try_clone().unwrap());
+        let mut interim = String::new();
+        reader.read_line(&mut interim).unwrap();
+        let mut blank = String::new();
+        reader.read_line(&mut blank).unwrap();
+        s.write_all(b"hello").unwrap();
+        let mut rest = String::new();
+        let _ = reader.read_to_string(&mut rest);
+        (interim, rest)
+    })
+    .await
+    .unwrap();
+    assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    let body = reply.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    let echo: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(echo["body_len"], 5);
+    assert!(echo["headers"].get("expect").is_none(), "{echo}");
+}
+
+/// Stale-while-revalidate refreshes go where the foreground request went (here: the upstream
+/// a header chose), and never through HEAD.
+#[tokio::test]
+async fn background_refreshes_follow_the_foreground_request() {
+    let stable = Backend::start("stable").await;
+    let canary = Backend::start("canary").await;
+    let cfg = format!(
+        r#"
+listen: "{{listen}}"
+admin: {{ listen: "{{admin}}" }}
+upstreams:
+  stable: {{ url: "{}" }}
+  canary: {{ url: "{}" }}
+routes:
+  - name: api
+    match: {{ path_prefix: / }}
+    upstream: stable
+    upstream_by_header: {{ header: x-canary, upstreams: {{ "1": canary }} }}
+    cache: {{ ttl: 1s, stale_while_revalidate: 1h, key: {{ headers: [x-canary] }} }}
+"#,
+        stable.url(),
+        canary.url()
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let c = client();
+    let get = |method: reqwest::Method| {
+        c.request(method, proxy.url("/echo/r"))
+            .header("x-canary", "1")
+    };
+    assert_eq!(
+        get(reqwest::Method::GET).send().await.unwrap().status(),
+        200
+    );
+    assert_eq!(canary.hits("/echo/r"), 1);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // A HEAD on the stale entry is answered from it but starts no refresh.
+    let head = get(reqwest::Method::HEAD).send().await.unwrap();
+    assert_eq!(head.headers()["x-cache-status"], "STALE");
+    let stale = get(reqwest::Method::GET).send().await.unwrap();
+    assert_eq!(stale.headers()["x-cache-status"], "STALE");
+    support::wait_for("the refresh", Duration::from_secs(10), || async {
+        (canary.hits("/echo/r") == 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        stable.hits("/echo/r"),
+        0,
+        "the refresh went to the chosen upstream"
+    );
+    let echo: serde_json::Value = get(reqwest::Method::GET)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(echo["backend"], "canary");
+    assert_eq!(canary.hits("/echo/r"), 2, "exactly one refresh");
 }

@@ -188,6 +188,10 @@ impl RouteFeature for RouteCacheConfig {
         }
     }
 
+    fn keyed_headers(&self) -> Option<Vec<String>> {
+        Some(self.key.headers.clone())
+    }
+
     fn build(&self, cx: &BuildCx<'_>) -> Result<Arc<dyn Stage>, String> {
         let default_ttl = cx.config.cache.default_ttl.get();
         // Entries are kept at least as long as the longest-lived route's, so raising a route's

@@ -267,7 +267,8 @@ pub fn request_decision(method: &Method, req: &HeaderMap, route: &RoutePolicy) -
 
 /// Values of the route's key headers in configured order (absent headers as empty), as raw
 /// bytes, ready for [`CacheKey::http`](crate::store::CacheKey::http). Multiple values are joined
-/// with `", "` (length-prefixed hashing downstream keeps joins unambiguous per header).
+/// with a line feed, which no header value can contain, so two header lines `a` and `b` never
+/// key like one line `a, b`.
 pub fn vary_values(req: &HeaderMap, route: &RoutePolicy) -> Vec<(String, Vec<u8>)> {
     route
         .key_headers
@@ -276,12 +277,12 @@ pub fn vary_values(req: &HeaderMap, route: &RoutePolicy) -> Vec<(String, Vec<u8>
         .collect()
 }
 
-/// Every value of header `name`, in order, joined with `", "`, as bytes.
+/// Every value of header `name`, in order, joined with `\n` (never part of a value), as bytes.
 pub fn all_values(req: &HeaderMap, name: &str) -> Vec<u8> {
     let mut out = Vec::new();
     for (i, v) in req.get_all(name).iter().enumerate() {
         if i > 0 {
-            out.extend_from_slice(b", ");
+            out.push(b'\n');
         }
         out.extend_from_slice(v.as_bytes());
     }
@@ -885,7 +886,10 @@ mod tests {
         let mut two = HeaderMap::new();
         two.append("x-tenant", HeaderValue::from_static("a"));
         two.append("x-tenant", HeaderValue::from_static("b"));
-        assert_eq!(vary_values(&two, &r)[1].1, b"a, b".to_vec());
+        assert_eq!(vary_values(&two, &r)[1].1, b"a\nb".to_vec());
+        let mut one = HeaderMap::new();
+        one.append("x-tenant", HeaderValue::from_static("a, b"));
+        assert_ne!(vary_values(&two, &r), vary_values(&one, &r));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 
 use super::policy::{
     self, age_header_value, freshness, request_decision, response_storable, storable_headers,
-    ttl_left, BypassReason, CacheStatus, Freshness, RequestDecision, RoutePolicy,
+    ttl_left, BypassReason, CacheStatus, Freshness, NotStorable, RequestDecision, RoutePolicy,
 };
 use crate::pipeline::{
     state_mut, state_ref, Answer, Completion, RequestCx, ResponseVerdict, Slot, Stage, StageError,
@@ -255,6 +255,32 @@ impl HttpCache {
         }
     }
 
+    /// RFC 9111 §4.3.4: a 304's headers replace the stored ones of the same name (a new
+    /// `ETag`, `Cache-Control`, `Date`…), and with `respect_origin` its lifetime is taken anew.
+    fn update_from_304(&self, entry: &mut StoredResponse, resp: &ResponseHeader) {
+        for (name, value) in storable_headers(&resp.headers) {
+            if name == "content-length" {
+                continue;
+            }
+            entry.headers.retain(|(n, _)| *n != name);
+            entry.headers.push((name, value));
+        }
+        if self.policy.respect_origin {
+            let mut merged = http::HeaderMap::new();
+            for (name, value) in &entry.headers {
+                if let (Ok(n), Ok(v)) = (
+                    http::HeaderName::from_bytes(name.as_bytes()),
+                    http::HeaderValue::from_bytes(value),
+                ) {
+                    merged.append(n, v);
+                }
+            }
+            if let Ok(ttl) = response_storable(entry.status, &merged, &self.policy) {
+                entry.ttl = ttl;
+            }
+        }
+    }
+
     /// An expired entry answers nothing, but can still be revalidated or, within its windows,
     /// stand in for a failure.
     fn note_expired(
@@ -331,7 +357,13 @@ impl Stage for HttpCache {
                             ttl: ttl_left(&entry, &self.policy, SystemTime::now()),
                         };
                         // One background refresh per key; everyone else keeps the stale copy.
-                        if let Some(guard) = self.store.try_begin_revalidation(&key) {
+                        // A HEAD cannot refresh: its answer has no body to store.
+                        let guard = if head {
+                            None
+                        } else {
+                            self.store.try_begin_revalidation(&key)
+                        };
+                        if let Some(guard) = guard {
                             cx.spawn_background(Box::new(RefreshJob {
                                 key: key.clone(),
                                 entry: entry.clone(),
@@ -348,7 +380,15 @@ impl Stage for HttpCache {
             }
         }
 
-        if head || self.store.recently_uncacheable(&key) {
+        // A conditional or range request's answer (304, 206) cannot fill the entry either.
+        let partial = [
+            http::header::IF_NONE_MATCH,
+            http::header::IF_MODIFIED_SINCE,
+            http::header::RANGE,
+        ]
+        .iter()
+        .any(|h| req.headers.contains_key(h));
+        if head || partial || self.store.recently_uncacheable(&key) {
             // A HEAD response cannot fill the entry, and nobody could reuse a leader's answer
             // for a key that was recently uncacheable: fetch without leading the flight.
             state.key = Some(key);
@@ -433,6 +473,7 @@ impl Stage for HttpCache {
             if status == 304 {
                 let mut renewed = (*old).clone();
                 renewed.stored_at = SystemTime::now();
+                self.update_from_304(&mut renewed, resp);
                 let renewed = match state.key.as_ref() {
                     Some(key) => self.store.store_now(key, renewed).unwrap_or(old),
                     None => old,
@@ -506,7 +547,11 @@ impl Stage for HttpCache {
             Err(reason) => {
                 tracing::debug!(reason = reason.as_str(), "response not storable");
                 state.leader.take();
-                if let Some(key) = &state.key {
+                // Only what the origin says about the resource marks it hit-for-pass: not a
+                // client's 304/206 or a passing failure.
+                let transient =
+                    matches!(reason, NotStorable::Status(s) if s == 304 || s == 206 || s >= 500);
+                if let (Some(key), false) = (&state.key, transient) {
                     self.store.note_uncacheable(key);
                 }
             }
@@ -679,5 +724,62 @@ mod tests {
         let mut req = RequestHeader::build("GET", path.as_bytes(), None).unwrap();
         req.insert_header("host", "h").unwrap();
         req
+    }
+
+    #[tokio::test]
+    async fn client_conditionals_neither_lead_nor_mark_the_key() {
+        let store = store(0);
+        let stage = HttpCache::new(store.clone(), Arc::new(RoutePolicy::default()), "items");
+        let mut req = get("/cond");
+        req.insert_header("if-none-match", "\"v1\"").unwrap();
+        let mut slot: Slot = None;
+        let mut effects = Effects::default();
+        let mut cx = RequestCx::new(
+            &req,
+            None,
+            "items",
+            std::time::Duration::from_secs(1),
+            &mut slot,
+            0,
+            &mut effects,
+        );
+        assert!(matches!(
+            stage.on_request(&mut cx).await,
+            Ok(Verdict::Continue)
+        ));
+        assert_eq!(
+            store.stats()["single_flight"]["in_flight"],
+            0,
+            "did not lead"
+        );
+        let not_modified = ResponseHeader::build(304, None).unwrap();
+        stage.on_upstream_response(&mut slot, &not_modified);
+        let key = stage.key(&get("/cond"), None);
+        assert!(
+            !store.recently_uncacheable(&key),
+            "a client's 304 says nothing of the key"
+        );
+    }
+
+    #[test]
+    fn a_304_updates_the_stored_headers() {
+        let policy = RoutePolicy {
+            respect_origin: true,
+            ..RoutePolicy::default()
+        };
+        let stage = HttpCache::new(store(0), Arc::new(policy), "items");
+        let mut entry = crate::store::entry_for_tests(3);
+        entry.headers = vec![
+            ("etag".into(), Bytes::from_static(b"\"v1\"")),
+            ("cache-control".into(), Bytes::from_static(b"max-age=10")),
+        ];
+        let mut resp = ResponseHeader::build(304, None).unwrap();
+        resp.insert_header("etag", "\"v2\"").unwrap();
+        resp.insert_header("cache-control", "max-age=600").unwrap();
+        stage.update_from_304(&mut entry, &resp);
+        let etag: Vec<_> = entry.headers.iter().filter(|(n, _)| n == "etag").collect();
+        assert_eq!(etag.len(), 1);
+        assert_eq!(&etag[0].1[..], b"\"v2\"");
+        assert_eq!(entry.ttl, std::time::Duration::from_secs(600));
     }
 }

@@ -148,9 +148,12 @@ pub fn admin_token(admin: &AdminConfig) -> Result<Option<AdminToken>, SecretErro
     let Some(path) = &admin.token_file else {
         return Ok(None);
     };
-    let text = std::fs::read_to_string(path).map_err(|source| SecretError::Read {
-        path: path.clone(),
-        source,
+    // Bounded like the config file: a FIFO or a device must not hang or flood a reload.
+    let text = super::load::read_config_text(std::path::Path::new(path)).map_err(|source| {
+        SecretError::Read {
+            path: path.clone(),
+            source,
+        }
     })?;
     let token = text.trim_end_matches(['\n', '\r']);
     if let Some(problem) = token_problem(token) {

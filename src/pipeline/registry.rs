@@ -59,6 +59,15 @@ pub struct BuildCx<'a> {
 pub trait RouteFeature {
     /// Semantic checks serde cannot do; `at` is the section's key path.
     fn validate(&self, at: &str, cx: &ValidateCx<'_>, out: &mut Vec<FieldProblem>);
+    /// Request headers whose values change where (or how) this stage sends a request; a cache
+    /// on the same route must key on them.
+    fn routing_headers(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Request headers the route's stored responses are keyed on (a caching capability).
+    fn keyed_headers(&self) -> Option<Vec<String>> {
+        None
+    }
     /// The stage this section compiles to (once per config load).
     fn build(&self, cx: &BuildCx<'_>) -> Result<Arc<dyn Stage>, String>;
 }
@@ -82,8 +91,28 @@ pub fn route_features(route: &RouteConfig) -> Vec<(&'static str, &dyn RouteFeatu
 pub fn validate(config: &Config, route_paths: &[String], out: &mut Vec<FieldProblem>) {
     for (route, base) in config.routes.iter().zip(route_paths) {
         let cx = ValidateCx { config, route };
-        for (key, feature) in route_features(route) {
+        let features = route_features(route);
+        for (key, feature) in &features {
             feature.validate(&format!("{base}.{key}"), &cx, out);
+        }
+        // Responses that depend on a routing header must not share entries across its values.
+        let keyed: Vec<String> = features
+            .iter()
+            .filter_map(|(_, f)| f.keyed_headers())
+            .flatten()
+            .collect();
+        let caches = features.iter().any(|(_, f)| f.keyed_headers().is_some());
+        for (key, feature) in &features {
+            for header in feature.routing_headers() {
+                if caches && !keyed.iter().any(|k| k.eq_ignore_ascii_case(&header)) {
+                    out.push(FieldProblem::new(
+                        format!("{base}.{key}"),
+                        format!(
+                            "this route caches: add {header:?} to cache.key.headers so responses chosen by it are cached apart"
+                        ),
+                    ));
+                }
+            }
         }
     }
 }

@@ -29,6 +29,20 @@ pub async fn read_bounded(session: &mut Session, limit: usize) -> Result<Bytes, 
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(BodyError::TooLarge { limit });
     }
+    // A client that asked to be told to go on sends nothing until it is (Pingora does not
+    // answer `Expect` by itself); the upstream gets the body without the expectation.
+    let expects_continue = session
+        .req_header()
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue {
+        session
+            .as_mut()
+            .write_continue_response()
+            .await
+            .map_err(BodyError::Read)?;
+    }
     // Pingora keeps a copy of what is read here and replays it to the upstream when it fits.
     session.as_mut().enable_retry_buffering();
     let mut body = BytesMut::with_capacity(declared.map_or(0, |l| l as usize));

@@ -46,6 +46,9 @@ pub struct Ctx {
     pub slots: Vec<Slot>,
     /// What the stages asked of the proxy (another upstream, a replacement body).
     pub effects: Effects,
+    /// Length of the request body read in full for the stages; it is forwarded with this
+    /// `Content-Length` (not chunked, and without `Expect`).
+    pub buffered_len: Option<usize>,
     /// A stage answered in place of the upstream's response; the rest of it is discarded.
     pub answered: bool,
     /// The request was handed, body and state, to a subrequest that answers and logs it.
@@ -71,6 +74,7 @@ impl Ctx {
             metrics: None,
             slots: Vec::new(),
             effects: Effects::default(),
+            buffered_len: None,
             answered: false,
             delegated: false,
             background: false,

@@ -113,6 +113,7 @@ impl Outrider {
         } else {
             None
         };
+        ctx.buffered_len = body.as_ref().map(Bytes::len);
         let timeout = route.upstream.timeout;
         let route_name: &str = &route.name;
         for (index, stage) in stages.iter().enumerate() {
@@ -186,6 +187,7 @@ impl Outrider {
                 stage,
                 job,
                 request_id: ctx.request_id.clone(),
+                upstream: ctx.effects.upstream.clone(),
                 permit,
             };
             if !subrequest::spawn_background(session, work) {
@@ -205,6 +207,7 @@ impl Outrider {
             request_id: ctx.request_id.clone(),
             slots: std::mem::take(&mut ctx.slots),
             effects: std::mem::take(&mut ctx.effects),
+            buffered_len: ctx.buffered_len,
             started: ctx.started,
             metrics: ctx.metrics.clone(),
         };
@@ -219,6 +222,11 @@ impl Outrider {
 
     /// Adopts what the parent request passed to this subrequest.
     async fn adopt(&self, session: &mut Session, ctx: &mut Ctx, intent: Intent) -> Result<bool> {
+        // A subrequest is built from the client's original request bytes: apply the same
+        // target rule the parent did (the parent already refused what it refuses).
+        if forward::to_origin_form(session.req_header_mut()).is_err() {
+            return Ok(true);
+        }
         match intent {
             Intent::Delegated(d) => {
                 ctx.config = Some(d.config);
@@ -226,6 +234,7 @@ impl Outrider {
                 ctx.request_id = d.request_id;
                 ctx.slots = d.slots;
                 ctx.effects = d.effects;
+                ctx.buffered_len = d.buffered_len;
                 ctx.started = d.started;
                 ctx.metrics = d.metrics;
                 Ok(false)
@@ -233,6 +242,7 @@ impl Outrider {
             Intent::Background(work) => {
                 ctx.background = true;
                 ctx.request_id = work.request_id;
+                ctx.effects.upstream = work.upstream;
                 ctx.route = Some(work.route);
                 let Some(route) = work.config.routes.get(work.route) else {
                     return Ok(false);
@@ -427,9 +437,22 @@ impl ProxyHttp for Outrider {
             upstream.as_deref(),
             &ctx.request_id,
         )?;
-        if let Some(replacement) = &ctx.effects.body {
+        // A body outrider holds in full goes upstream with its length: some app servers refuse
+        // chunked requests, and the expectation was already answered here.
+        // Judged on the client's header: Pingora strips framing headers from the upstream copy.
+        let client = &session.req_header().headers;
+        let had_body = client.contains_key(http::header::CONTENT_LENGTH)
+            || client.contains_key(http::header::TRANSFER_ENCODING);
+        let forwarded_len = ctx
+            .effects
+            .body
+            .as_ref()
+            .map(Bytes::len)
+            .or(ctx.buffered_len.filter(|_| had_body));
+        if let Some(len) = forwarded_len {
             upstream_request.remove_header(&http::header::TRANSFER_ENCODING);
-            upstream_request.insert_header(http::header::CONTENT_LENGTH, replacement.len())?;
+            upstream_request.remove_header(&http::header::EXPECT);
+            upstream_request.insert_header(http::header::CONTENT_LENGTH, len)?;
         }
         let (stages, slots) = ctx.stages_and_slots();
         for (stage, slot) in stages.iter().zip(slots.iter_mut()) {

@@ -25,6 +25,8 @@ pub struct BackgroundWork {
     pub stage: usize,
     pub job: Box<dyn Any + Send + Sync>,
     pub request_id: http::HeaderValue,
+    /// The upstream a stage chose for the foreground request, so the work goes there too.
+    pub upstream: Option<String>,
     /// Bounds concurrent background requests across all keys; released when the work ends.
     pub permit: OwnedSemaphorePermit,
 }
@@ -36,6 +38,7 @@ pub struct Delegation {
     pub request_id: http::HeaderValue,
     pub slots: Vec<Slot>,
     pub effects: Effects,
+    pub buffered_len: Option<usize>,
     pub started: Instant,
     pub metrics: Option<Arc<RouteMetrics>>,
 }

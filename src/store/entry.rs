@@ -51,16 +51,6 @@ impl StoredResponse {
         self.retention().saturating_sub(self.age(now))
     }
 
-    /// Seconds of freshness left, negative once stale (the `ttl` of RFC 9211 `cache-status`).
-    pub fn ttl_remaining_secs(&self, now: SystemTime) -> i64 {
-        let age = self.age(now);
-        if age <= self.ttl {
-            (self.ttl - age).as_secs() as i64
-        } else {
-            -(((age - self.ttl).as_secs_f64()).ceil() as i64)
-        }
-    }
-
     /// Approximate memory footprint; the L1 weigher and size limits use it.
     pub fn approx_size(&self) -> usize {
         let headers: usize = self
@@ -320,7 +310,5 @@ mod tests {
         assert_eq!(e.retention(), Duration::from_secs(660));
         assert_eq!(e.remaining_retention(at(600)), Duration::from_secs(60));
         assert_eq!(e.remaining_retention(at(700)), Duration::ZERO);
-        assert_eq!(e.ttl_remaining_secs(at(18)), 42);
-        assert_eq!(e.ttl_remaining_secs(at(65)), -5);
     }
 }

@@ -111,7 +111,7 @@ async fn l2_roundtrip_fills_l1_of_another_replica_and_sets_ttl() {
     let got = first.entry.expect("l2 hit");
     assert_eq!(&got.body[..], b"hello");
     assert_eq!(got.namespace, "items");
-    assert!(got.ttl_remaining_secs(SystemTime::now()) > 0);
+    assert!(got.remaining_retention(SystemTime::now()) > Duration::ZERO);
     let second = b.lookup(&k).await;
     assert_eq!(second.tier, Tier::L1, "an L2 hit fills L1");
 

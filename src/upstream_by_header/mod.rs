@@ -34,23 +34,6 @@ impl RouteFeature for UpstreamByHeader {
                 "list at least one header value and its upstream",
             ));
         }
-        if let Some(cache) = &cx.route.cache {
-            // Different upstreams answer differently: their responses must not share entries.
-            let keyed = cache
-                .key
-                .headers
-                .iter()
-                .any(|h| h.eq_ignore_ascii_case(&self.header));
-            if !keyed {
-                out.push(FieldProblem::new(
-                    format!("{at}.header"),
-                    format!(
-                        "this route caches: add {:?} to cache.key.headers so each upstream's responses are cached apart",
-                        self.header
-                    ),
-                ));
-            }
-        }
         for (value, upstream) in &self.upstreams {
             if !cx.config.upstreams.contains_key(upstream) {
                 out.push(FieldProblem::new(
@@ -59,6 +42,10 @@ impl RouteFeature for UpstreamByHeader {
                 ));
             }
         }
+    }
+
+    fn routing_headers(&self) -> Vec<String> {
+        vec![self.header.clone()]
     }
 
     fn build(&self, _cx: &BuildCx<'_>) -> Result<Arc<dyn Stage>, String> {
@@ -98,11 +85,13 @@ impl Stage for HeaderRouter {
     }
 
     async fn on_request(&self, cx: &mut RequestCx<'_>) -> Result<Verdict, StageError> {
-        let chosen = cx
-            .req
-            .headers
-            .get(&self.header)
-            .and_then(|v| self.choose(v.as_bytes()));
+        // Only a single header line routes: several lines are ambiguous, and the cache keys
+        // them differently from one line anyway.
+        let mut values = cx.req.headers.get_all(&self.header).iter();
+        let chosen = match (values.next(), values.next()) {
+            (Some(value), None) => self.choose(value.as_bytes()),
+            _ => None,
+        };
         if let Some(upstream) = chosen {
             let upstream = upstream.to_owned();
             cx.set_upstream(upstream);

@@ -147,6 +147,14 @@ async fn backend_handle(
     let path = req.uri().path().to_string();
     let uri = req.uri().to_string();
     *hits.lock().unwrap().entry(path.clone()).or_default() += 1;
+    if uri != path {
+        // Targets that are more than a path (absolute-form, queries) are counted as sent too.
+        *hits
+            .lock()
+            .unwrap()
+            .entry(format!("uri:{uri}"))
+            .or_default() += 1;
+    }
     let seq = total.fetch_add(1, Ordering::SeqCst) + 1;
     if failing.load(Ordering::SeqCst) {
         let mut resp = Response::new(full("backend failing"));
