@@ -51,7 +51,7 @@ PORT=$(free_port) ADMIN=$(free_port) BACKEND=$(free_port) REDIS=$(free_port)
 start_backend() { # a fixed ~1 KB JSON answer, like bench.sh's
   mkdir -p "$W/nginx"
   cat >"$W/nginx/nginx.conf" <<EOF
-daemon off; worker_processes 1; pid $W/nginx/nginx.pid; error_log $W/nginx/error.log;
+daemon off; master_process off; worker_processes 1; pid $W/nginx/nginx.pid; error_log $W/nginx/error.log;
 events { worker_connections 4096; }
 http { access_log off;
   server { listen 127.0.0.1:$BACKEND; keepalive_requests 100000;
@@ -148,26 +148,26 @@ for scenario in "${SCENARIOS[@]}"; do
     baseline) load /api/items/1 "$DURATION" ;;
     redis-kill)
       ( sleep 3; kill -9 "$(redis_pid)"; sleep 3; start_redis ) & f=$!
-      load /api/items/1 "$DURATION"; wait $f ;;
+      load /api/items/1 "$DURATION"; wait $f || true ;;
     redis-pause)
       ( sleep 3; kill -STOP "$(redis_pid)"; sleep 3; kill -CONT "$(redis_pid)" ) & f=$!
-      load /api/items/1 "$DURATION"; wait $f ;;
+      load /api/items/1 "$DURATION"; wait $f || true ;;
     backend-kill) # the cached route serves stale while the app is gone
       ( sleep 3; stop_backend; sleep 3; start_backend ) & f=$!
-      load /api/items/1 "$DURATION"; wait $f ;;
+      load /api/items/1 "$DURATION"; wait $f || true ;;
     origin-close) # the app accepts and closes without answering: stale stands in for it
-      ( sleep 3; stop_backend; start_closer; closer=$!; sleep 3; kill -9 "$closer"; wait "$closer" 2>/dev/null; start_backend ) & f=$!
-      load /api/items/1 "$DURATION"; wait $f ;;
+      ( sleep 3; stop_backend; start_closer; closer=$!; sleep 3; kill -9 "$closer" || true; wait "$closer" 2>/dev/null || true; start_backend ) & f=$!
+      load /api/items/1 "$DURATION"; wait $f || true ;;
     reloads) # 1000 reloads, alternating a valid and an invalid file
       cp "$W/outrider.yaml" "$W/good.yaml"; sed 's/ttl: 1s/ttl: nonsense/' "$W/good.yaml" >"$W/bad.yaml"
       ( for i in $(seq 500); do
           cp "$W/bad.yaml" "$W/outrider.yaml"; curl -s -XPOST "http://127.0.0.1:$ADMIN/reload" >/dev/null
           cp "$W/good.yaml" "$W/outrider.yaml"; curl -s -XPOST "http://127.0.0.1:$ADMIN/reload" >/dev/null
         done ) & f=$!
-      load /pass/1 "$DURATION"; wait $f; cp "$W/good.yaml" "$W/outrider.yaml" ;;
+      load /pass/1 "$DURATION"; wait $f || true; cp "$W/good.yaml" "$W/outrider.yaml" ;;
     sigterm) # SIGTERM at 2 s; the load ends within the 3 s ready delay, as a balancer's would
       ( sleep 2; kill -TERM "$OUTRIDER_PID" ) & f=$!
-      load /pass/1 4; wait $f ;;
+      load /pass/1 4; wait $f || true ;;
     slow-drip) # 500 connections dripping a header byte a second next to normal traffic
       python3 - "$PORT" "$DURATION" <<'EOF' & f=$!
 import asyncio, sys
@@ -184,7 +184,7 @@ async def main():
     await asyncio.gather(*(drip() for _ in range(500)))
 asyncio.run(main())
 EOF
-      sleep 1; load /pass/1 "$DURATION"; wait $f ;;
+      sleep 1; load /pass/1 "$DURATION"; wait $f || true ;;
     soak) load /api/items/1 "$SOAK_SECONDS" ;;
     *) echo "unknown scenario $scenario" >&2; exit 2 ;;
   esac

@@ -420,6 +420,18 @@ async fn stale_if_error_on_5xx_and_refused_upstream() {
     let served = get(&proxy, "/echo/short/e", &[]).await;
     assert_eq!((served.status, served.cache.as_str()), (200, "STALE"));
     assert_eq!(served.body, ok.body);
+    // After a failed connect Pingora ends the client's connection: the answer says so.
+    let resp = client()
+        .get(proxy.url("/echo/short/e"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.headers()
+            .get("connection")
+            .map(|v| v.as_bytes().to_vec()),
+        Some(b"close".to_vec())
+    );
     // Without a stale entry the refusal is a JSON 502.
     let none = get(&proxy, "/echo/short/other", &[]).await;
     assert_eq!(none.status, 502);

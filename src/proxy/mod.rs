@@ -540,8 +540,6 @@ impl ProxyHttp for Outrider {
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
-        // A request whose body was read in full can keep its connection after our answer.
-        let reusable = |session: &mut Session| session.as_mut().is_body_done();
         let upstream_side = matches!(e.esource(), ErrorSource::Upstream)
             || matches!(e.etype(), ErrorType::Custom("dns"));
         let (status, code, kind) = if upstream_side {
@@ -583,11 +581,14 @@ impl ProxyHttp for Outrider {
                 .find_map(|(stage, slot)| stage.on_upstream_failure(slot, &failure));
             if let Some(answer) = answer {
                 let status = answer.header.status.as_u16();
+                // Pingora ends the client connection after a failed upstream attempt: say so,
+                // so the client does not send its next request on a connection about to close.
+                session.set_keepalive(None);
                 match respond::write_answer(session, ctx, answer).await {
                     Ok(()) => {
                         return FailToProxy {
                             error_code: status,
-                            can_reuse_downstream: reusable(session),
+                            can_reuse_downstream: false,
                         }
                     }
                     Err(write_error) => {
