@@ -212,6 +212,8 @@ impl Outrider {
             metrics: ctx.metrics.clone(),
         };
         ctx.delegated = true;
+        // The subrequest's answer is written on this session: the draining rule applies here.
+        self.close_if_draining(session);
         if let Err(e) = subrequest::delegate(session, delegation, body).await {
             // Nothing reached the client: answer and count this request here after all.
             ctx.delegated = false;
