@@ -98,6 +98,15 @@ impl Ctx {
         config.routes.get(self.route?)
     }
 
+    /// The upstream this request goes to: the one a stage chose, else the route's.
+    pub fn upstream(&self) -> Option<Arc<crate::config::Upstream>> {
+        match (&self.effects.upstream, &self.config) {
+            (Some(name), Some(config)) => config.upstreams.get(name).cloned(),
+            (None, _) => self.route().map(|r| r.upstream.clone()),
+            _ => None,
+        }
+    }
+
     /// The matched route's stages and their slots, borrowed apart so hooks can take both.
     pub fn stages_and_slots(&mut self) -> (&[Arc<dyn Stage>], &mut [Slot]) {
         let stages = match (&self.config, self.route) {

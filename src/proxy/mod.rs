@@ -383,11 +383,7 @@ impl ProxyHttp for Outrider {
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let upstream = match (&ctx.effects.upstream, ctx.config.as_ref(), ctx.route()) {
-            (Some(name), Some(config), _) => config.upstreams.get(name).cloned(),
-            (None, _, Some(route)) => Some(route.upstream.clone()),
-            _ => None,
-        };
+        let upstream = ctx.upstream();
         let Some(upstream) = upstream else {
             return Err(Error::explain(
                 ErrorType::InternalError,
@@ -428,11 +424,7 @@ impl ProxyHttp for Outrider {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
-        let upstream = match (&ctx.effects.upstream, ctx.config.as_ref(), ctx.route()) {
-            (Some(name), Some(config), _) => config.upstreams.get(name).cloned(),
-            (None, _, Some(route)) => Some(route.upstream.clone()),
-            _ => None,
-        };
+        let upstream = ctx.upstream();
         forward::apply_forwarding_headers(
             upstream_request,
             client_ip,
