@@ -657,10 +657,8 @@ mod tests {
         Store::new(settings, &prometheus::Registry::new()).unwrap()
     }
 
-    /// Runs `on_request` for a GET of `path` and returns the stage's slot.
-    async fn miss(stage: &HttpCache, path: &str) -> Slot {
-        let mut req = RequestHeader::build("GET", path.as_bytes(), None).unwrap();
-        req.insert_header("host", "h").unwrap();
+    /// Runs `on_request` for `req` (expected to go upstream) and returns the stage's slot.
+    async fn miss(stage: &HttpCache, req: RequestHeader) -> Slot {
         let mut slot: Slot = None;
         let mut effects = Effects::default();
         let mut cx = RequestCx::new(
@@ -698,7 +696,7 @@ mod tests {
     async fn captures_beyond_the_inflight_bound_stream_through_uncached() {
         let store = store(1000);
         let stage = HttpCache::new(store.clone(), Arc::new(RoutePolicy::default()), "items");
-        let (mut a, mut b) = (miss(&stage, "/a").await, miss(&stage, "/b").await);
+        let (mut a, mut b) = (miss(&stage, get("/a")).await, miss(&stage, get("/b")).await);
         // Two 600-byte responses at once: the second does not fit next to the first.
         assert!(matches!(
             stage.on_upstream_response(&mut a, &ok_with_length(Some(600))),
@@ -710,7 +708,7 @@ mod tests {
         stage.on_body_chunk(&mut a, Some(&Bytes::from(vec![b'a'; 600])), true);
         assert!(store.lookup_l1(&stage.key(&get("/a"), None)).is_some());
         // The finished capture gave its bytes back.
-        let mut c = miss(&stage, "/c").await;
+        let mut c = miss(&stage, get("/c")).await;
         stage.on_upstream_response(&mut c, &ok_with_length(None));
         // A body of unknown length reserves as it grows, and stops being captured at the bound.
         stage.on_body_chunk(&mut c, Some(&Bytes::from(vec![b'c'; 900])), false);
@@ -732,21 +730,7 @@ mod tests {
         let stage = HttpCache::new(store.clone(), Arc::new(RoutePolicy::default()), "items");
         let mut req = get("/cond");
         req.insert_header("if-none-match", "\"v1\"").unwrap();
-        let mut slot: Slot = None;
-        let mut effects = Effects::default();
-        let mut cx = RequestCx::new(
-            &req,
-            None,
-            "items",
-            std::time::Duration::from_secs(1),
-            &mut slot,
-            0,
-            &mut effects,
-        );
-        assert!(matches!(
-            stage.on_request(&mut cx).await,
-            Ok(Verdict::Continue)
-        ));
+        let mut slot = miss(&stage, req).await;
         assert_eq!(
             store.stats()["single_flight"]["in_flight"],
             0,
