@@ -2,6 +2,7 @@
 # Installs the Python packages that the deployment tests and validation need:
 #   - examples/fastapi-backend/requirements.txt  (tests/deploy_e2e.rs runs the example app)
 #   - kubernetes-validate, dockerfile-parse, PyYAML  (scripts/validate-deploy.sh)
+#   - prometheus-client  (tests/tracing.rs parses the OpenMetrics exposition with its parser)
 # into the interpreter that `python3` (or $PYTHON) resolves to. Idempotent: when every
 # pinned version is already installed it does nothing and needs no network.
 #
@@ -16,6 +17,7 @@ VALIDATION_REQS=(
   "kubernetes-validate==1.37.0"   # bundles the Kubernetes JSON schemas: works offline
   "dockerfile-parse==2.0.1"
   "PyYAML==6.0.3"
+  "prometheus-client==0.26.0"     # its OpenMetrics parser checks /metrics exemplars
 )
 APP_REQS=examples/fastapi-backend/requirements.txt
 

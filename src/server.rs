@@ -16,6 +16,7 @@ use crate::config::{self, ActiveConfig, Config, ConfigError, LiveConfig, ReloadO
 use crate::pipeline::registry::Services;
 use crate::proxy::{Lifecycle, Outrider};
 use crate::store::{CacheError, CacheSettings, Store};
+use crate::telemetry::trace::{TraceError, Tracing};
 use crate::telemetry::{logging, metrics::MetricsError, Metrics};
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +36,8 @@ pub enum StartError {
     Compile(String),
     #[error("cannot set up the cache: {0}")]
     Cache(#[from] CacheError),
+    #[error("{0}")]
+    Tracing(#[from] TraceError),
 }
 
 /// Cache settings are read once at start; changes are reported as needing a restart.
@@ -87,6 +90,7 @@ pub fn run(path: Option<PathBuf>) -> Result<(), StartError> {
     let admin_token = config::load::resolve_admin_token(&config, &text, &source_name(&path))?;
     logging::init(config.telemetry.access_log);
     let metrics = Arc::new(Metrics::new()?);
+    let tracing = Arc::new(Tracing::start(&config.telemetry, &metrics.registry)?);
     let threads = match config.threads {
         0 => std::thread::available_parallelism()
             .map(|n| n.get())
@@ -158,7 +162,12 @@ pub fn run(path: Option<PathBuf>) -> Result<(), StartError> {
     conf.upstream_keepalive_pool_size = 256;
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let proxy = Outrider::new(live.clone(), metrics.clone(), lifecycle.clone());
+    let proxy = Outrider::new(
+        live.clone(),
+        metrics.clone(),
+        lifecycle.clone(),
+        tracing.clone(),
+    );
     let mut service =
         pingora_proxy::http_proxy_service_with_name(&server.configuration, proxy, "outrider");
     service.add_tcp(&listen);
@@ -177,8 +186,10 @@ pub fn run(path: Option<PathBuf>) -> Result<(), StartError> {
             metrics,
             live,
             store,
+            tracing: tracing.clone(),
         }),
     });
+    tracing.flush(Duration::from_secs(2));
     tracing::info!("outrider stopped");
     logging::flush();
     drop(background);
@@ -244,6 +255,7 @@ struct DrainOnSignal {
     metrics: Arc<Metrics>,
     live: Arc<LiveConfig>,
     store: Arc<Store>,
+    tracing: Arc<Tracing>,
 }
 
 /// How long the proxy must stay idle before exiting, to catch a request whose connection was
@@ -279,21 +291,35 @@ impl ShutdownSignalWatch for DrainOnSignal {
         }
         let metrics = self.metrics.clone();
         let store = self.store.clone();
+        let tracing = self.tracing.clone();
         let remaining = grace.saturating_sub(ready_delay);
-        std::thread::spawn(move || exit_when_idle(metrics, store, remaining));
+        std::thread::spawn(move || exit_when_idle(metrics, store, tracing, remaining));
         ShutdownSignal::GracefulTerminate
     }
 }
 
 /// Exits once no request (client or background) is in flight and no Redis write is queued, or
 /// when the grace period is over: queued writes are finished, not dropped.
-fn exit_when_idle(metrics: Arc<Metrics>, store: Arc<Store>, grace: Duration) {
+fn exit_when_idle(
+    metrics: Arc<Metrics>,
+    store: Arc<Store>,
+    tracing: Arc<Tracing>,
+    grace: Duration,
+) {
     let started = Instant::now();
+    // Queued spans go out within the grace period (at most half of it, so requests keep most).
+    let flush_within = |started: Instant| {
+        grace
+            .saturating_sub(started.elapsed())
+            .min(grace / 2)
+            .max(Duration::from_millis(100))
+    };
     let mut idle_since: Option<Instant> = None;
     while started.elapsed() < grace {
         if metrics.in_flight.get() <= 0 && store.pending_writes() == 0 {
             let since = *idle_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= IDLE_CONFIRM {
+                tracing.flush(flush_within(started));
                 tracing::info!(after = ?started.elapsed(), "drained; exiting");
                 logging::flush();
                 std::process::exit(0);
@@ -308,6 +334,7 @@ fn exit_when_idle(metrics: Arc<Metrics>, store: Arc<Store>, grace: Duration) {
         pending_writes = store.pending_writes(),
         "grace period over; exiting with work in flight"
     );
+    tracing.flush(Duration::from_millis(500));
     logging::flush();
     std::process::exit(0);
 }

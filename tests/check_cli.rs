@@ -302,3 +302,26 @@ fn special_files_are_refused_not_read() {
         assert!(stderr.contains("not a regular file"), "{stderr}");
     }
 }
+
+#[test]
+fn bad_trace_export_settings() {
+    let text = format!(
+        "{BASE}telemetry:\n  otlp:\n    endpoint: \"collector:4318\"\n    sample_ratio: 1.5\n    max_queue: 0\n    timeout: 0s\n    headers: {{ \"bad header\": x }}\n    protocl: grpc\n"
+    );
+    assert_fails(&text, &["unknown field `protocl`"]);
+    let text = text.replace("    protocl: grpc\n", "");
+    assert_fails(
+        &text,
+        &[
+            "FILE:9:15: telemetry.otlp.endpoint: \"collector:4318\" is not an http:// or https:// URL",
+            "FILE:10:19: telemetry.otlp.sample_ratio: 1.5 is not between 0.0 and 1.0",
+            "FILE:11:16: telemetry.otlp.max_queue: must be at least 1",
+            "FILE:12:14: telemetry.otlp.timeout: must be greater than zero",
+            "telemetry.otlp.headers: \"bad header\" is not a valid header name",
+        ],
+    );
+    let (ok, _, stderr) = check(&format!(
+        "{BASE}telemetry:\n  otlp: {{ endpoint: \"http://c:4317\", protocol: grpc, sample_ratio: 0.25 }}\n"
+    ));
+    assert!(ok, "{stderr}");
+}

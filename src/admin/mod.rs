@@ -24,7 +24,7 @@ pub mod guard;
 
 use crate::config::{LiveConfig, ReloadOutcome};
 use crate::proxy::Lifecycle;
-use crate::telemetry::{redact, Metrics};
+use crate::telemetry::{openmetrics, redact, Metrics};
 
 /// Largest admin request body accepted (purge requests are tiny).
 const MAX_BODY: usize = 64 * 1024;
@@ -187,7 +187,19 @@ async fn handle(
     if let Err(refusal) = guard::check_json_body(&parts.headers, &body) {
         return Ok(refused(refusal));
     }
-    let resp = endpoint(&state, &method, &parts.method, parts.uri.path(), &body).await;
+    let accept = parts
+        .headers
+        .get(http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok());
+    let resp = endpoint(
+        &state,
+        &method,
+        &parts.method,
+        parts.uri.path(),
+        accept,
+        &body,
+    )
+    .await;
     Ok(if head { without_body(resp) } else { resp })
 }
 
@@ -241,6 +253,7 @@ async fn endpoint(
     method: &Method,
     sent: &Method,
     path: &str,
+    accept: Option<&str>,
     body: &[u8],
 ) -> Response<Full<Bytes>> {
     match (method.clone(), path) {
@@ -251,10 +264,22 @@ async fn endpoint(
             for ext in &state.extensions {
                 ext.before_metrics();
             }
-            let mut resp = Response::new(Full::new(Bytes::from(state.metrics.render())));
+            // Prometheus asks for OpenMetrics when it wants exemplars (trace ids on buckets).
+            let (text, content_type) = if openmetrics::wanted(accept) {
+                (
+                    state.metrics.render_openmetrics(),
+                    openmetrics::CONTENT_TYPE,
+                )
+            } else {
+                (
+                    state.metrics.render(),
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )
+            };
+            let mut resp = Response::new(Full::new(Bytes::from(text)));
             resp.headers_mut().insert(
                 http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                http::HeaderValue::from_static(content_type),
             );
             resp
         }

@@ -15,8 +15,8 @@ use super::policy::{
     ttl_left, BypassReason, CacheStatus, Freshness, NotStorable, RequestDecision, RoutePolicy,
 };
 use crate::pipeline::{
-    state_mut, state_ref, Answer, Completion, RequestCx, ResponseVerdict, Slot, Stage, StageError,
-    UpstreamFailure, Verdict,
+    state_mut, state_ref, Answer, Completion, RequestCx, ResponseVerdict, Slot, SpanNotes, Stage,
+    StageError, UpstreamFailure, Verdict,
 };
 use crate::store::{
     CacheKey, Flight, LeaderGuard, Outcome, Reservation, RevalidationGuard, Store, StoredResponse,
@@ -63,6 +63,8 @@ struct CacheState {
     may_store: bool,
     /// A background refresh: client conditionals are dropped, and only a store is counted.
     background: Option<RevalidationGuard>,
+    /// When the store lookup ran and how long it took (for the trace span).
+    lookup: Option<LookupNote>,
 }
 
 impl CacheState {
@@ -78,8 +80,18 @@ impl CacheState {
             capture: None,
             may_store: false,
             background: None,
+            lookup: None,
         }
     }
+}
+
+/// One store lookup, as the trace span shows it.
+#[derive(Clone, Copy)]
+struct LookupNote {
+    at: SystemTime,
+    took: std::time::Duration,
+    /// Where an entry (fresh or not) was found.
+    tier: Tier,
 }
 
 struct Capture {
@@ -339,7 +351,17 @@ impl Stage for HttpCache {
             return Ok(Verdict::Continue);
         }
 
+        let lookup_started = (SystemTime::now(), std::time::Instant::now());
         let lookup = self.store.lookup(&key).await;
+        state.lookup = Some(LookupNote {
+            at: lookup_started.0,
+            took: lookup_started.1.elapsed(),
+            tier: if lookup.entry.is_some() {
+                lookup.tier
+            } else {
+                Tier::None
+            },
+        });
         if let Some(entry) = lookup.entry {
             match freshness(&entry, &self.policy, SystemTime::now()) {
                 Freshness::Fresh => {
@@ -574,6 +596,27 @@ impl Stage for HttpCache {
                 Outcome::Bypass => ", cache;desc=bypass",
                 _ => ", cache;desc=miss",
             });
+        }
+    }
+
+    fn span_notes(&self, slot: &Slot, notes: &mut SpanNotes) {
+        let Some(state) = state_ref::<CacheState>(slot) else {
+            return;
+        };
+        notes.attribute("outrider.cache.status", state.status.x_cache_status());
+        if let Some(lookup) = state.lookup {
+            notes.event(
+                "cache.lookup",
+                lookup.at,
+                vec![
+                    ("outrider.cache.tier", lookup.tier.as_str().into()),
+                    ("outrider.cache.found", (lookup.tier != Tier::None).into()),
+                    (
+                        "outrider.cache.lookup_ms",
+                        (lookup.took.as_secs_f64() * 1000.0).into(),
+                    ),
+                ],
+            );
         }
     }
 

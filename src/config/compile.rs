@@ -37,6 +37,8 @@ pub struct Route {
     pub stages: Vec<Arc<dyn Stage>>,
     /// Bound on a request body read for a stage.
     pub max_body: usize,
+    /// The path template this route matches (`/graphql`, `/api/items*`), for `http.route`.
+    pub http_route: Arc<str>,
 }
 
 #[derive(Debug)]
@@ -80,9 +82,9 @@ impl ActiveConfig {
                 .get(&r.upstream)
                 .cloned()
                 .ok_or_else(|| format!("route {} names a missing upstream", r.name))?;
-            let matcher = match (&r.matcher.path, &r.matcher.path_prefix) {
-                (Some(p), _) => PathMatcher::Exact(p.clone()),
-                (None, Some(p)) => PathMatcher::Prefix(p.clone()),
+            let (matcher, http_route) = match (&r.matcher.path, &r.matcher.path_prefix) {
+                (Some(p), _) => (PathMatcher::Exact(p.clone()), p.clone()),
+                (None, Some(p)) => (PathMatcher::Prefix(p.clone()), format!("{p}*")),
                 (None, None) => return Err(format!("route {} has no matcher", r.name)),
             };
             let methods = r
@@ -105,6 +107,7 @@ impl ActiveConfig {
                 upstream,
                 stages,
                 max_body: usize::try_from(r.max_body.0).unwrap_or(usize::MAX),
+                http_route: Arc::from(http_route),
             });
         }
         Ok(ActiveConfig {

@@ -201,6 +201,14 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.telemetry.service_name != new.telemetry.service_name {
         changed.push("telemetry.service_name");
     }
+    let otlp_export = |t: &super::schema::TelemetryConfig| {
+        let mut otlp = t.otlp.clone();
+        otlp.sample_ratio = None;
+        otlp
+    };
+    if otlp_export(&old.telemetry) != otlp_export(&new.telemetry) {
+        changed.push("telemetry.otlp (all but sample_ratio)");
+    }
     changed
 }
 

@@ -507,6 +507,9 @@ fn validate(parsed: &Parsed, spans: &SpanMap, problems: &mut Vec<Problem>) {
     if !failed("admin") {
         validate_admin(&config.admin, spans, problems);
     }
+    if !failed("telemetry") {
+        validate_otlp(&config.telemetry.otlp, spans, problems);
+    }
     if config.threads > 1024 {
         problems.push(spans.problem("threads", "threads: at most 1024"));
     }
@@ -687,6 +690,58 @@ fn validate_admin(admin: &AdminConfig, spans: &SpanMap, problems: &mut Vec<Probl
         problems.push(spans.problem(
             "admin.read_timeout",
             "admin.read_timeout: must be greater than zero",
+        ));
+    }
+}
+
+fn validate_otlp(otlp: &super::schema::OtlpConfig, spans: &SpanMap, problems: &mut Vec<Problem>) {
+    if let Some(ratio) = otlp.sample_ratio {
+        if !(0.0..=1.0).contains(&ratio) {
+            problems.push(spans.problem(
+                "telemetry.otlp.sample_ratio",
+                format!("telemetry.otlp.sample_ratio: {ratio} is not between 0.0 and 1.0"),
+            ));
+        }
+    }
+    let endpoint = otlp.endpoint.trim();
+    if !endpoint.is_empty() {
+        let usable = endpoint.parse::<http::Uri>().ok().is_some_and(|uri| {
+            matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some()
+        });
+        if !usable {
+            problems.push(spans.problem(
+                "telemetry.otlp.endpoint",
+                format!(
+                    "telemetry.otlp.endpoint: {:?} is not an http:// or https:// URL (e.g. http://otel-collector:4318)",
+                    crate::telemetry::redact::url(endpoint)
+                ),
+            ));
+        }
+    }
+    for (name, value) in &otlp.headers {
+        let path = format!("telemetry.otlp.headers.{name}");
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            problems.push(spans.problem(
+                &path,
+                format!("telemetry.otlp.headers: {name:?} is not a valid header name"),
+            ));
+        } else if http::HeaderValue::from_str(value).is_err() {
+            problems.push(spans.problem(
+                &path,
+                format!("telemetry.otlp.headers.{name}: the value is not a valid header value"),
+            ));
+        }
+    }
+    if otlp.max_queue == 0 {
+        problems.push(spans.problem(
+            "telemetry.otlp.max_queue",
+            "telemetry.otlp.max_queue: must be at least 1",
+        ));
+    }
+    if otlp.timeout.is_some_and(|t| t.get().is_zero()) {
+        problems.push(spans.problem(
+            "telemetry.otlp.timeout",
+            "telemetry.otlp.timeout: must be greater than zero",
         ));
     }
 }

@@ -194,26 +194,91 @@ fn default_redis_timeout() -> HumanDuration {
     HumanDuration(Duration::from_millis(50))
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TelemetryConfig {
-    #[serde(default = "default_service_name")]
-    pub service_name: String,
+    /// Name of this service in logs and in exported traces (`service.name`). Unset: the
+    /// `OTEL_SERVICE_NAME` environment variable, else `outrider`. Changing it needs a restart.
+    #[serde(default)]
+    pub service_name: Option<String>,
     #[serde(default)]
     pub access_log: AccessLogFormat,
+    /// Trace propagation (always on) and span export over OTLP (when an endpoint is known).
+    #[serde(default)]
+    pub otlp: OtlpConfig,
 }
 
-impl Default for TelemetryConfig {
+impl TelemetryConfig {
+    /// The service name in effect: YAML, then `OTEL_SERVICE_NAME`, then `outrider`.
+    pub fn service_name(&self) -> String {
+        self.service_name
+            .clone()
+            .filter(|name| !name.trim().is_empty())
+            .or_else(|| {
+                std::env::var("OTEL_SERVICE_NAME")
+                    .ok()
+                    .filter(|name| !name.trim().is_empty())
+            })
+            .unwrap_or_else(|| "outrider".to_string())
+    }
+}
+
+/// OTLP span export. Every key falls back to the standard `OTEL_*` environment variable of the
+/// OpenTelemetry specification when unset; an explicit YAML value wins.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OtlpConfig {
+    /// Collector endpoint, e.g. `http://otel-collector:4318` (HTTP) or `http://otel-collector:4317`
+    /// (gRPC). Empty: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, then `OTEL_EXPORTER_OTLP_ENDPOINT`;
+    /// when none is set nothing is exported (propagation still works). For HTTP, `/v1/traces`
+    /// is appended unless the URL already has a path. Changing it needs a restart.
+    #[serde(default)]
+    pub endpoint: String,
+    /// `http` (HTTP/protobuf) or `grpc`. Unset: `OTEL_EXPORTER_OTLP_PROTOCOL`, else `http`.
+    /// Changing it needs a restart.
+    #[serde(default)]
+    pub protocol: Option<OtlpProtocol>,
+    /// Share of new traces (no sampled parent) that are recorded, 0.0 to 1.0; a client's
+    /// `traceparent` sampled flag is followed. Unset: `OTEL_TRACES_SAMPLER`/`_ARG`, else 1.0.
+    /// Applies on reload.
+    #[serde(default)]
+    pub sample_ratio: Option<f64>,
+    /// Headers sent with every export (e.g. an API key); added to `OTEL_EXPORTER_OTLP_HEADERS`.
+    /// Shown as `***` by `GET /config`. Changing them needs a restart.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Longest time one export may take. Unset: `OTEL_EXPORTER_OTLP_TIMEOUT` (ms), else 10s.
+    /// Changing it needs a restart.
+    #[serde(default)]
+    pub timeout: Option<HumanDuration>,
+    /// Finished spans waiting for export; beyond it spans are dropped and counted, never
+    /// waited for. Changing it needs a restart.
+    #[serde(default = "default_otlp_max_queue")]
+    pub max_queue: usize,
+}
+
+impl Default for OtlpConfig {
     fn default() -> Self {
-        Self {
-            service_name: default_service_name(),
-            access_log: AccessLogFormat::default(),
+        OtlpConfig {
+            endpoint: String::new(),
+            protocol: None,
+            sample_ratio: None,
+            headers: BTreeMap::new(),
+            timeout: None,
+            max_queue: default_otlp_max_queue(),
         }
     }
 }
 
-fn default_service_name() -> String {
-    "outrider".to_string()
+fn default_otlp_max_queue() -> usize {
+    4096
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OtlpProtocol {
+    Http,
+    Grpc,
 }
 
 #[derive(

@@ -12,7 +12,8 @@
 pub mod registry;
 
 use std::any::Any;
-use std::time::Duration;
+use std::borrow::Cow;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -68,6 +69,82 @@ pub struct Completion<'a> {
     /// Status the client got (0 when none was written).
     pub status: u16,
     pub duration: Duration,
+}
+
+/// A value a stage reports for the request's trace span.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NoteValue {
+    Str(Cow<'static, str>),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl From<&'static str> for NoteValue {
+    fn from(value: &'static str) -> Self {
+        NoteValue::Str(Cow::Borrowed(value))
+    }
+}
+
+impl From<String> for NoteValue {
+    fn from(value: String) -> Self {
+        NoteValue::Str(Cow::Owned(value))
+    }
+}
+
+impl From<i64> for NoteValue {
+    fn from(value: i64) -> Self {
+        NoteValue::Int(value)
+    }
+}
+
+impl From<f64> for NoteValue {
+    fn from(value: f64) -> Self {
+        NoteValue::Float(value)
+    }
+}
+
+impl From<bool> for NoteValue {
+    fn from(value: bool) -> Self {
+        NoteValue::Bool(value)
+    }
+}
+
+/// Something that happened at one moment of the request (a cache lookup, a model call).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NoteEvent {
+    pub name: &'static str,
+    pub at: SystemTime,
+    pub attributes: Vec<(&'static str, NoteValue)>,
+}
+
+/// What stages tell the request's trace span: attributes named after the OpenTelemetry
+/// conventions (`outrider.cache.status`, `gen_ai.request.model`, …) and events. Stages fill it
+/// in [`Stage::span_notes`], which runs only for recorded traces, so unsampled requests pay
+/// nothing; stages never see the tracing library.
+#[derive(Debug, Default)]
+pub struct SpanNotes {
+    pub attributes: Vec<(&'static str, NoteValue)>,
+    pub events: Vec<NoteEvent>,
+}
+
+impl SpanNotes {
+    pub fn attribute(&mut self, key: &'static str, value: impl Into<NoteValue>) {
+        self.attributes.push((key, value.into()));
+    }
+
+    pub fn event(
+        &mut self,
+        name: &'static str,
+        at: SystemTime,
+        attributes: Vec<(&'static str, NoteValue)>,
+    ) {
+        self.events.push(NoteEvent {
+            name,
+            at,
+            attributes,
+        });
+    }
 }
 
 /// A stage's refusal of a request: answered with `status` and a JSON body carrying `code`.
@@ -197,4 +274,7 @@ pub trait Stage: Send + Sync + std::fmt::Debug {
 
     /// The request is over (metrics, logs).
     fn on_complete(&self, _slot: &mut Slot, _done: &Completion<'_>) {}
+
+    /// Attributes and events for the request's trace span; called only when it is recorded.
+    fn span_notes(&self, _slot: &Slot, _notes: &mut SpanNotes) {}
 }

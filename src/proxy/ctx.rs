@@ -8,6 +8,7 @@ use prometheus::IntGauge;
 
 use crate::config::ActiveConfig;
 use crate::pipeline::{Effects, Slot, Stage};
+use crate::telemetry::trace::RequestTrace;
 
 /// Counts a request as in flight from creation until drop, whatever path the request takes.
 pub struct InFlight(IntGauge);
@@ -57,6 +58,8 @@ pub struct Ctx {
     pub background: bool,
     /// Held while background work runs, bounding how many run at once.
     pub background_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Trace identity and timings (set when the request is read).
+    pub trace: Option<RequestTrace>,
 }
 
 impl Ctx {
@@ -79,6 +82,7 @@ impl Ctx {
             delegated: false,
             background: false,
             background_permit: None,
+            trace: None,
         }
     }
 

@@ -22,8 +22,10 @@ use tokio::sync::Semaphore;
 
 use crate::config::schema::AccessLogFormat;
 use crate::config::LiveConfig;
+use crate::pipeline::SpanNotes;
 use crate::pipeline::{Completion, RequestCx, ResponseVerdict, UpstreamFailure, Verdict};
 use crate::telemetry::logging::ACCESS_TARGET;
+use crate::telemetry::trace::{RequestFacts, Tracing};
 use crate::telemetry::{request_id, Metrics};
 use ctx::{Ctx, InFlight};
 use respond::codes;
@@ -44,15 +46,22 @@ pub struct Outrider {
     pub lifecycle: Arc<Lifecycle>,
     /// Permits for background requests; work beyond them is dropped, never queued.
     pub background: Arc<Semaphore>,
+    pub tracing: Arc<Tracing>,
 }
 
 impl Outrider {
-    pub fn new(live: Arc<LiveConfig>, metrics: Arc<Metrics>, lifecycle: Arc<Lifecycle>) -> Self {
+    pub fn new(
+        live: Arc<LiveConfig>,
+        metrics: Arc<Metrics>,
+        lifecycle: Arc<Lifecycle>,
+        tracing: Arc<Tracing>,
+    ) -> Self {
         Outrider {
             live,
             metrics,
             lifecycle,
             background: Arc::new(Semaphore::new(MAX_BACKGROUND)),
+            tracing,
         }
     }
 
@@ -66,6 +75,9 @@ impl Outrider {
 
     fn record_upstream_error(&self, ctx: &mut Ctx, kind: &'static str) {
         ctx.upstream_error = Some(kind);
+        if let Some(trace) = ctx.trace.as_mut() {
+            trace.upstream_failed(kind);
+        }
         self.metrics
             .upstream_errors
             .with_label_values(&[ctx.route_name(), kind])
@@ -210,6 +222,7 @@ impl Outrider {
             buffered_len: ctx.buffered_len,
             started: ctx.started,
             metrics: ctx.metrics.clone(),
+            trace: ctx.trace.take(),
         };
         ctx.delegated = true;
         // The subrequest's answer is written on this session: the draining rule applies here.
@@ -217,6 +230,9 @@ impl Outrider {
         if let Err(e) = subrequest::delegate(session, delegation, body).await {
             // Nothing reached the client: answer and count this request here after all.
             ctx.delegated = false;
+            if ctx.trace.is_none() {
+                ctx.trace = Some(self.tracing.begin(session.req_header(), None));
+            }
             return Err(e);
         }
         Ok(true)
@@ -239,10 +255,14 @@ impl Outrider {
                 ctx.buffered_len = d.buffered_len;
                 ctx.started = d.started;
                 ctx.metrics = d.metrics;
+                ctx.trace = d.trace;
                 Ok(false)
             }
             Intent::Background(work) => {
                 ctx.background = true;
+                // Background work continues the trace of the request bytes it was built from.
+                let ratio = work.config.config.telemetry.otlp.sample_ratio;
+                ctx.trace = Some(self.tracing.begin(session.req_header(), ratio));
                 ctx.request_id = work.request_id;
                 ctx.effects.upstream = work.upstream;
                 ctx.route = Some(work.route);
@@ -289,6 +309,58 @@ impl Outrider {
     }
 }
 
+impl Outrider {
+    /// Hands the request's spans to the exporter, with what its stages noted.
+    fn finish_trace(&self, session: &Session, ctx: &mut Ctx, status: u16) {
+        let Some(trace) = ctx.trace.take() else {
+            return;
+        };
+        if !(trace.sampled && self.tracing.exporting()) {
+            ctx.trace = Some(trace);
+            return;
+        }
+        let mut notes = SpanNotes::default();
+        {
+            let (stages, slots) = ctx.stages_and_slots();
+            for (stage, slot) in stages.iter().zip(slots.iter()) {
+                stage.span_notes(slot, &mut notes);
+            }
+        }
+        let req = session.req_header();
+        let header =
+            |name: http::header::HeaderName| req.headers.get(name).and_then(|v| v.to_str().ok());
+        let host = req
+            .uri
+            .host()
+            .or_else(|| header(http::header::HOST))
+            .map(strip_port);
+        let facts = RequestFacts {
+            method: req.method.as_str(),
+            path: req.uri.path(),
+            route: ctx.route_name(),
+            http_route: ctx.route().map(|r| &*r.http_route),
+            status,
+            server_address: host,
+            client_address: session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip().to_string()),
+            user_agent: header(http::header::USER_AGENT),
+            request_id: Some(ctx.request_id()),
+        };
+        self.tracing.finish(&trace, &facts, notes);
+        ctx.trace = Some(trace);
+    }
+}
+
+/// `host` of `host:port` (and `[v6]` of `[v6]:port`), as `server.address` wants it.
+fn strip_port(authority: &str) -> &str {
+    if let Some(end) = authority.find(']') {
+        return &authority[..=end];
+    }
+    authority.split(':').next().unwrap_or(authority)
+}
+
 /// Classifies an upstream failure for metrics and picks the status the client sees.
 fn classify_upstream_error(e: &Error) -> (&'static str, u16) {
     match e.etype() {
@@ -328,6 +400,10 @@ impl ProxyHttp for Outrider {
             return self.adopt(session, ctx, intent).await;
         }
         let config = self.live.snapshot();
+        ctx.trace = Some(self.tracing.begin(
+            session.req_header(),
+            config.config.telemetry.otlp.sample_ratio,
+        ));
         ctx.request_id = match session.req_header().headers.get("x-request-id") {
             // Cloning the client's value shares its bytes.
             Some(id) if request_id::accept(id.as_bytes()).is_some() => id.clone(),
@@ -411,6 +487,9 @@ impl ProxyHttp for Outrider {
         peer.options.read_timeout = Some(upstream.timeout);
         peer.options.write_timeout = Some(upstream.timeout);
         ctx.upstream_started = Some(Instant::now());
+        if let Some(trace) = ctx.trace.as_mut() {
+            trace.upstream_started(&upstream.name, &upstream.host, upstream.port);
+        }
         Ok(Box::new(peer))
     }
 
@@ -448,9 +527,28 @@ impl ProxyHttp for Outrider {
             upstream_request.remove_header(&http::header::EXPECT);
             upstream_request.insert_header(http::header::CONTENT_LENGTH, len)?;
         }
+        if let Some(trace) = &ctx.trace {
+            trace.inject(upstream_request)?;
+        }
         let (stages, slots) = ctx.stages_and_slots();
         for (stage, slot) in stages.iter().zip(slots.iter_mut()) {
             stage.on_upstream_request(slot, upstream_request);
+        }
+        Ok(())
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
+        _digest: Option<&pingora_core::protocols::Digest>,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(trace) = ctx.trace.as_mut() {
+            trace.upstream_event("connected", Some(reused));
         }
         Ok(())
     }
@@ -467,6 +565,10 @@ impl ProxyHttp for Outrider {
             if let Some(metrics) = &ctx.metrics {
                 metrics.upstream_duration.observe(elapsed.as_secs_f64());
             }
+        }
+        if let Some(trace) = ctx.trace.as_mut() {
+            trace.upstream_event("response_header", None);
+            trace.upstream_status(upstream_response.status.as_u16());
         }
         let (stages, slots) = ctx.stages_and_slots();
         let mut replacement = None;
@@ -513,6 +615,11 @@ impl ProxyHttp for Outrider {
             // A stage already answered in place of this upstream response.
             *body = None;
             return Ok(None);
+        }
+        if end_of_stream {
+            if let Some(trace) = ctx.trace.as_mut() {
+                trace.upstream_done();
+            }
         }
         let (stages, slots) = ctx.stages_and_slots();
         for (stage, slot) in stages.iter().zip(slots.iter_mut()) {
@@ -640,7 +747,14 @@ impl ProxyHttp for Outrider {
             None => self.metrics.route(&route),
         };
         metrics.count_request(method, status);
-        metrics.duration.observe(elapsed.as_secs_f64());
+        let trace_id = ctx.trace.as_ref().map(|t| t.trace_id_hex());
+        match (&ctx.trace, &trace_id) {
+            (Some(trace), Some(id)) if trace.sampled => {
+                metrics.observe_duration_with_exemplar(elapsed.as_secs_f64(), id)
+            }
+            _ => metrics.duration.observe(elapsed.as_secs_f64()),
+        }
+        self.finish_trace(session, ctx, status);
 
         let log_format = ctx
             .config
@@ -661,6 +775,7 @@ impl ProxyHttp for Outrider {
             upstream_ms = ctx.upstream_elapsed.map(|d| d.as_secs_f64() * 1000.0),
             upstream_error = ctx.upstream_error,
             request_id = ctx.request_id(),
+            trace_id,
             background = ctx.background.then_some(true),
             client = session.client_addr().map(|a| a.to_string()),
             error = error.map(|e| e.to_string()),

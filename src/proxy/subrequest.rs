@@ -41,11 +41,12 @@ pub struct Delegation {
     pub buffered_len: Option<usize>,
     pub started: Instant,
     pub metrics: Option<Arc<RouteMetrics>>,
+    pub trace: Option<crate::telemetry::trace::RequestTrace>,
 }
 
 pub enum Intent {
     Background(BackgroundWork),
-    Delegated(Delegation),
+    Delegated(Box<Delegation>),
 }
 
 /// The intent a subrequest was started with (taken once, in its `request_filter`).
@@ -83,7 +84,7 @@ pub async fn delegate(
     };
     let ctx = SubrequestCtx::builder()
         .body_mode(BodyMode::ExpectBody)
-        .user_ctx(Box::new(Intent::Delegated(delegation)))
+        .user_ctx(Box::new(Intent::Delegated(Box::new(delegation))))
         .build();
     let (prepared, handle) = spawner.create_subrequest(session.as_ref(), ctx);
     let input = if body.is_empty() {

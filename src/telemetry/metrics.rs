@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
-use parking_lot::RwLock;
+use super::openmetrics::Exemplar;
+use parking_lot::{Mutex, RwLock};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -57,9 +58,31 @@ pub struct RouteMetrics {
     requests: [[OnceLock<IntCounter>; 5]; 8],
     pub duration: Histogram,
     pub upstream_duration: Histogram,
+    /// The latest sampled request of each duration bucket (the last one is `+Inf`).
+    exemplars: Mutex<Vec<Option<Exemplar>>>,
 }
 
 impl RouteMetrics {
+    /// Observes a traced request's duration and keeps it as its bucket's exemplar.
+    pub fn observe_duration_with_exemplar(&self, seconds: f64, trace_id: &str) {
+        self.duration.observe(seconds);
+        let bucket = LATENCY_BUCKETS
+            .iter()
+            .position(|bound| seconds <= *bound)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        let timestamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        if let Some(slot) = self.exemplars.lock().get_mut(bucket) {
+            *slot = Some(Exemplar {
+                trace_id: trace_id.to_string(),
+                value: seconds,
+                timestamp,
+            });
+        }
+    }
+
     pub fn count_request(&self, method: &str, status: u16) {
         let m = METHODS
             .iter()
@@ -178,6 +201,7 @@ impl Metrics {
             requests: Default::default(),
             duration: self.request_duration.with_label_values(&[route]),
             upstream_duration: self.upstream_duration.with_label_values(&[route]),
+            exemplars: Mutex::new(vec![None; LATENCY_BUCKETS.len() + 1]),
         });
         self.routes
             .write()
@@ -186,13 +210,36 @@ impl Metrics {
             .clone()
     }
 
-    /// The Prometheus text exposition of every registered metric.
-    pub fn render(&self) -> String {
+    fn refresh_dropped_lines(&self) {
         let dropped = super::logging::dropped_lines() as u64;
         let counted = self.log_lines_dropped.get();
         if dropped > counted {
             self.log_lines_dropped.inc_by(dropped - counted);
         }
+    }
+
+    /// The OpenMetrics exposition, with trace exemplars on the request duration buckets.
+    pub fn render_openmetrics(&self) -> String {
+        self.refresh_dropped_lines();
+        let routes = self.routes.read();
+        super::openmetrics::encode(&self.registry.gather(), &|family, labels, bucket| {
+            if family != names::REQUEST_DURATION {
+                return None;
+            }
+            let route = labels.iter().find(|l| l.name() == "route")?.value();
+            routes
+                .get(route)?
+                .exemplars
+                .lock()
+                .get(bucket)
+                .cloned()
+                .flatten()
+        })
+    }
+
+    /// The Prometheus text exposition of every registered metric.
+    pub fn render(&self) -> String {
+        self.refresh_dropped_lines();
         let mut buf = Vec::with_capacity(16 * 1024);
         let encoder = TextEncoder::new();
         if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
