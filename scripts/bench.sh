@@ -2,13 +2,16 @@
 # End-to-end benchmarks with ../shared/bench/bench.sh (nginx, HAProxy, nginx proxy_cache and
 # Varnish measured in the same run, every proxy on its own CPU with one worker):
 #
-#   bash scripts/bench.sh [fast|app|redis|bare]...      (default: fast bare)
+#   bash scripts/bench.sh [fast|app|redis|bare|tracing]...      (default: fast bare)
 #
 #   fast   outrider with L1 caching GET /hit/*, passing /pass/* through; nginx backend
 #   app    the same in front of the FastAPI backend (~20 ms per call)
 #   redis  L1 disabled: every hit comes from Redis (L2), to read Redis-tier throughput/latency
 #   bare   a bare Pingora pass-through (examples/bare_pingora.rs) next to nginx, the baseline
 #          for outrider's own per-request cost
+#   tracing  pass-through CPU per request with tracing off (no endpoint), on at sample_ratio 0
+#          and on at sample_ratio 1 (every request exported to a local OTLP sink), each run next
+#          to nginx; prints each variant's CPU/request relative to nginx and to "off"
 #
 # Env: BENCH (path to bench.sh, default ../shared/bench/bench.sh), DURATION, CONNS, REPS as bench.sh.
 set -euo pipefail
@@ -22,7 +25,7 @@ cargo build --release --bin outrider --example bare_pingora
 OUT=$(mktemp -d -t outrider-bench.XXXXXX)
 trap 'rm -rf "$OUT"; [[ -n ${REDIS_PID:-} ]] && kill "$REDIS_PID" 2>/dev/null || true' EXIT
 
-config() { # memory_max redis_url
+config() { # memory_max redis_url [otlp-map]
   cat <<YAML
 listen: 127.0.0.1:18100
 threads: 1
@@ -32,7 +35,7 @@ upstreams:
 cache:
   memory: { max_size: $1 }
   redis: { url: "$2", timeout: 50ms }
-telemetry: { access_log: off }
+telemetry: { access_log: off, otlp: ${3:-"{}"} }
 shutdown: { grace_period: 1s }
 routes:
   - name: hit
@@ -68,6 +71,43 @@ for mode in "${MODES[@]}"; do
       PEERS="nginx" SUT_NAME=bare-pingora \
         SUT_CMD="$ROOT/target/release/examples/bare_pingora 127.0.0.1:18100 127.0.0.1:18001" \
         bash "$BENCH" fast
+      ;;
+    tracing)
+      # An OTLP/HTTP sink on CPU 0 (with the load generator): accepts every export with 200.
+      sink_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+      taskset -c 0 python3 - "$sink_port" <<'PY' &
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class Sink(BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200)
+        self.send_header("content-type", "application/x-protobuf")
+        self.send_header("content-length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink).serve_forever()
+PY
+      SINK_PID=$!
+      summary=$OUT/tracing-summary.txt; : >"$summary"
+      for variant in off ratio0 ratio1; do
+        case $variant in
+          off) otlp='{}' ;;
+          ratio0) otlp="{ endpoint: \"http://127.0.0.1:$sink_port\", sample_ratio: 0.0 }" ;;
+          ratio1) otlp="{ endpoint: \"http://127.0.0.1:$sink_port\", sample_ratio: 1.0 }" ;;
+        esac
+        config 256MiB "" "$otlp" >"$OUT/outrider.yaml"
+        echo "### tracing: $variant (pass-through /pass/1) vs nginx"
+        PEERS="nginx" SUT_NAME="trace-$variant" \
+          SUT_CMD="$ROOT/target/release/outrider run --config $OUT/outrider.yaml" \
+          bash "$BENCH" fast | tee "$OUT/tracing-$variant.txt"
+        awk -v v="$variant" '$1=="proxy" && $2 ~ /^trace-/ {print v, $(NF-3), $NF}' \
+          "$OUT/tracing-$variant.txt" >>"$summary"
+      done
+      kill "$SINK_PID" 2>/dev/null || true
+      echo "### tracing overhead: CPU per pass-through request (us), vs nginx in the same run, vs off"
+      awk 'NR==1 {base=$3} {printf "%-7s cpu_us=%s cpu/nginx=%s cpu/off=%.2f\n", $1, $2, $3, $3/base}' "$summary"
       ;;
     *) echo "unknown mode $mode" >&2; exit 2 ;;
   esac

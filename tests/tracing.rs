@@ -36,6 +36,7 @@ struct SpanRec {
     attributes: HashMap<String, String>,
     events: Vec<(String, HashMap<String, String>)>,
     service_name: String,
+    resource: HashMap<String, String>,
 }
 
 type Spans = Arc<Mutex<Vec<SpanRec>>>;
@@ -87,6 +88,7 @@ fn record(spans: &Spans, request: ExportTraceServiceRequest) {
                         .map(|e| (e.name.clone(), attrs(&e.attributes)))
                         .collect(),
                     service_name: service_name.clone(),
+                    resource: resource_attrs.clone(),
                 });
             }
         }
@@ -97,6 +99,8 @@ fn record(spans: &Spans, request: ExportTraceServiceRequest) {
 struct HttpCollector {
     port: u16,
     spans: Spans,
+    /// `x-api-key` values the exports carried.
+    api_keys: Arc<Mutex<Vec<String>>>,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -105,8 +109,10 @@ impl HttpCollector {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let spans: Spans = Arc::default();
+        let api_keys: Arc<Mutex<Vec<String>>> = Arc::default();
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let shared = spans.clone();
+        let keys = api_keys.clone();
         tokio::spawn(async move {
             loop {
                 let (stream, _) = tokio::select! {
@@ -114,12 +120,17 @@ impl HttpCollector {
                     _ = &mut stopped => break,
                 };
                 let spans = shared.clone();
+                let keys = keys.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(
                         move |req: hyper::Request<hyper::body::Incoming>| {
                             let spans = spans.clone();
+                            let keys = keys.clone();
                             async move {
                                 let path = req.uri().path().to_string();
+                                if let Some(key) = req.headers().get("x-api-key") {
+                                    keys.lock().unwrap().push(key.to_str().unwrap().to_string());
+                                }
                                 let body = req.into_body().collect().await.unwrap().to_bytes();
                                 let status = if path == "/v1/traces" {
                                     match ExportTraceServiceRequest::decode(body) {
@@ -152,6 +163,7 @@ impl HttpCollector {
         HttpCollector {
             port,
             spans,
+            api_keys,
             _stop: stop,
         }
     }
@@ -513,6 +525,35 @@ async fn environment_configures_export_when_yaml_is_silent() {
     get_in_trace(&proxy, "/echo/env", trace).await;
     let spans = wait_spans(&collector.spans, trace, 2).await;
     assert_eq!(spans[0].service_name, "from-env");
+    assert_eq!(spans[0].resource["deployment.environment"], "test");
+}
+
+#[tokio::test]
+async fn export_headers_reach_the_collector_and_never_show_in_config_or_logs() {
+    let app = Backend::start("app").await;
+    let collector = HttpCollector::start().await;
+    let otlp = format!(
+        "{{ endpoint: \"{}\", headers: {{ x-api-key: \"otlp-sekret-123\" }} }}",
+        collector.endpoint()
+    );
+    let proxy = Proxy::start_with_env(&config(&app.url(), &otlp), FAST).await;
+    let trace = "88888888888888888888888888888888";
+    get_in_trace(&proxy, "/echo/keyed", trace).await;
+    wait_spans(&collector.spans, trace, 2).await;
+    let keys = collector.api_keys.lock().unwrap().clone();
+    assert!(!keys.is_empty());
+    assert!(keys.iter().all(|k| k == "otlp-sekret-123"), "{keys:?}");
+    let shown = client()
+        .get(proxy.admin("/config"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!shown.contains("otlp-sekret-123"), "{shown}");
+    assert!(shown.contains("\"x-api-key\":\"***\""), "{shown}");
+    assert!(!proxy.log().contains("otlp-sekret-123"));
 }
 
 async fn dropped(proxy: &Proxy, reason: &str) -> f64 {
