@@ -66,6 +66,7 @@ fi
 # --- 3. promtool -------------------------------------------------------------------------
 step "promtool: Prometheus config and dashboard queries"
 promtool check config --syntax-only examples/docker-compose/prometheus/prometheus.yml || fail "promtool check config"
+promtool check rules examples/docker-compose/prometheus/slo-rules.yml || fail "promtool check rules (SLO rules)"
 # Each dashboard query becomes a recording rule so promtool parses it as PromQL; Grafana's
 # variables are replaced by values they can take.
 if "$PY" - "$WORK/dashboard-rules.yml" examples/docker-compose/grafana/dashboards/*.json <<'PY'
@@ -100,6 +101,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 import yaml
 from dockerfile_parse import DockerfileParser
@@ -258,6 +260,22 @@ for o in full:
 def selects(selector, labels):
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
+
+# PrometheusRule (SLO rules from `outrider slo-rules`): its groups must pass promtool.
+for pr in [c for c in crd if c.get("kind") == "PrometheusRule"]:
+    name = pr["metadata"].get("name")
+    if pr.get("apiVersion") != "monitoring.coreos.com/v1" or set(pr.get("spec", {})) != {"groups"}:
+        err(f"PrometheusRule {name}: expected monitoring.coreos.com/v1 with spec.groups only")
+        continue
+    with tempfile.NamedTemporaryFile("w", suffix=".yml", delete=False) as f:
+        yaml.safe_dump({"groups": pr["spec"]["groups"]}, f)
+    checked = subprocess.run(["promtool", "check", "rules", f.name], capture_output=True, text=True)
+    os.unlink(f.name)
+    if checked.returncode != 0:
+        err(f"PrometheusRule {name}: promtool check rules failed: {checked.stdout}{checked.stderr}")
+    else:
+        ok(f"PrometheusRule {name}: {sum(len(g['rules']) for g in pr['spec']['groups'])} rules pass promtool")
+crd = [c for c in crd if c.get("kind") != "PrometheusRule"]
 
 # ServiceMonitor: structural check (no bundled schema for the CRD).
 for sm in crd:

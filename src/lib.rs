@@ -8,6 +8,7 @@ pub mod config;
 pub mod pipeline;
 pub mod proxy;
 pub mod server;
+pub mod slo;
 pub mod store;
 pub mod telemetry;
 pub mod upstream_by_header;

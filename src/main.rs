@@ -1,4 +1,5 @@
-//! The command line: `outrider run`, `outrider check`, `outrider version`.
+//! The command line: `outrider run`, `outrider check`, `outrider schema`, `outrider slo-rules`,
+//! `outrider version`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,6 +34,14 @@ enum Command {
     },
     /// Print the JSON Schema of the config file (for editors and CI checks).
     Schema,
+    /// Print Prometheus recording and burn-rate alerting rules for every SLO in the config.
+    SloRules {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// `prometheus` (a rule file) or `kubernetes` (a PrometheusRule manifest).
+        #[arg(long, default_value = "prometheus", value_parser = ["prometheus", "kubernetes"])]
+        format: String,
+    },
     /// Print the version.
     Version,
 }
@@ -79,6 +88,32 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::SloRules { config, format } => {
+            let cfg = match outrider::server::load(Some(&config)) {
+                Ok((cfg, _)) => cfg,
+                Err(e) => {
+                    for line in e.lines() {
+                        eprintln!("{line}");
+                    }
+                    return ExitCode::from(1);
+                }
+            };
+            let format = if format == "kubernetes" {
+                outrider::slo::rules::Format::Kubernetes
+            } else {
+                outrider::slo::rules::Format::Prometheus
+            };
+            match outrider::slo::rules::render(&cfg, format) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("outrider: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Version => {
             println!("outrider {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS

@@ -89,7 +89,14 @@ pub fn run(path: Option<PathBuf>) -> Result<(), StartError> {
     let (config, text) = load(path.as_deref())?;
     let admin_token = config::load::resolve_admin_token(&config, &text, &source_name(&path))?;
     logging::init(config.telemetry.access_log);
-    let metrics = Arc::new(Metrics::new()?);
+    // Latency SLO thresholds become duration buckets (read at start; see docs/slo.md).
+    let thresholds: Vec<f64> = config
+        .routes
+        .iter()
+        .filter_map(|r| r.slo.as_ref())
+        .flat_map(|slo| slo.latency.values().map(|t| t.get().as_secs_f64()))
+        .collect();
+    let metrics = Arc::new(Metrics::with_thresholds(&thresholds)?);
     let tracing = Arc::new(Tracing::start(&config.telemetry, &metrics.registry)?);
     let threads = match config.threads {
         0 => std::thread::available_parallelism()
@@ -113,8 +120,11 @@ pub fn run(path: Option<PathBuf>) -> Result<(), StartError> {
         let _guard = background.enter();
         Store::new(settings, &metrics.registry)?
     };
+    let slo = crate::slo::SloRegistry::new(&metrics.registry)
+        .map_err(|e| StartError::Metrics(MetricsError::from(e)))?;
     let services = Arc::new(Services {
         store: store.clone(),
+        slo: slo.clone(),
     });
     let active =
         ActiveConfig::compile(config, 1, &services, admin_token).map_err(StartError::Compile)?;
@@ -122,8 +132,10 @@ pub fn run(path: Option<PathBuf>) -> Result<(), StartError> {
     metrics.config_generation.set(1);
     install_reload_hook(&live, &metrics);
     let lifecycle = Arc::new(Lifecycle::default());
-    let extensions: Vec<Arc<dyn AdminExtension>> =
-        vec![Arc::new(admin::cache::CacheAdmin::new(store.clone()))];
+    let extensions: Vec<Arc<dyn AdminExtension>> = vec![
+        Arc::new(admin::cache::CacheAdmin::new(store.clone())),
+        Arc::new(crate::slo::admin::SloAdmin::new(slo.clone())),
+    ];
     let admin_listener = background
         .block_on(tokio::net::TcpListener::bind(&admin_listen))
         .map_err(|source| StartError::AdminListen {

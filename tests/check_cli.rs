@@ -325,3 +325,41 @@ fn bad_trace_export_settings() {
     ));
     assert!(ok, "{stderr}");
 }
+
+#[test]
+fn bad_slo_sections() {
+    let route =
+        |slo: &str| BASE.replace("upstream: app", &format!("upstream: app\n    slo:\n{slo}"));
+    assert_fails(
+        &route("      latency: { q95: 80ms, p100: 1s, p50: 0s }\n      window: 10m\n      enforce: {}\n"),
+        &[
+            "routes[0].slo.latency.q95",
+            "latency objectives are named p50, p95, p99, p99.9",
+            "the percentile must be between 0 and 100",
+            "a latency threshold must be greater than zero",
+            "the SLO window must be between 1h and 90d",
+            "enforce needs at least one of deadline, max_concurrency or adaptive: true",
+        ],
+    );
+    assert_fails(
+        &route("      availability: 100%\n"),
+        &["must be above 0% and below 100% (100% leaves no error budget)"],
+    );
+    assert_fails(
+        &route("      rate_limit: { rate: 10/fortnight }\n"),
+        &["invalid rate unit \"fortnight\" (s, m or h)"],
+    );
+    assert_fails(
+        &route("      rate_limit: { rate: 10/s, by: cookie, burst: 0 }\n      enforce: { adaptive: true, priority: 12 }\n"),
+        &[
+            "write client_ip, route or header:<name>",
+            "routes[0].slo.rate_limit.burst",
+            "an adaptive limit needs a latency objective to aim for (slo.latency)",
+            "priority goes from 0 (shed first) to 9 (shed last)",
+        ],
+    );
+    let (ok, _, stderr) = check(&route(
+        "      latency: { p95: 80ms, p99.9: 1s }\n      availability: 99.9%\n      enforce: { deadline: 2s, adaptive: true, queue_timeout: 50ms, priority: 5 }\n      rate_limit: { rate: 100/s, burst: 200, by: \"header:x-api-key\", shared: false }\n",
+    ));
+    assert!(ok, "{stderr}");
+}

@@ -16,7 +16,7 @@ use super::policy::{
 };
 use crate::pipeline::{
     state_mut, state_ref, Answer, Completion, RequestCx, ResponseVerdict, Slot, SpanNotes, Stage,
-    StageError, UpstreamFailure, Verdict,
+    StageError, UpstreamFailure, Verdict, SHED,
 };
 use crate::store::{
     CacheKey, Flight, LeaderGuard, Outcome, Reservation, RevalidationGuard, Store, StoredResponse,
@@ -63,6 +63,8 @@ struct CacheState {
     may_store: bool,
     /// A background refresh: client conditionals are dropped, and only a store is counted.
     background: Option<RevalidationGuard>,
+    /// An expired entry, kept to stand in if a later stage sheds the request (overload).
+    expired: Option<Arc<StoredResponse>>,
     /// When the store lookup ran and how long it took (for the trace span).
     lookup: Option<LookupNote>,
 }
@@ -80,6 +82,7 @@ impl CacheState {
             capture: None,
             may_store: false,
             background: None,
+            expired: None,
             lookup: None,
         }
     }
@@ -305,8 +308,9 @@ impl HttpCache {
         state.status = CacheStatus::Expired { stored: false };
         state.revalidating = revalidation_candidate(&entry, &req.headers);
         if freshness(&entry, &self.policy, SystemTime::now()) == Freshness::StaleIfErrorOnly {
-            state.stale = Some(entry);
+            state.stale = Some(entry.clone());
         }
+        state.expired = Some(entry);
     }
 }
 
@@ -653,10 +657,17 @@ impl Stage for HttpCache {
         }
     }
 
-    fn on_upstream_failure(&self, slot: &mut Slot, _failure: &UpstreamFailure) -> Option<Answer> {
+    fn on_upstream_failure(&self, slot: &mut Slot, failure: &UpstreamFailure) -> Option<Answer> {
         let state = state_mut::<CacheState>(slot)?;
         state.leader.take();
-        let stale = state.stale.take()?;
+        // A shed request may have any stale copy still retained: old data beats no data when
+        // the app is overloaded. A failed upstream gets one only within stale_if_error.
+        let shed_fallback = if failure.kind == SHED {
+            state.expired.take()
+        } else {
+            None
+        };
+        let stale = state.stale.take().or(shed_fallback)?;
         let answer = answer_from(&stale)?;
         state.status = CacheStatus::StaleIfError {
             ttl: ttl_left(&stale, &self.policy, SystemTime::now()),

@@ -337,6 +337,9 @@ pub struct RouteConfig {
     /// HTTP response caching for this route (see `cache`).
     #[serde(default)]
     pub cache: Option<crate::cache::RouteCacheConfig>,
+    /// Service level objectives, tracked and optionally enforced (see `slo`).
+    #[serde(default)]
+    pub slo: Option<crate::slo::SloConfig>,
 }
 
 fn default_max_body() -> ByteSize {

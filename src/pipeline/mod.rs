@@ -45,7 +45,13 @@ pub enum Verdict {
     Continue,
     /// Answer with this response; later stages' `on_request` and the upstream are skipped.
     Answer(Answer),
+    /// The request is shed (overload): earlier stages may stand in through
+    /// [`Stage::on_upstream_failure`] with kind [`SHED`] (a stale cache entry), else this answer.
+    Shed(Answer),
 }
+
+/// The [`UpstreamFailure::kind`] of a request a stage shed before it reached the upstream.
+pub const SHED: &str = "shed";
 
 /// What `on_upstream_response` decided.
 pub enum ResponseVerdict {
@@ -69,6 +75,8 @@ pub struct Completion<'a> {
     /// Status the client got (0 when none was written).
     pub status: u16,
     pub duration: Duration,
+    /// Background work a stage asked for, not a client's request.
+    pub background: bool,
 }
 
 /// A value a stage reports for the request's trace span.
@@ -166,6 +174,9 @@ pub struct Effects {
     pub body: Option<Bytes>,
     /// Work to run as a background request through the same proxy path, by stage position.
     pub background: Vec<(usize, Box<dyn Any + Send + Sync>)>,
+    /// The request must be answered within this time from its arrival (upstream timeouts are
+    /// cut to what is left; past it the client gets 504 `deadline_exceeded`).
+    pub deadline: Option<Duration>,
 }
 
 /// The request as a stage's `on_request` sees it.
@@ -178,6 +189,10 @@ pub struct RequestCx<'a> {
     pub upstream_timeout: Duration,
     /// This stage's per-request state.
     pub slot: &'a mut Slot,
+    /// The client's address (the TCP peer), when known.
+    pub client_ip: Option<std::net::IpAddr>,
+    /// When the request arrived.
+    pub arrived: std::time::Instant,
     pub(crate) index: usize,
     pub(crate) effects: &'a mut Effects,
 }
@@ -199,9 +214,26 @@ impl<'a> RequestCx<'a> {
             route,
             upstream_timeout,
             slot,
+            client_ip: None,
+            arrived: std::time::Instant::now(),
             index,
             effects,
         }
+    }
+
+    /// Time since the request arrived.
+    pub fn elapsed(&self) -> Duration {
+        self.arrived.elapsed()
+    }
+
+    /// Bounds the whole request (queueing and upstream) to `deadline` from its arrival; the
+    /// tightest of several stages' deadlines wins.
+    pub fn set_deadline(&mut self, deadline: Duration) {
+        let tightest = match self.effects.deadline {
+            Some(existing) => existing.min(deadline),
+            None => deadline,
+        };
+        self.effects.deadline = Some(tightest);
     }
 
     /// Sends this request to another named upstream (validated at config load by the stage).

@@ -11,17 +11,26 @@ use crate::store::Store;
 /// Long-lived services stages are built with; the same for every config generation.
 pub struct Services {
     pub store: Arc<Store>,
+    /// SLO counts and limiters, kept across config generations.
+    pub slo: Arc<crate::slo::SloRegistry>,
 }
 
 impl Services {
     /// An in-memory store and nothing else: for config checks and tests.
-    pub fn in_memory() -> Result<Arc<Services>, crate::store::CacheError> {
-        let store = Store::new(
-            crate::store::CacheSettings::default(),
-            &prometheus::Registry::new(),
-        )?;
-        Ok(Arc::new(Services { store }))
+    pub fn in_memory() -> Result<Arc<Services>, ServicesError> {
+        let registry = prometheus::Registry::new();
+        let store = Store::new(crate::store::CacheSettings::default(), &registry)?;
+        let slo = crate::slo::SloRegistry::new(&registry)?;
+        Ok(Arc::new(Services { store, slo }))
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServicesError {
+    #[error("{0}")]
+    Cache(#[from] crate::store::CacheError),
+    #[error("metrics registration failed: {0}")]
+    Metrics(#[from] prometheus::Error),
 }
 
 /// A problem in one capability's section; the loader adds the file position.
@@ -83,6 +92,11 @@ pub fn route_features(route: &RouteConfig) -> Vec<(&'static str, &dyn RouteFeatu
     }
     if let Some(cache) = &route.cache {
         features.push(("cache", cache));
+    }
+    // After the cache: hits are never queued, limited or shed, and a shed request can still
+    // be answered from a stale entry.
+    if let Some(slo) = &route.slo {
+        features.push(("slo", slo));
     }
     features
 }

@@ -23,7 +23,7 @@ use tokio::sync::Semaphore;
 use crate::config::schema::AccessLogFormat;
 use crate::config::LiveConfig;
 use crate::pipeline::SpanNotes;
-use crate::pipeline::{Completion, RequestCx, ResponseVerdict, UpstreamFailure, Verdict};
+use crate::pipeline::{Completion, RequestCx, ResponseVerdict, UpstreamFailure, Verdict, SHED};
 use crate::telemetry::logging::ACCESS_TARGET;
 use crate::telemetry::trace::{RequestFacts, Tracing};
 use crate::telemetry::{request_id, Metrics};
@@ -128,6 +128,11 @@ impl Outrider {
         ctx.buffered_len = body.as_ref().map(Bytes::len);
         let timeout = route.upstream.timeout;
         let route_name: &str = &route.name;
+        let client_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let arrived = ctx.started;
         for (index, stage) in stages.iter().enumerate() {
             let verdict = {
                 let Ctx { slots, effects, .. } = &mut *ctx;
@@ -143,6 +148,8 @@ impl Outrider {
                     index,
                     effects,
                 );
+                cx.client_ip = client_ip;
+                cx.arrived = arrived;
                 stage.on_request(&mut cx).await
             };
             match verdict {
@@ -151,6 +158,19 @@ impl Outrider {
                     self.spawn_background_work(session, ctx);
                     self.close_if_draining(session);
                     respond::write_answer(session, ctx, answer).await?;
+                    return Ok(true);
+                }
+                Ok(Verdict::Shed(answer)) => {
+                    // An earlier stage may stand in for the upstream we are not calling.
+                    let failure = UpstreamFailure { kind: SHED };
+                    let (stages, slots) = ctx.stages_and_slots();
+                    let stand_in = stages
+                        .iter()
+                        .zip(slots.iter_mut())
+                        .take(index)
+                        .find_map(|(stage, slot)| stage.on_upstream_failure(slot, &failure));
+                    self.close_if_draining(session);
+                    respond::write_answer(session, ctx, stand_in.unwrap_or(answer)).await?;
                     return Ok(true);
                 }
                 Err(refusal) => {
@@ -298,7 +318,7 @@ impl Outrider {
                 ctx.background_permit = Some(work.permit);
                 match verdict {
                     Ok(Verdict::Continue) => Ok(false),
-                    Ok(Verdict::Answer(answer)) => {
+                    Ok(Verdict::Answer(answer)) | Ok(Verdict::Shed(answer)) => {
                         respond::write_answer(session, ctx, answer).await?;
                         Ok(true)
                     }
@@ -482,10 +502,25 @@ impl ProxyHttp for Outrider {
             String::new()
         };
         let mut peer = HttpPeer::new(addr, upstream.tls, sni);
-        peer.options.connection_timeout = Some(upstream.connect_timeout);
-        peer.options.total_connection_timeout = Some(upstream.connect_timeout * 2);
-        peer.options.read_timeout = Some(upstream.timeout);
-        peer.options.write_timeout = Some(upstream.timeout);
+        // A stage's deadline cuts every upstream wait to the time the request has left.
+        let left = match ctx.effects.deadline {
+            Some(deadline) => {
+                let left = deadline.saturating_sub(ctx.started.elapsed());
+                if left.is_zero() {
+                    return Err(Error::explain(
+                        ErrorType::ConnectTimedout,
+                        "request deadline passed before the upstream was contacted",
+                    )
+                    .into_up());
+                }
+                left
+            }
+            None => std::time::Duration::MAX,
+        };
+        peer.options.connection_timeout = Some(upstream.connect_timeout.min(left));
+        peer.options.total_connection_timeout = Some((upstream.connect_timeout * 2).min(left));
+        peer.options.read_timeout = Some(upstream.timeout.min(left));
+        peer.options.write_timeout = Some(upstream.timeout.min(left));
         ctx.upstream_started = Some(Instant::now());
         if let Some(trace) = ctx.trace.as_mut() {
             trace.upstream_started(&upstream.name, &upstream.host, upstream.port);
@@ -643,7 +678,16 @@ impl ProxyHttp for Outrider {
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let upstream_side = matches!(e.esource(), ErrorSource::Upstream)
             || matches!(e.etype(), ErrorType::Custom("dns"));
-        let (status, code, kind) = if upstream_side {
+        let past_deadline = ctx
+            .effects
+            .deadline
+            .is_some_and(|deadline| ctx.started.elapsed() >= deadline);
+        let (status, code, kind) = if upstream_side && past_deadline {
+            if ctx.upstream_error.is_none() {
+                self.record_upstream_error(ctx, "deadline");
+            }
+            (504, codes::DEADLINE_EXCEEDED, Some("deadline"))
+        } else if upstream_side {
             let (kind, status) = classify_upstream_error(e);
             if ctx.upstream_error.is_none() {
                 self.record_upstream_error(ctx, kind);
@@ -700,6 +744,9 @@ impl ProxyHttp for Outrider {
         }
         let route = ctx.route_name().to_string();
         let message = match (code, kind) {
+            (codes::DEADLINE_EXCEEDED, _) => {
+                format!("route {route} could not answer within its deadline")
+            }
             (codes::UPSTREAM_UNAVAILABLE, Some(kind)) => {
                 format!("upstream for route {route} failed: {kind}")
             }
@@ -736,6 +783,7 @@ impl ProxyHttp for Outrider {
             route: &route,
             status,
             duration: elapsed,
+            background: ctx.background,
         };
         let (stages, slots) = ctx.stages_and_slots();
         for (stage, slot) in stages.iter().zip(slots.iter_mut()) {

@@ -401,6 +401,17 @@ impl Store {
     }
 
     /// Redis writes not yet finished: a draining process waits for them instead of losing them.
+    /// Runs a Lua script on one key of the shared tier (e.g. a rate limit shared by replicas);
+    /// `None` when there is no Redis or it did not answer in time.
+    pub async fn shared_script(
+        &self,
+        script: &redis::Script,
+        key: &str,
+        args: &[i64],
+    ) -> Option<Vec<i64>> {
+        self.l2.as_ref()?.script(script, key, args).await
+    }
+
     pub fn pending_writes(&self) -> usize {
         self.l2.as_ref().map_or(0, L2::pending_writes)
     }

@@ -343,6 +343,28 @@ impl L2 {
         }
     }
 
+    /// Runs a Lua script on `key` (prefixed) within the request timeout and the breaker;
+    /// `None` when Redis is skipped, slow or failing (the caller decides locally then).
+    pub(crate) async fn script(
+        &self,
+        script: &redis::Script,
+        key: &str,
+        args: &[i64],
+    ) -> Option<Vec<i64>> {
+        let inner = &self.inner;
+        let mut conn = inner.admit()?;
+        let mut invocation = script.key(format!("{}{key}", inner.prefix));
+        for arg in args {
+            invocation.arg(*arg);
+        }
+        let res = tokio::time::timeout(
+            inner.timeout,
+            invocation.invoke_async::<Vec<i64>>(&mut conn),
+        )
+        .await;
+        inner.settle(res)
+    }
+
     /// Queues a SET in the background; the caller never waits for Redis.
     pub(crate) fn set(&self, key: String, entry: Arc<StoredResponse>, ttl: Duration) {
         let inner = Arc::clone(&self.inner);

@@ -43,6 +43,7 @@ pub struct Metrics {
     pub log_lines_dropped: IntCounter,
     /// Per-route handles, so the request path does not hash label values on every request.
     routes: RwLock<HashMap<String, Arc<RouteMetrics>>>,
+    duration_buckets: Arc<[f64]>,
 }
 
 const METHODS: [&str; 8] = [
@@ -58,6 +59,8 @@ pub struct RouteMetrics {
     requests: [[OnceLock<IntCounter>; 5]; 8],
     pub duration: Histogram,
     pub upstream_duration: Histogram,
+    /// Upper bounds of `duration`'s buckets.
+    buckets: Arc<[f64]>,
     /// The latest sampled request of each duration bucket (the last one is `+Inf`).
     exemplars: Mutex<Vec<Option<Exemplar>>>,
 }
@@ -66,10 +69,11 @@ impl RouteMetrics {
     /// Observes a traced request's duration and keeps it as its bucket's exemplar.
     pub fn observe_duration_with_exemplar(&self, seconds: f64, trace_id: &str) {
         self.duration.observe(seconds);
-        let bucket = LATENCY_BUCKETS
+        let bucket = self
+            .buckets
             .iter()
             .position(|bound| seconds <= *bound)
-            .unwrap_or(LATENCY_BUCKETS.len());
+            .unwrap_or(self.buckets.len());
         let timestamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
@@ -110,6 +114,19 @@ pub struct MetricsError(#[from] prometheus::Error);
 
 impl Metrics {
     pub fn new() -> Result<Self, MetricsError> {
+        Self::with_thresholds(&[])
+    }
+
+    /// Metrics whose request-duration buckets also hold `thresholds` (seconds), so that the
+    /// latency SLOs' thresholds are bucket bounds Prometheus can compute SLIs from.
+    pub fn with_thresholds(thresholds: &[f64]) -> Result<Self, MetricsError> {
+        let mut buckets: Vec<f64> = LATENCY_BUCKETS
+            .iter()
+            .chain(thresholds.iter().filter(|t| t.is_finite() && **t > 0.0))
+            .copied()
+            .collect();
+        buckets.sort_by(f64::total_cmp);
+        buckets.dedup_by(|a, b| (*a - *b).abs() < 1e-9);
         let registry = Registry::new();
         let requests = IntCounterVec::new(
             Opts::new(
@@ -123,7 +140,7 @@ impl Metrics {
                 names::REQUEST_DURATION,
                 "Time from request arrival to the end of the response, by route",
             )
-            .buckets(LATENCY_BUCKETS.to_vec()),
+            .buckets(buckets.clone()),
             &["route"],
         )?;
         let upstream_duration = HistogramVec::new(
@@ -187,6 +204,7 @@ impl Metrics {
             config_generation,
             log_lines_dropped,
             routes: RwLock::new(HashMap::new()),
+            duration_buckets: buckets.into(),
         })
     }
 
@@ -201,7 +219,8 @@ impl Metrics {
             requests: Default::default(),
             duration: self.request_duration.with_label_values(&[route]),
             upstream_duration: self.upstream_duration.with_label_values(&[route]),
-            exemplars: Mutex::new(vec![None; LATENCY_BUCKETS.len() + 1]),
+            buckets: self.duration_buckets.clone(),
+            exemplars: Mutex::new(vec![None; self.duration_buckets.len() + 1]),
         });
         self.routes
             .write()

@@ -1,0 +1,277 @@
+//! Admission control for one route: at most `limit` requests upstream at once, a bounded queue
+//! with a wait bound behind it, and (optionally) a limit that adapts to keep latency inside the
+//! route's objective, in the spirit of Envoy's adaptive concurrency filter and Netflix's
+//! gradient limiter.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+/// How a limiter is set up (from `slo.enforce`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimiterSpec {
+    /// The fixed limit, or the adaptive limit's ceiling.
+    pub max: u32,
+    pub adaptive: bool,
+    /// The latency the adaptive limit keeps requests under (the tightest latency objective).
+    pub target: Option<Duration>,
+    pub queue_size: u32,
+}
+
+/// Why a request was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// The queue was full on arrival.
+    QueueFull,
+    /// The wait bound passed before a slot freed up.
+    Timeout,
+}
+
+struct State {
+    in_flight: u32,
+    /// Current limit; a float so the adaptive controller can move it gradually.
+    limit: f64,
+    waiters: VecDeque<oneshot::Sender<Permit>>,
+    /// Latency samples since the last adaptation.
+    samples: u32,
+    sum: Duration,
+    window_started: Instant,
+}
+
+/// One route's admission control; shared by every request of the route across reloads while
+/// its spec is unchanged.
+pub struct Limiter {
+    pub spec: LimiterSpec,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Limiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limiter").field("spec", &self.spec).finish()
+    }
+}
+
+/// A slot upstream; given back (and its latency learned) when dropped.
+pub struct Permit {
+    /// `None` once the slot has been given back.
+    limiter: Option<Arc<Limiter>>,
+    started: Instant,
+    /// The request completed normally: its latency is a valid sample for adaptation.
+    sample: Option<Duration>,
+}
+
+impl Permit {
+    /// Records how long the upstream took, for the adaptive limit.
+    pub fn observe(&mut self, latency: Duration) {
+        self.sample = Some(latency);
+    }
+
+    /// Time since the slot was granted (≈ the upstream's latency at its response header).
+    pub fn held(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(limiter) = self.limiter.take() {
+            limiter.release(self.sample.take());
+        }
+    }
+}
+
+/// How often the adaptive limit moves, at most.
+const ADAPT_EVERY: Duration = Duration::from_millis(100);
+const ADAPT_MIN_SAMPLES: u32 = 10;
+
+impl Limiter {
+    pub fn new(spec: LimiterSpec) -> Arc<Limiter> {
+        let start = if spec.adaptive {
+            // Start low and earn the headroom: an overloaded app is protected from the start.
+            f64::from(spec.max.clamp(1, 20))
+        } else {
+            f64::from(spec.max.max(1))
+        };
+        Arc::new(Limiter {
+            spec,
+            state: Mutex::new(State {
+                in_flight: 0,
+                limit: start,
+                waiters: VecDeque::new(),
+                samples: 0,
+                sum: Duration::ZERO,
+                window_started: Instant::now(),
+            }),
+        })
+    }
+
+    /// `(limit, in flight, queued)` now.
+    pub fn snapshot(&self) -> (u32, u32, u32) {
+        let s = self.state.lock();
+        (
+            s.limit.floor() as u32,
+            s.in_flight,
+            s.waiters.iter().filter(|w| !w.is_closed()).count() as u32,
+        )
+    }
+
+    /// Admits now, or queues for at most `wait`; `Ok((permit, queued))`.
+    pub async fn acquire(self: &Arc<Self>, wait: Duration) -> Result<(Permit, bool), Rejection> {
+        let receiver = {
+            let mut s = self.state.lock();
+            if f64::from(s.in_flight) < s.limit.floor().max(1.0) {
+                s.in_flight += 1;
+                return Ok((self.permit(), false));
+            }
+            s.waiters.retain(|w| !w.is_closed());
+            if s.waiters.len() >= self.spec.queue_size as usize || wait.is_zero() {
+                return Err(Rejection::QueueFull);
+            }
+            let (tx, rx) = oneshot::channel();
+            s.waiters.push_back(tx);
+            rx
+        };
+        // A permit sent after we gave up is dropped with the receiver, which gives it back.
+        match tokio::time::timeout(wait, receiver).await {
+            Ok(Ok(permit)) => Ok((permit, true)),
+            _ => Err(Rejection::Timeout),
+        }
+    }
+
+    fn permit(self: &Arc<Self>) -> Permit {
+        Permit {
+            limiter: Some(self.clone()),
+            started: Instant::now(),
+            sample: None,
+        }
+    }
+
+    fn release(self: &Arc<Self>, sample: Option<Duration>) {
+        let mut s = self.state.lock();
+        s.in_flight = s.in_flight.saturating_sub(1);
+        if let Some(latency) = sample.filter(|_| self.spec.adaptive) {
+            self.adapt(&mut s, latency);
+        }
+        // Hand free slots to waiters in arrival order; one whose wait ended is skipped.
+        while f64::from(s.in_flight) < s.limit.floor().max(1.0) {
+            let Some(waiter) = s.waiters.pop_front() else {
+                break;
+            };
+            s.in_flight += 1;
+            if let Err(mut permit) = waiter.send(self.permit()) {
+                // Nobody took it: take the slot back here (the lock is held, so the permit
+                // must not give it back itself).
+                permit.limiter = None;
+                s.in_flight -= 1;
+            }
+        }
+    }
+
+    /// Gradient step: shrink the limit in proportion to how far latency is over the target,
+    /// grow it (by about √limit) while latency is inside it.
+    fn adapt(&self, s: &mut State, latency: Duration) {
+        let Some(target) = self.spec.target else {
+            return;
+        };
+        s.samples += 1;
+        s.sum += latency;
+        if s.samples < ADAPT_MIN_SAMPLES || s.window_started.elapsed() < ADAPT_EVERY {
+            return;
+        }
+        let average = s.sum.as_secs_f64() / f64::from(s.samples);
+        s.samples = 0;
+        s.sum = Duration::ZERO;
+        s.window_started = Instant::now();
+        let gradient = (target.as_secs_f64() / average.max(1e-6)).clamp(0.5, 1.0);
+        let headroom = if gradient >= 1.0 { s.limit.sqrt() } else { 0.0 };
+        let next = s.limit * gradient + headroom;
+        // Smooth the move so one noisy window cannot swing the limit.
+        s.limit = (0.8 * s.limit + 0.2 * next).clamp(1.0, f64::from(self.spec.max.max(1)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixed(max: u32, queue: u32) -> Arc<Limiter> {
+        Limiter::new(LimiterSpec {
+            max,
+            adaptive: false,
+            target: None,
+            queue_size: queue,
+        })
+    }
+
+    #[tokio::test]
+    async fn admits_up_to_the_limit_then_queues_then_sheds() {
+        let limiter = fixed(2, 1);
+        let a = limiter.acquire(Duration::ZERO).await.unwrap();
+        let _b = limiter.acquire(Duration::ZERO).await.unwrap();
+        assert!(!a.1);
+        // Over the limit with no wait allowed: refused at once.
+        assert_eq!(
+            limiter.acquire(Duration::ZERO).await.err(),
+            Some(Rejection::QueueFull)
+        );
+        // One waiter fits in the queue and gets the slot the first request frees.
+        let waiting = {
+            let limiter = limiter.clone();
+            tokio::spawn(async move { limiter.acquire(Duration::from_secs(30)).await })
+        };
+        tokio::task::yield_now().await;
+        while limiter.snapshot().2 == 0 {
+            tokio::task::yield_now().await;
+        }
+        // The queue (size 1) is full now.
+        assert_eq!(
+            limiter.acquire(Duration::from_secs(30)).await.err(),
+            Some(Rejection::QueueFull)
+        );
+        drop(a);
+        let (_c, queued) = waiting.await.unwrap().unwrap();
+        assert!(queued);
+        assert_eq!(limiter.snapshot(), (2, 2, 0));
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_gave_up_does_not_leak_its_slot() {
+        let limiter = fixed(1, 4);
+        let first = limiter.acquire(Duration::ZERO).await.unwrap();
+        let timed_out = limiter.acquire(Duration::from_millis(1)).await;
+        assert_eq!(timed_out.err(), Some(Rejection::Timeout));
+        drop(first);
+        assert_eq!(limiter.snapshot(), (1, 0, 0));
+        assert!(limiter.acquire(Duration::ZERO).await.is_ok());
+    }
+
+    #[test]
+    fn adaptive_limit_shrinks_when_slow_and_grows_when_fast() {
+        let limiter = Limiter::new(LimiterSpec {
+            max: 100,
+            adaptive: true,
+            target: Some(Duration::from_millis(50)),
+            queue_size: 10,
+        });
+        let start = limiter.snapshot().0;
+        let feed = |latency: Duration, rounds: usize| {
+            for _ in 0..rounds {
+                let mut s = limiter.state.lock();
+                s.window_started = Instant::now() - ADAPT_EVERY;
+                for _ in 0..ADAPT_MIN_SAMPLES {
+                    limiter.adapt(&mut s, latency);
+                }
+            }
+        };
+        feed(Duration::from_millis(10), 30);
+        let grown = limiter.snapshot().0;
+        assert!(grown > start, "{start} -> {grown}");
+        feed(Duration::from_millis(400), 30);
+        let shrunk = limiter.snapshot().0;
+        assert!(shrunk < grown / 2, "{grown} -> {shrunk}");
+        assert!(shrunk >= 1);
+    }
+}
