@@ -29,14 +29,7 @@ routes:
 }
 
 async fn slo_report(proxy: &Proxy) -> Value {
-    client()
-        .get(proxy.admin("/slo"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    proxy.admin_json("/slo").await
 }
 
 fn objective<'a>(report: &'a Value, route: &str, id: &str) -> Option<&'a Value> {
@@ -111,14 +104,7 @@ async fn slis_count_exactly_and_show_on_slo_and_metrics() {
     assert!((budget - (1.0 - burn)).abs() < 1e-9);
     assert_eq!(availability["window"], "30days");
 
-    let text = client()
-        .get(proxy.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = proxy.admin_text("/metrics").await;
     let labels = ["route=\"items\"", "objective=\"availability\""];
     assert_eq!(
         metric_value(&text, "outrider_slo_events_total", &labels),
@@ -186,14 +172,7 @@ async fn reload_keeps_unchanged_objectives_and_drops_removed_ones() {
         }
     })
     .await;
-    let text = client()
-        .get(proxy.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = proxy.admin_text("/metrics").await;
     assert!(!text.contains("outrider_slo_events_total{"), "{text}");
 }
 
@@ -367,14 +346,7 @@ async fn a_full_route_queues_then_sheds_with_retry_after() {
     assert_eq!(holder.await.unwrap(), 200);
     // Once the slot is free, requests are admitted again.
     assert_eq!(get_status(&proxy, "/echo/after").await, 200);
-    let text = client()
-        .get(proxy.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = proxy.admin_text("/metrics").await;
     let shed = metric_value(
         &text,
         "outrider_slo_decisions_total",
@@ -413,14 +385,7 @@ async fn a_queued_request_gets_the_slot_when_it_frees() {
     .await;
     assert_eq!(get_status(&proxy, "/echo/second").await, 200);
     assert_eq!(first.await.unwrap(), 200);
-    let text = client()
-        .get(proxy.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = proxy.admin_text("/metrics").await;
     assert_eq!(
         metric_value(
             &text,

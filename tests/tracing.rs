@@ -543,28 +543,14 @@ async fn export_headers_reach_the_collector_and_never_show_in_config_or_logs() {
     let keys = collector.api_keys.lock().unwrap().clone();
     assert!(!keys.is_empty());
     assert!(keys.iter().all(|k| k == "otlp-sekret-123"), "{keys:?}");
-    let shown = client()
-        .get(proxy.admin("/config"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let shown = proxy.admin_text("/config").await;
     assert!(!shown.contains("otlp-sekret-123"), "{shown}");
     assert!(shown.contains("\"x-api-key\":\"***\""), "{shown}");
     assert!(!proxy.log().contains("otlp-sekret-123"));
 }
 
 async fn dropped(proxy: &Proxy, reason: &str) -> f64 {
-    let text = client()
-        .get(proxy.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = proxy.admin_text("/metrics").await;
     metric_value(&text, "outrider_trace_spans_dropped_total", &[reason]).unwrap_or(0.0)
 }
 
@@ -710,14 +696,7 @@ for family in text_string_to_metric_families(sys.stdin.read()):
         "{stdout}\n{text}"
     );
     // The classic format stays the default.
-    let classic = client()
-        .get(proxy.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let classic = proxy.admin_text("/metrics").await;
     assert!(!classic.contains("# EOF"));
     assert!(!classic.contains(trace));
 }

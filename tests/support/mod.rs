@@ -409,6 +409,23 @@ impl Proxy {
         format!("http://127.0.0.1:{}{path}", self.admin_port)
     }
 
+    /// The body of an admin GET (e.g. `/metrics`).
+    pub async fn admin_text(&self, path: &str) -> String {
+        client()
+            .get(self.admin(path))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// The JSON body of an admin GET (e.g. `/slo`).
+    pub async fn admin_json(&self, path: &str) -> serde_json::Value {
+        serde_json::from_str(&self.admin_text(path).await).unwrap()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
