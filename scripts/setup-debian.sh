@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine with Rust lacks to build and test outrider:
-# cmake (pingora-core builds zlib-ng with it) and redis-server/redis-cli (tests start their own).
+# cmake (pingora-core builds zlib-ng with it), redis-server/redis-cli (tests start their own) and
+# promtool (Debian's prometheus package; tests check the generated SLO rules with it).
 # Idempotent: does nothing when everything is present.
 set -euo pipefail
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -9,6 +10,7 @@ command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 if [ "${#need[@]}" -gt 0 ]; then
   echo "setup: installing ${need[*]} with apt"
   as_root apt-get update -qq
