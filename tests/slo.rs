@@ -311,48 +311,53 @@ fn shipped_prometheus_rules_match_the_shipped_configs() {
 #[tokio::test]
 async fn a_full_route_queues_then_sheds_with_retry_after() {
     let app = Backend::start("app").await;
-    let slo = "    slo:\n      availability: 99%\n      enforce: { max_concurrency: 1, queue_size: 1, queue_timeout: 300ms }\n";
+    let slo = "    slo:\n      availability: 99%\n      enforce: { max_concurrency: 1, queue_size: 1, queue_timeout: 20s }\n";
     let proxy = Proxy::start(&config(&app.url(), slo)).await;
     // One slow request holds the only slot.
     let holder = tokio::spawn({
-        let url = proxy.url("/slow/4000");
+        let url = proxy.url("/slow/3000");
         async move { client().get(url).send().await.unwrap().status().as_u16() }
     });
     wait_for("the slot to be taken", Duration::from_secs(10), || async {
-        let report = slo_report(&proxy).await;
+        let report = proxy.admin_json("/slo").await;
         (report["routes"][0]["admission"]["in_flight"] == 1).then_some(())
     })
     .await;
-    // The next waits in the queue (size 1) and is shed after queue_timeout; one more finds
-    // the queue full and is shed at once.
+    // The next waits in the queue (size 1) for as long as 20 s...
     let queued = tokio::spawn({
         let url = proxy.url("/echo/queued");
-        async move { client().get(url).send().await.unwrap() }
+        async move { client().get(url).send().await.unwrap().status().as_u16() }
     });
     wait_for("a request to queue", Duration::from_secs(10), || async {
-        let report = slo_report(&proxy).await;
+        let report = proxy.admin_json("/slo").await;
         (report["routes"][0]["admission"]["queued"] == 1).then_some(())
     })
     .await;
+    // ...so one more finds the queue full and is shed at once, while the holder still runs.
     let rejected = client().get(proxy.url("/echo/full")).send().await.unwrap();
     assert_eq!(rejected.status(), 503);
-    let shed = queued.await.unwrap();
-    for resp in [rejected, shed] {
-        assert_eq!(resp.status(), 503);
-        assert_eq!(resp.headers()["retry-after"], "1");
-        let body: Value = resp.json().await.unwrap();
-        assert_eq!(body["error"], "overloaded");
-    }
+    assert_eq!(rejected.headers()["retry-after"], "1");
+    let body: Value = rejected.json().await.unwrap();
+    assert_eq!(body["error"], "overloaded");
+    assert!(
+        !holder.is_finished(),
+        "the shed answer did not wait for a slot"
+    );
+    // The queued request gets the slot when the holder is done.
     assert_eq!(holder.await.unwrap(), 200);
-    // Once the slot is free, requests are admitted again.
+    assert_eq!(queued.await.unwrap(), 200);
     assert_eq!(get_status(&proxy, "/echo/after").await, 200);
     let text = proxy.admin_text("/metrics").await;
-    let shed = metric_value(
-        &text,
-        "outrider_slo_decisions_total",
-        &["decision=\"shed\""],
-    );
-    assert_eq!(shed, Some(2.0));
+    let decision = |d: &str| {
+        metric_value(
+            &text,
+            "outrider_slo_decisions_total",
+            &[&format!("decision=\"{d}\"")],
+        )
+    };
+    assert_eq!(decision("shed"), Some(1.0));
+    assert_eq!(decision("queued"), Some(1.0));
+    assert_eq!(decision("admitted"), Some(3.0));
     assert_eq!(
         metric_value(
             &text,
@@ -361,11 +366,11 @@ async fn a_full_route_queues_then_sheds_with_retry_after() {
         ),
         Some(1.0)
     );
-    // Shed requests count against availability (3 of 4 answers were 503s... 2 of 4 here).
+    // The shed request counts against availability: 3 good answers of 4.
     let report = counted(&proxy, "availability", 4).await;
     assert_eq!(
         objective(&report, "items", "availability").unwrap()["windows"]["5m"]["good"],
-        2
+        3
     );
 }
 
@@ -406,6 +411,63 @@ async fn a_request_past_its_deadline_gets_504() {
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"], "deadline_exceeded");
     assert_eq!(get_status(&proxy, "/echo/quick").await, 200);
+    let text = proxy.admin_text("/metrics").await;
+    assert_eq!(
+        metric_value(
+            &text,
+            "outrider_slo_decisions_total",
+            &["decision=\"deadline_exceeded\""]
+        ),
+        Some(1.0)
+    );
+}
+
+#[test]
+fn burn_rate_windows_follow_an_injected_clock() {
+    use outrider::slo::window::ManualClock;
+    use outrider::slo::{Kind, SloRegistry};
+    use std::sync::Arc;
+    let clock = Arc::new(ManualClock::new(1_800_000_000));
+    let registry = SloRegistry::with_clock(&prometheus::Registry::new(), clock.clone()).unwrap();
+    let objective = registry.objective(
+        "items",
+        "availability",
+        Kind::Availability,
+        0.999,
+        Duration::from_secs(30 * 86_400),
+    );
+    // The next minute: 50 requests, one of them failed when `failing`.
+    let minute = |failing: bool| {
+        clock.advance(Duration::from_secs(60));
+        for i in 0..50 {
+            registry.record(&objective, !(failing && i == 0));
+        }
+    };
+    // An hour at 2 % errors: 20x burn in the 1h and 5m windows → page.
+    for _ in 0..60 {
+        minute(true);
+    }
+    let report = outrider::slo::admin::report(&registry);
+    let availability = &report["routes"][0]["objectives"][0];
+    assert_eq!(availability["state"], "page");
+    assert_eq!(availability["windows"]["1h"]["total"], 3000);
+    assert_eq!(availability["windows"]["1h"]["good"], 2940);
+    // Two clean hours: the short windows clear, the day still burns 6.7x → ticket.
+    for _ in 0..120 {
+        minute(false);
+    }
+    let report = outrider::slo::admin::report(&registry);
+    let availability = &report["routes"][0]["objectives"][0];
+    assert_eq!(availability["windows"]["2h"]["good"], 6000);
+    assert_eq!(availability["windows"]["1d"]["total"], 9000);
+    assert_eq!(availability["state"], "ticket");
+    // Four days later nothing of it is in the burn-rate windows; the SLO window still has it.
+    clock.advance(Duration::from_secs(4 * 86_400));
+    let report = outrider::slo::admin::report(&registry);
+    let availability = &report["routes"][0]["objectives"][0];
+    assert_eq!(availability["windows"]["3d"]["total"], 0);
+    assert_eq!(availability["windows"]["slo_window"]["total"], 9000);
+    assert_eq!(availability["state"], "ok");
 }
 
 #[tokio::test]
@@ -526,4 +588,89 @@ async fn shared_rate_limits_span_replicas_and_fall_back_to_local_without_redis()
     assert_eq!(keyed(&one, "fresh-key").await.status(), 200);
     assert_eq!(keyed(&one, "fresh-key").await.status(), 429);
     assert_eq!(keyed(&two, "fresh-key").await.status(), 200);
+}
+
+#[tokio::test]
+async fn lower_priorities_are_shed_first_on_a_shared_upstream() {
+    let app = Backend::start("app").await;
+    let text = format!(
+        r#"
+listen: "{{listen}}"
+admin: {{ listen: "{{admin}}" }}
+upstreams:
+  app: {{ url: "{}", timeout: 10s }}
+routes:
+  - name: low
+    match: {{ path_prefix: /slow/40 }}
+    upstream: app
+    slo: {{ enforce: {{ max_concurrency: 1, queue_timeout: 20s, priority: 0 }} }}
+  - name: high
+    match: {{ path_prefix: /slow/30 }}
+    upstream: app
+    slo: {{ enforce: {{ max_concurrency: 1, queue_timeout: 20s, priority: 9 }} }}
+"#,
+        app.url()
+    );
+    let proxy = Proxy::start(&text).await;
+    let admission = |report: &Value, route: &str| -> Option<(u64, u64)> {
+        let entry = report["routes"]
+            .as_array()?
+            .iter()
+            .find(|r| r["route"] == route)?;
+        Some((
+            entry["admission"]["in_flight"].as_u64()?,
+            entry["admission"]["queued"].as_u64()?,
+        ))
+    };
+    // Both routes at their limit of 1.
+    let holders: Vec<_> = ["/slow/4000", "/slow/3000"]
+        .into_iter()
+        .map(|path| {
+            let url = proxy.url(path);
+            tokio::spawn(async move { client().get(url).send().await.unwrap().status().as_u16() })
+        })
+        .collect();
+    wait_for("both slots taken", Duration::from_secs(10), || async {
+        let report = proxy.admin_json("/slo").await;
+        (admission(&report, "low")? == (1, 0) && admission(&report, "high")? == (1, 0))
+            .then_some(())
+    })
+    .await;
+    // A high-priority request waits for its slot...
+    let high = tokio::spawn({
+        let url = proxy.url("/slow/300");
+        async move { client().get(url).send().await.unwrap().status().as_u16() }
+    });
+    wait_for(
+        "the high-priority request to queue",
+        Duration::from_secs(10),
+        || async {
+            let report = proxy.admin_json("/slo").await;
+            (admission(&report, "high")?.1 == 1).then_some(())
+        },
+    )
+    .await;
+    // ...so a low-priority request over its limit is shed at once instead of waiting 20s.
+    let low = client().get(proxy.url("/slow/400")).send().await.unwrap();
+    assert_eq!(low.status(), 503);
+    assert_eq!(high.await.unwrap(), 200);
+    for holder in holders {
+        assert_eq!(holder.await.unwrap(), 200);
+    }
+    // With nobody of higher priority waiting, the low route queues as usual.
+    let first = tokio::spawn({
+        let url = proxy.url("/slow/400");
+        async move { client().get(url).send().await.unwrap().status().as_u16() }
+    });
+    wait_for(
+        "the low slot to be taken",
+        Duration::from_secs(10),
+        || async {
+            let report = proxy.admin_json("/slo").await;
+            (admission(&report, "low")?.0 == 1).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(get_status(&proxy, "/slow/401").await, 200);
+    assert_eq!(first.await.unwrap(), 200);
 }

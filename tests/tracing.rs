@@ -633,8 +633,8 @@ async fn shutdown_flushes_queued_spans() {
 
 #[tokio::test]
 async fn openmetrics_scrape_carries_trace_exemplars() {
-    let app = Backend::start("app").await;
-    let proxy = Proxy::start(&config(&app.url(), "{}")).await;
+    // Exemplars name exported traces only.
+    let (_app, _collector, proxy) = exporting_proxy().await;
     let trace = "77777777777777777777777777777777";
     get_in_trace(&proxy, "/echo/exemplar", trace).await;
     // The request is counted when its response has gone out: poll the scrape until it is.

@@ -77,6 +77,8 @@ pub struct Completion<'a> {
     pub duration: Duration,
     /// Background work a stage asked for, not a client's request.
     pub background: bool,
+    /// The upstream failed (possibly after the response header went out).
+    pub upstream_failed: bool,
 }
 
 /// A value a stage reports for the request's trace span.

@@ -784,6 +784,7 @@ impl ProxyHttp for Outrider {
             status,
             duration: elapsed,
             background: ctx.background,
+            upstream_failed: ctx.upstream_error.is_some(),
         };
         let (stages, slots) = ctx.stages_and_slots();
         for (stage, slot) in stages.iter().zip(slots.iter_mut()) {
@@ -797,7 +798,8 @@ impl ProxyHttp for Outrider {
         metrics.count_request(method, status);
         let trace_id = ctx.trace.as_ref().map(|t| t.trace_id_hex());
         match (&ctx.trace, &trace_id) {
-            (Some(trace), Some(id)) if trace.sampled => {
+            // An exemplar must point at a trace that exists somewhere: only exported ones.
+            (Some(trace), Some(id)) if trace.sampled && self.tracing.exporting() => {
                 metrics.observe_duration_with_exemplar(elapsed.as_secs_f64(), id)
             }
             _ => metrics.duration.observe(elapsed.as_secs_f64()),

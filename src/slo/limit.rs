@@ -59,14 +59,26 @@ pub struct Permit {
     /// `None` once the slot has been given back.
     limiter: Option<Arc<Limiter>>,
     started: Instant,
-    /// The request completed normally: its latency is a valid sample for adaptation.
-    sample: Option<Duration>,
+    /// What this request tells the adaptive limit.
+    sample: Option<Sample>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Sample {
+    Latency(Duration),
+    /// Timed out or hit its deadline: a sign of overload.
+    Dropped,
 }
 
 impl Permit {
     /// Records how long the upstream took, for the adaptive limit.
     pub fn observe(&mut self, latency: Duration) {
-        self.sample = Some(latency);
+        self.sample = Some(Sample::Latency(latency));
+    }
+
+    /// The request timed out upstream: the adaptive limit backs off at once.
+    pub fn dropped(&mut self) {
+        self.sample = Some(Sample::Dropped);
     }
 
     /// Time since the slot was granted (≈ the upstream's latency at its response header).
@@ -120,6 +132,16 @@ impl Limiter {
 
     /// Admits now, or queues for at most `wait`; `Ok((permit, queued))`.
     pub async fn acquire(self: &Arc<Self>, wait: Duration) -> Result<(Permit, bool), Rejection> {
+        self.acquire_noting(wait, || ()).await
+    }
+
+    /// As [`Self::acquire`]; `on_queue` runs when the request has to wait, and what it returns
+    /// is held for the wait (e.g. a count of waiting requests).
+    pub async fn acquire_noting<G>(
+        self: &Arc<Self>,
+        wait: Duration,
+        on_queue: impl FnOnce() -> G,
+    ) -> Result<(Permit, bool), Rejection> {
         let receiver = {
             let mut s = self.state.lock();
             if f64::from(s.in_flight) < s.limit.floor().max(1.0) {
@@ -134,6 +156,7 @@ impl Limiter {
             s.waiters.push_back(tx);
             rx
         };
+        let _noted = on_queue();
         // A permit sent after we gave up is dropped with the receiver, which gives it back.
         match tokio::time::timeout(wait, receiver).await {
             Ok(Ok(permit)) => Ok((permit, true)),
@@ -149,11 +172,15 @@ impl Limiter {
         }
     }
 
-    fn release(self: &Arc<Self>, sample: Option<Duration>) {
+    fn release(self: &Arc<Self>, sample: Option<Sample>) {
         let mut s = self.state.lock();
+        let busy = s.in_flight;
         s.in_flight = s.in_flight.saturating_sub(1);
-        if let Some(latency) = sample.filter(|_| self.spec.adaptive) {
-            self.adapt(&mut s, latency);
+        match sample.filter(|_| self.spec.adaptive) {
+            Some(Sample::Latency(latency)) => self.adapt(&mut s, latency, busy),
+            // Multiplicative decrease on a drop, as AIMD limiters do.
+            Some(Sample::Dropped) => s.limit = (s.limit * 0.9).max(1.0),
+            None => {}
         }
         // Hand free slots to waiters in arrival order; one whose wait ended is skipped.
         while f64::from(s.in_flight) < s.limit.floor().max(1.0) {
@@ -172,7 +199,9 @@ impl Limiter {
 
     /// Gradient step: shrink the limit in proportion to how far latency is over the target,
     /// grow it (by about √limit) while latency is inside it.
-    fn adapt(&self, s: &mut State, latency: Duration) {
+    /// `busy` is how many requests were in flight: the limit only grows while it is used
+    /// (at least half of it), so an idle route does not drift to its ceiling.
+    fn adapt(&self, s: &mut State, latency: Duration, busy: u32) {
         let Some(target) = self.spec.target else {
             return;
         };
@@ -186,7 +215,12 @@ impl Limiter {
         s.sum = Duration::ZERO;
         s.window_started = Instant::now();
         let gradient = (target.as_secs_f64() / average.max(1e-6)).clamp(0.5, 1.0);
-        let headroom = if gradient >= 1.0 { s.limit.sqrt() } else { 0.0 };
+        let in_use = f64::from(busy) >= s.limit / 2.0;
+        let headroom = if gradient >= 1.0 && in_use {
+            s.limit.sqrt()
+        } else {
+            0.0
+        };
         let next = s.limit * gradient + headroom;
         // Smooth the move so one noisy window cannot swing the limit.
         s.limit = (0.8 * s.limit + 0.2 * next).clamp(1.0, f64::from(self.spec.max.max(1)));
@@ -262,7 +296,8 @@ mod tests {
                 let mut s = limiter.state.lock();
                 s.window_started = Instant::now() - ADAPT_EVERY;
                 for _ in 0..ADAPT_MIN_SAMPLES {
-                    limiter.adapt(&mut s, latency);
+                    let busy = s.limit as u32;
+                    limiter.adapt(&mut s, latency, busy);
                 }
             }
         };
@@ -273,5 +308,20 @@ mod tests {
         let shrunk = limiter.snapshot().0;
         assert!(shrunk < grown / 2, "{grown} -> {shrunk}");
         assert!(shrunk >= 1);
+        // An idle route does not drift up however fast its rare requests are.
+        let before = limiter.snapshot().0;
+        for _ in 0..30 {
+            let mut s = limiter.state.lock();
+            s.window_started = Instant::now() - ADAPT_EVERY;
+            for _ in 0..ADAPT_MIN_SAMPLES {
+                limiter.adapt(&mut s, Duration::from_millis(1), 0);
+            }
+        }
+        assert_eq!(limiter.snapshot().0, before);
+        // A timed-out request takes 10 % off at once.
+        limiter.state.lock().limit = 50.0;
+        limiter.state.lock().in_flight = 1;
+        limiter.release(Some(Sample::Dropped));
+        assert_eq!(limiter.snapshot().0, 45);
     }
 }

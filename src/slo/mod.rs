@@ -100,7 +100,49 @@ pub struct SloRegistry {
     pub clock: Arc<dyn Clock>,
     objectives: Mutex<ObjectiveVersions>,
     limiters: Mutex<HashMap<String, Weak<Limiter>>>,
+    /// Per upstream, requests waiting for a slot at each priority (0–9).
+    waiting: Mutex<HashMap<String, Arc<PriorityWaits>>>,
     pub(crate) metrics: SloMetrics,
+}
+
+/// Waiting requests per priority on one upstream: a lower-priority request does not queue
+/// while a higher-priority one on the same upstream is waiting.
+#[derive(Default)]
+pub struct PriorityWaits([std::sync::atomic::AtomicU32; 10]);
+
+impl PriorityWaits {
+    /// Whether a request of a higher priority than `priority` is waiting.
+    pub fn higher_waiting(&self, priority: u8) -> bool {
+        self.0
+            .iter()
+            .skip(usize::from(priority) + 1)
+            .any(|n| n.load(std::sync::atomic::Ordering::Relaxed) > 0)
+    }
+
+    /// Counts a waiting request until the guard drops.
+    pub fn wait(self: &Arc<Self>, priority: u8) -> WaitGuard {
+        let index = usize::from(priority.min(9));
+        if let Some(n) = self.0.get(index) {
+            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        WaitGuard {
+            waits: self.clone(),
+            index,
+        }
+    }
+}
+
+pub struct WaitGuard {
+    waits: Arc<PriorityWaits>,
+    index: usize,
+}
+
+impl Drop for WaitGuard {
+    fn drop(&mut self) {
+        if let Some(n) = self.waits.0.get(self.index) {
+            n.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 impl std::fmt::Debug for SloRegistry {
@@ -144,6 +186,7 @@ impl SloRegistry {
             clock,
             objectives: Mutex::new(HashMap::new()),
             limiters: Mutex::new(HashMap::new()),
+            waiting: Mutex::new(HashMap::new()),
             metrics: SloMetrics {
                 events,
                 good,
@@ -182,6 +225,11 @@ impl SloRegistry {
             series: Series::new(window),
         });
         versions.push(Arc::downgrade(&objective));
+        // Both series exist from the start: with no good event yet (an outage since start),
+        // the error ratio must read 1, not "no data", or the burn-rate alerts stay silent.
+        let labels = [route, id];
+        self.metrics.events.with_label_values(&labels);
+        self.metrics.good.with_label_values(&labels);
         objective
     }
 
@@ -211,6 +259,15 @@ impl SloRegistry {
         let limiter = Limiter::new(spec);
         map.insert(route.to_string(), Arc::downgrade(&limiter));
         limiter
+    }
+
+    /// The waiting counts of an upstream's prioritised routes.
+    pub fn priority_waits(&self, upstream: &str) -> Arc<PriorityWaits> {
+        self.waiting
+            .lock()
+            .entry(upstream.to_string())
+            .or_default()
+            .clone()
     }
 
     /// Limiters in use, by route.

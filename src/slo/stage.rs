@@ -121,7 +121,7 @@ impl RouteFeature for SloConfig {
                 registry.limiter(
                     route,
                     LimiterSpec {
-                        max: e.max_concurrency.unwrap_or(1000),
+                        max: e.max_concurrency.unwrap_or(DEFAULT_ADAPTIVE_CEILING),
                         adaptive: e.adaptive,
                         target: tightest,
                         queue_size: e.queue_size,
@@ -143,8 +143,17 @@ impl RouteFeature for SloConfig {
             }
             None => None,
         };
+        let upstream = cx
+            .config
+            .routes
+            .iter()
+            .find(|r| r.name == route)
+            .map(|r| r.upstream.clone())
+            .unwrap_or_default();
+        let priority = enforce.map(|e| (e.priority, registry.priority_waits(&upstream)));
         Ok(Arc::new(SloStage {
             route: route.to_string(),
+            priority,
             registry,
             objectives,
             limiter,
@@ -155,8 +164,13 @@ impl RouteFeature for SloConfig {
     }
 }
 
+/// The adaptive limit's ceiling when `max_concurrency` is not given.
+pub const DEFAULT_ADAPTIVE_CEILING: u32 = 200;
+
 pub struct SloStage {
     route: String,
+    /// This route's priority and the waiting counts of its upstream.
+    priority: Option<(u8, Arc<super::PriorityWaits>)>,
     registry: Arc<SloRegistry>,
     objectives: Vec<Arc<Objective>>,
     limiter: Option<Arc<Limiter>>,
@@ -288,11 +302,32 @@ impl Stage for SloStage {
         }
         if let Some(limiter) = &self.limiter {
             let deadline_left = self.deadline.map(|d| d.saturating_sub(cx.elapsed()));
-            let wait = match deadline_left {
+            if deadline_left.is_some_and(|left| left.is_zero()) {
+                self.registry
+                    .decision(&self.route, decisions::DEADLINE_EXCEEDED);
+                return Err(StageError {
+                    status: 504,
+                    code: "deadline_exceeded",
+                    message: format!("route {} could not answer within its deadline", self.route),
+                });
+            }
+            let mut wait = match deadline_left {
                 Some(left) => self.queue_timeout.min(left),
                 None => self.queue_timeout,
             };
-            match limiter.acquire(wait).await {
+            // Lower priorities are shed first: no queueing while a higher-priority request on
+            // the same upstream waits for a slot.
+            if let Some((priority, waits)) = &self.priority {
+                if waits.higher_waiting(*priority) {
+                    wait = Duration::ZERO;
+                }
+            }
+            let note_wait = || {
+                self.priority
+                    .as_ref()
+                    .map(|(priority, waits)| waits.wait(*priority))
+            };
+            match limiter.acquire_noting(wait, note_wait).await {
                 Ok((permit, queued)) => {
                     if queued {
                         self.registry.decision(&self.route, decisions::QUEUED);
@@ -369,20 +404,47 @@ impl Stage for SloStage {
         }
     }
 
+    fn on_upstream_failure(
+        &self,
+        slot: &mut Slot,
+        failure: &crate::pipeline::UpstreamFailure,
+    ) -> Option<Answer> {
+        if failure.kind == "deadline" {
+            self.registry
+                .decision(&self.route, decisions::DEADLINE_EXCEEDED);
+        }
+        // A timeout is the overload signal the adaptive limit must hear.
+        if matches!(failure.kind, "deadline" | "timeout" | "connect_timeout") {
+            if let Some(permit) = state_mut::<SloState>(slot).and_then(|s| s.permit.as_mut()) {
+                permit.dropped();
+            }
+        }
+        None
+    }
+
     fn on_complete(&self, slot: &mut Slot, done: &Completion<'_>) {
         // The slot is given back now, not when the request's context is dropped.
         if let Some(state) = state_mut::<SloState>(slot) {
             state.permit.take();
         }
-        // Background work is not a client's request; a client that left got no answer at all.
-        if done.background || done.status == 0 || done.status == 499 {
+        // Background work is not a client's request.
+        if done.background {
             return;
         }
+        // A client that gave up (499) got no answer: it is not an availability event, but a
+        // wait past the latency threshold is still a bad latency event.
+        let abandoned = done.status == 0 || done.status == 499;
         for objective in &self.objectives {
             let good = match objective.kind {
                 Kind::Latency { threshold } => done.duration <= threshold,
-                Kind::Availability => done.status < 500,
+                Kind::Availability if abandoned => continue,
+                // An upstream failure after the response header went out shows as a 2xx here,
+                // but the client got a broken response.
+                Kind::Availability => done.status < 500 && !done.upstream_failed,
             };
+            if abandoned && good {
+                continue;
+            }
             self.registry.record(objective, good);
         }
     }

@@ -400,7 +400,6 @@ impl Store {
         removed
     }
 
-    /// Redis writes not yet finished: a draining process waits for them instead of losing them.
     /// Runs a Lua script on one key of the shared tier (e.g. a rate limit shared by replicas);
     /// `None` when there is no Redis or it did not answer in time.
     pub async fn shared_script(
@@ -412,6 +411,7 @@ impl Store {
         self.l2.as_ref()?.script(script, key, args).await
     }
 
+    /// Redis writes not yet finished: a draining process waits for them instead of losing them.
     pub fn pending_writes(&self) -> usize {
         self.l2.as_ref().map_or(0, L2::pending_writes)
     }

@@ -201,11 +201,19 @@ impl Tracing {
         let export = match export_settings(&telemetry.otlp, &process_env) {
             Some(settings) => {
                 tracing::info!(endpoint = %crate::telemetry::redact::url(&settings.endpoint), protocol = ?settings.protocol, "exporting traces over OTLP");
-                // Resource: OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME, then our name.
-                let resource = Resource::builder()
-                    .with_service_name(telemetry.service_name())
-                    .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
-                    .build();
+                // Resource: OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES (read by the SDK's
+                // detectors); YAML's name wins, and `outrider` stands in only when neither
+                // variable names the service.
+                let env_names_service = process_env("OTEL_SERVICE_NAME")
+                    .is_some_and(|v| !v.trim().is_empty())
+                    || process_env("OTEL_RESOURCE_ATTRIBUTES")
+                        .is_some_and(|v| v.contains("service.name="));
+                let mut resource = Resource::builder()
+                    .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")));
+                if telemetry.service_name.is_some() || !env_names_service {
+                    resource = resource.with_service_name(telemetry.service_name());
+                }
+                let resource = resource.build();
                 Some(ExportQueue::start(settings, resource, counters)?)
             }
             None => None,
