@@ -510,6 +510,11 @@ fn validate(parsed: &Parsed, spans: &SpanMap, problems: &mut Vec<Problem>) {
     if !failed("telemetry") {
         validate_otlp(&config.telemetry.otlp, spans, problems);
     }
+    if !failed("limits") {
+        for (path, message) in config.limits.problems() {
+            problems.push(spans.problem(path, message));
+        }
+    }
     if config.threads > 1024 {
         problems.push(spans.problem("threads", "threads: at most 1024"));
     }

@@ -27,6 +27,9 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    /// Connection limits on the traffic port (see `limits`).
+    #[serde(default)]
+    pub limits: crate::limits::LimitsConfig,
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
 }

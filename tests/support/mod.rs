@@ -604,6 +604,11 @@ impl Conn {
         }
     }
 
+    /// The socket, for tests that watch what the server does with the connection next.
+    pub fn into_stream(self) -> std::net::TcpStream {
+        self.reader.into_inner()
+    }
+
     pub fn get(&mut self, path: &str) -> Reply {
         let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n");
         self.reader.get_mut().write_all(req.as_bytes()).unwrap();
