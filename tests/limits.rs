@@ -289,3 +289,74 @@ async fn connections_over_the_cap_are_refused_and_those_within_keep_working() {
     )
     .await;
 }
+
+/// Bodies buffered for stages count against one process-wide bound: a body that would go over
+/// it is refused with a JSON 503 at once, and the bytes come back when a request ends.
+#[tokio::test]
+async fn buffered_bodies_beyond_the_global_bound_get_503() {
+    let app = Backend::start("app").await;
+    let cfg = format!(
+        r#"
+listen: "{{listen}}"
+admin: {{ listen: "{{admin}}" }}
+upstreams:
+  app: {{ url: "{}", timeout: 5s }}
+limits: {{ max_buffered_bodies: 100KiB }}
+routes:
+  - name: upload
+    match: {{ path_prefix: / }}
+    upstream: app
+    max_body: 1MiB
+    buffer_request: true
+"#,
+        app.url()
+    );
+    let proxy = Proxy::start(&cfg).await;
+    let port = proxy.port;
+    let post = |len: usize| {
+        format!(
+            "POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+        )
+    };
+    // The first upload declares 80 KiB and sends only part of it: its bytes are held.
+    let mut first = connect(port);
+    first.write_all(post(80 * 1024).as_bytes()).unwrap();
+    first.write_all(&[b'a'; 1024]).unwrap();
+    // Once the first request is in flight, it holds its reservation.
+    metric_eventually(&proxy, "outrider_requests_in_flight", &[], 1.0).await;
+    // Refused before its body is read, so the body is not even sent (an unread body would
+    // make the close a reset that can swallow the answer).
+    let second = blocking(move || {
+        let mut s = connect(port);
+        s.write_all(post(40 * 1024).as_bytes()).unwrap();
+        read_until_closed(&mut s)
+    })
+    .await;
+    assert!(second.starts_with("HTTP/1.1 503"), "{second}");
+    assert!(second.contains("\"error\":\"overloaded\""), "{second}");
+    let metrics = proxy.metrics().await;
+    assert!(
+        metric_value(&metrics, "outrider_request_bodies_over_budget_total", &[]).unwrap_or(0.0)
+            >= 1.0,
+        "{metrics}"
+    );
+    // The first upload completes normally, and its bytes are given back.
+    let first_answer = blocking(move || {
+        first.write_all(&[b'a'; 79 * 1024]).unwrap();
+        read_until_closed(&mut first)
+    })
+    .await;
+    assert!(first_answer.starts_with("HTTP/1.1 200"), "{first_answer}");
+    assert!(
+        first_answer.contains("\"body_len\":81920"),
+        "{first_answer}"
+    );
+    let third = blocking(move || {
+        let mut s = connect(port);
+        s.write_all(post(90 * 1024).as_bytes()).unwrap();
+        s.write_all(&[b'c'; 90 * 1024]).unwrap();
+        read_until_closed(&mut s)
+    })
+    .await;
+    assert!(third.starts_with("HTTP/1.1 200"), "{third}");
+}

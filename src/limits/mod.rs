@@ -45,6 +45,11 @@ pub struct LimitsConfig {
     /// once. `0` means no limit.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Request bytes held at once, across all requests, for stages that read whole bodies
+    /// (`buffer_request`, body-keyed caches). A body that would go over it is refused with
+    /// `503`. `0` means no bound. Changing it needs a restart.
+    #[serde(default = "default_max_buffered_bodies")]
+    pub max_buffered_bodies: ByteSize,
 }
 
 impl Default for LimitsConfig {
@@ -54,6 +59,7 @@ impl Default for LimitsConfig {
             keepalive_timeout: default_keepalive_timeout(),
             max_header_size: default_max_header_size(),
             max_connections: default_max_connections(),
+            max_buffered_bodies: default_max_buffered_bodies(),
         }
     }
 }
@@ -72,6 +78,10 @@ fn default_max_header_size() -> ByteSize {
 
 fn default_max_connections() -> usize {
     10_000
+}
+
+fn default_max_buffered_bodies() -> ByteSize {
+    ByteSize(256 * 1024 * 1024)
 }
 
 impl LimitsConfig {
@@ -213,6 +223,7 @@ mod tests {
             keepalive_timeout: HumanDuration(Duration::ZERO),
             max_header_size: ByteSize(2 << 20),
             max_connections: 0,
+            max_buffered_bodies: ByteSize(0),
         };
         let paths: Vec<_> = limits.problems().into_iter().map(|(p, _)| p).collect();
         assert_eq!(

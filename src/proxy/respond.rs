@@ -14,6 +14,7 @@ pub mod codes {
     pub const BAD_REQUEST: &str = "bad_request";
     pub const INTERNAL: &str = "internal_error";
     pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
+    pub const OVERLOADED: &str = "overloaded";
 }
 
 /// Every stage's say on a response header going to the client, then the latency headers.
