@@ -318,19 +318,28 @@ routes:
             "POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
         )
     };
-    // The first upload declares 80 KiB and sends only part of it: its bytes are held.
+    // The first upload declares 80 KiB and sends all but 1 KiB of it: those bytes are held.
     let mut first = connect(port);
     first.write_all(post(80 * 1024).as_bytes()).unwrap();
-    first.write_all(&[b'a'; 1024]).unwrap();
-    // Once the first request is in flight, it holds its reservation.
-    metric_eventually(&proxy, "outrider_requests_in_flight", &[], 1.0).await;
-    // Refused before its body is read, so the body is not even sent (an unread body would
-    // make the close a reset that can swallow the answer).
-    let second = blocking(move || {
-        let mut s = connect(port);
-        s.write_all(post(40 * 1024).as_bytes()).unwrap();
-        read_until_closed(&mut s)
-    })
+    first.write_all(&[b'a'; 79 * 1024]).unwrap();
+    // A 40 KiB body no longer fits: refused before it is read, so the test sends only the head
+    // (an unread body would make the close a reset that can swallow the answer). Until the
+    // first body's bytes have been read, the second just waits for its body; try again.
+    let second = wait_for(
+        "the bound to be reached",
+        Duration::from_secs(20),
+        || async move {
+            let answer = blocking(move || {
+                let mut s = connect(port);
+                s.write_all(post(40 * 1024).as_bytes()).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(500)))
+                    .unwrap();
+                read_until_closed(&mut s)
+            })
+            .await;
+            (!answer.is_empty()).then_some(answer)
+        },
+    )
     .await;
     assert!(second.starts_with("HTTP/1.1 503"), "{second}");
     assert!(second.contains("\"error\":\"overloaded\""), "{second}");
@@ -342,7 +351,7 @@ routes:
     );
     // The first upload completes normally, and its bytes are given back.
     let first_answer = blocking(move || {
-        first.write_all(&[b'a'; 79 * 1024]).unwrap();
+        first.write_all(&[b'a'; 1024]).unwrap();
         read_until_closed(&mut first)
     })
     .await;
@@ -351,12 +360,27 @@ routes:
         first_answer.contains("\"body_len\":81920"),
         "{first_answer}"
     );
-    let third = blocking(move || {
-        let mut s = connect(port);
-        s.write_all(post(90 * 1024).as_bytes()).unwrap();
-        s.write_all(&[b'c'; 90 * 1024]).unwrap();
-        read_until_closed(&mut s)
-    })
+    // The first request's bytes are given back when it ends (just after its answer is sent).
+    let third = wait_for(
+        "the budget to be free",
+        Duration::from_secs(20),
+        || async move {
+            blocking(move || {
+                let mut s = connect(port);
+                s.write_all(post(90 * 1024).as_bytes()).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(300)))
+                    .unwrap();
+                let mut early = [0u8; 64];
+                if matches!(s.read(&mut early), Ok(n) if n > 0) {
+                    return None; // refused before its body: not yet
+                }
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                s.write_all(&[b'c'; 90 * 1024]).unwrap();
+                Some(read_until_closed(&mut s))
+            })
+            .await
+        },
+    )
     .await;
     assert!(third.starts_with("HTTP/1.1 200"), "{third}");
 }

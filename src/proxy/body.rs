@@ -41,10 +41,13 @@ pub async fn read_bounded(
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(BodyError::TooLarge { limit });
     }
-    // Within `limit`, so it fits in usize. Reserved before reading: a client cannot hold the
-    // budget's bytes by sending slowly, only its declared length.
+    // Within `limit`, so it fits in usize. A body that cannot fit now is refused before a byte
+    // is read; the bytes are taken as they arrive, so a slow sender holds only what it sent.
     let declared_len = declared.map_or(0, |l| l as usize);
-    let mut reservation = budget.reserve(declared_len).ok_or(BodyError::OverBudget)?;
+    if !budget.has_room_for(declared_len) {
+        return Err(BodyError::OverBudget);
+    }
+    let mut reservation = budget.reserve(0).ok_or(BodyError::OverBudget)?;
     // A client that asked to be told to go on sends nothing until it is (Pingora does not
     // answer `Expect` by itself); the upstream gets the body without the expectation.
     let expects_continue = session
@@ -61,12 +64,12 @@ pub async fn read_bounded(
     }
     // Pingora keeps a copy of what is read here and replays it to the upstream when it fits.
     session.as_mut().enable_retry_buffering();
-    let mut body = BytesMut::with_capacity(declared_len);
+    // Grown as bytes arrive rather than allocated up front from a length anyone can claim.
+    let mut body = BytesMut::with_capacity(declared_len.min(64 * 1024));
     while let Some(chunk) = session.read_request_body().await.map_err(BodyError::Read)? {
         if body.len() + chunk.len() > limit {
             return Err(BodyError::TooLarge { limit });
         }
-        // A chunked body reserves as it grows.
         let beyond = (body.len() + chunk.len()).saturating_sub(reservation.bytes());
         if beyond > 0 && !reservation.grow(beyond) {
             return Err(BodyError::OverBudget);
