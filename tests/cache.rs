@@ -857,6 +857,20 @@ routes:
         Some(3.0),
         "{m}"
     );
+    // Later requests do not queue behind that fetch any more: they go upstream at once.
+    let r = c.get(proxy.url(path)).send().await.unwrap();
+    assert_eq!(r.headers()["x-cache-status"], "MISS");
+    assert_eq!(r.bytes().await.unwrap().len(), 24_000_000);
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric_value(
+            &m,
+            "outrider_cache_singleflight_waits_total",
+            &["result=\"timeout\""]
+        ),
+        Some(4.0),
+        "{m}"
+    );
     // The followers stored nothing; the leader, read to its end, fills the entry.
     let read = tokio::task::spawn_blocking(move || {
         let mut rest = vec![0u8; 1 << 20];
@@ -877,5 +891,9 @@ routes:
         (r.headers()["x-cache-status"] == "HIT").then_some(())
     })
     .await;
-    assert_eq!(app.hits(path), 4, "the leader and three followers");
+    assert_eq!(
+        app.hits(path),
+        5,
+        "the leader, three followers and one later request"
+    );
 }

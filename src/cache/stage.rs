@@ -439,6 +439,8 @@ impl Stage for HttpCache {
                     Waited::TimedOut => state.may_store = false,
                 }
             }
+            // The fetch in progress already kept a follower waiting past the lock timeout.
+            Flight::Pass => state.may_store = false,
         }
         state.key = Some(key);
         *cx.slot = Some(Box::new(state));

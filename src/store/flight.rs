@@ -2,6 +2,7 @@
 //! stale-while-revalidate.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,7 +45,14 @@ impl<T> Sharded<T> {
 
 #[derive(Default)]
 pub(crate) struct Flights {
-    inflight: Sharded<HashMap<[u8; 32], watch::Receiver<Slot>>>,
+    inflight: Sharded<HashMap<[u8; 32], InFlight>>,
+}
+
+/// One key's fetch in progress, as newcomers find it.
+struct InFlight {
+    rx: watch::Receiver<Slot>,
+    /// A follower waited `cache.lock_timeout` for it in vain: newcomers do not wait at all.
+    slow: Arc<AtomicBool>,
 }
 
 /// What a request that missed should do.
@@ -53,6 +61,9 @@ pub enum Flight {
     Leader(LeaderGuard),
     /// Another request is fetching this key: wait for it.
     Follower(FollowerWait),
+    /// Another request is fetching this key and has already kept a follower waiting past the
+    /// lock timeout: go upstream at once, without storing.
+    Pass,
 }
 
 pub struct LeaderGuard {
@@ -63,6 +74,7 @@ pub struct LeaderGuard {
 
 pub struct FollowerWait {
     rx: watch::Receiver<Slot>,
+    slow: Arc<AtomicBool>,
     counters: WaitCounters,
 }
 
@@ -97,14 +109,20 @@ impl Waited {
 impl Flights {
     pub(crate) fn begin(self: &Arc<Self>, hash: [u8; 32], counters: &WaitCounters) -> Flight {
         let mut map = self.inflight.shard(&hash).lock();
-        if let Some(rx) = map.get(&hash) {
+        if let Some(flight) = map.get(&hash) {
+            if flight.slow.load(Ordering::Relaxed) {
+                counters.timeout.inc();
+                return Flight::Pass;
+            }
             return Flight::Follower(FollowerWait {
-                rx: rx.clone(),
+                rx: flight.rx.clone(),
+                slow: flight.slow.clone(),
                 counters: counters.clone(),
             });
         }
         let (tx, rx) = watch::channel(None);
-        map.insert(hash, rx);
+        let slow = Arc::new(AtomicBool::new(false));
+        map.insert(hash, InFlight { rx, slow });
         Flight::Leader(LeaderGuard {
             flights: Arc::clone(self),
             hash,
@@ -159,7 +177,10 @@ impl FollowerWait {
         match waited {
             Waited::Served(_) => self.counters.served.inc(),
             Waited::Fallthrough => self.counters.fallthrough.inc(),
-            Waited::TimedOut => self.counters.timeout.inc(),
+            Waited::TimedOut => {
+                self.slow.store(true, Ordering::Relaxed);
+                self.counters.timeout.inc();
+            }
         }
         waited
     }
@@ -238,6 +259,7 @@ mod tests {
                         true
                     }
                     Flight::Follower(w) => w.wait(Duration::from_secs(10)).await.entry().is_some(),
+                    Flight::Pass => false,
                 }
             }));
         }
@@ -260,7 +282,7 @@ mod tests {
                 Flight::Follower(w) => {
                     tokio::spawn(async { w.wait(Duration::from_secs(10)).await.entry() })
                 }
-                Flight::Leader(_) => panic!("second leader"),
+                Flight::Leader(_) | Flight::Pass => panic!("expected a follower"),
             })
             .collect();
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -282,13 +304,15 @@ mod tests {
         let Flight::Follower(w) = flights.begin([2; 32], &c) else {
             panic!("expected follower");
         };
+        let Flight::Follower(w2) = flights.begin([2; 32], &c) else {
+            panic!("expected follower");
+        };
         assert!(matches!(
             w.wait(Duration::from_millis(10)).await,
             Waited::TimedOut
         ));
-        let Flight::Follower(w2) = flights.begin([2; 32], &c) else {
-            panic!("expected follower");
-        };
+        // Once one follower waited in vain, newcomers do not wait for this fetch at all.
+        assert!(matches!(flights.begin([2; 32], &c), Flight::Pass));
         let Flight::Leader(g) = leader else {
             panic!("expected leader");
         };
@@ -298,8 +322,10 @@ mod tests {
             Waited::Fallthrough
         ));
         assert_eq!(c.fallthrough.get(), 1);
-        assert_eq!(c.timeout.get(), 1);
+        assert_eq!(c.timeout.get(), 2);
         assert_eq!(flights.len(), 0);
+        // The next fetch of the key starts afresh.
+        assert!(matches!(flights.begin([2; 32], &c), Flight::Leader(_)));
     }
 
     #[test]
