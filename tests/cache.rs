@@ -8,7 +8,7 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::{client, metric_value, wait_for, Backend, Proxy, Redis};
+use support::{client, metric_eventually, metric_value, wait_for, Backend, Proxy, Redis};
 
 fn config(app: &str, redis: &str, extra_route_cache: &str) -> String {
     format!(
@@ -847,30 +847,20 @@ routes:
     }
     // Generous against the upstream timeout (120 s) they used to wait up to.
     assert!(started.elapsed() < Duration::from_secs(60));
-    let m = proxy.metrics().await;
-    assert_eq!(
-        metric_value(
-            &m,
+    let timeouts = |want: f64| {
+        metric_eventually(
+            &proxy,
             "outrider_cache_singleflight_waits_total",
-            &["result=\"timeout\""]
-        ),
-        Some(3.0),
-        "{m}"
-    );
+            &["result=\"timeout\""],
+            want,
+        )
+    };
+    timeouts(3.0).await;
     // Later requests do not queue behind that fetch any more: they go upstream at once.
     let r = c.get(proxy.url(path)).send().await.unwrap();
     assert_eq!(r.headers()["x-cache-status"], "MISS");
     assert_eq!(r.bytes().await.unwrap().len(), 24_000_000);
-    let m = proxy.metrics().await;
-    assert_eq!(
-        metric_value(
-            &m,
-            "outrider_cache_singleflight_waits_total",
-            &["result=\"timeout\""]
-        ),
-        Some(4.0),
-        "{m}"
-    );
+    timeouts(4.0).await;
     // The followers stored nothing; the leader, read to its end, fills the entry.
     let read = tokio::task::spawn_blocking(move || {
         let mut rest = vec![0u8; 1 << 20];
