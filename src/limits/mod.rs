@@ -6,7 +6,8 @@
 //! up to 1 MiB. So outrider wraps the accepted stream ([`stream::GuardedStream`]) and the
 //! Pingora app ([`app::ConnectionLimits`], [`app::RequestBoundary`]); the proxy itself is
 //! untouched. The limits are read from the live config when a connection is accepted, so a
-//! reload applies to new connections.
+//! reload applies to new connections. `max_buffered_bodies` is the exception: a process-wide
+//! budget built at start, which the proxy's body reader draws on (`proxy::body`).
 
 pub mod app;
 pub mod stream;

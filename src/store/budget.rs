@@ -5,7 +5,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// Shared by the store, its Redis tier and every capture.
+/// Shared by the store, its Redis tier and every capture; a separate instance bounds the
+/// request bodies the proxy buffers for stages (`limits.max_buffered_bodies`).
 #[derive(Debug)]
 pub struct InflightBudget {
     used: AtomicUsize,
