@@ -384,3 +384,40 @@ routes:
     .await;
     assert!(third.starts_with("HTTP/1.1 200"), "{third}");
 }
+
+/// Only heads count against the head limits: bodies larger than `max_header_size`, sent on a
+/// keep-alive connection between heads, pass, and every next head is judged on its own.
+#[tokio::test]
+async fn bodies_between_heads_on_a_keepalive_connection_are_not_heads() {
+    let app = Backend::start("app").await;
+    let proxy = Proxy::start(&config(
+        &app.url(),
+        "{ max_header_size: 1KiB, header_timeout: 5s, keepalive_timeout: 60s }",
+    ))
+    .await;
+    let port = proxy.port;
+    blocking(move || {
+        let mut c = Conn::open(port);
+        // Bodies that end in a blank line, to tempt a head scanner.
+        let body = [&[b'x'; 4096][..], b"\r\n\r\n"].concat();
+        for i in 0..20 {
+            let reply = c.post(&format!("/post/{i}"), &body);
+            assert_eq!(
+                reply.status,
+                200,
+                "{}",
+                String::from_utf8_lossy(&reply.body)
+            );
+            let echo: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+            assert_eq!(echo["body_len"], 4100);
+            assert_eq!(c.get(&format!("/get/{i}")).status, 200);
+        }
+    })
+    .await;
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric_value(&m, "outrider_connections_closed_by_limit_total", &[]),
+        Some(0.0),
+        "{m}"
+    );
+}
