@@ -7,7 +7,7 @@
 #   bash scripts/faults.sh [scenario...]      (default: all)
 #
 # Scenarios: baseline redis-kill redis-pause backend-kill origin-close reloads sigterm
-#            slow-drip soak
+#            slow-drip big-heads soak
 # Env: DURATION (seconds of load per scenario, default 10), CONNS (default 32),
 #      SOAK_SECONDS (default 60; 1800 for the 30-minute soak), OUTRIDER_BIN (a built binary
 #      to use instead of building target/release/outrider).
@@ -19,7 +19,7 @@ DURATION=${DURATION:-10}
 CONNS=${CONNS:-32}
 SOAK_SECONDS=${SOAK_SECONDS:-60}
 SCENARIOS=("$@")
-[[ ${#SCENARIOS[@]} -eq 0 ]] && SCENARIOS=(baseline redis-kill redis-pause backend-kill origin-close reloads sigterm slow-drip soak)
+[[ ${#SCENARIOS[@]} -eq 0 ]] && SCENARIOS=(baseline redis-kill redis-pause backend-kill origin-close reloads sigterm slow-drip big-heads soak)
 
 need=()
 command -v wrk >/dev/null || need+=(wrk)
@@ -183,6 +183,23 @@ async def drip():
 async def main():
     await asyncio.gather(*(drip() for _ in range(500)))
 asyncio.run(main())
+EOF
+      sleep 1; load /pass/1 "$DURATION"; wait $f || true ;;
+    big-heads) # 400 connections at a time each sending a 960 KiB head (431 past limits.max_header_size)
+      python3 - "$PORT" "$DURATION" <<'EOF' & f=$!
+import socket, sys, threading, time
+port, seconds = int(sys.argv[1]), int(sys.argv[2])
+head = b"GET /pass/big HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (960 * 1024) + b"\r\n\r\n"
+def one():
+    try:
+        s = socket.create_connection(("127.0.0.1", port)); s.settimeout(10)
+        s.sendall(head); s.recv(64)
+    except Exception:
+        pass
+end = time.time() + seconds
+while time.time() < end:
+    ts = [threading.Thread(target=one) for _ in range(400)]
+    [t.start() for t in ts]; [t.join() for t in ts]
 EOF
       sleep 1; load /pass/1 "$DURATION"; wait $f || true ;;
     soak) load /api/items/1 "$SOAK_SECONDS" ;;

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod buffering;
 pub mod cache;
 pub mod config;
+pub mod limits;
 pub mod pipeline;
 pub mod proxy;
 pub mod server;

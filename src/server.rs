@@ -9,10 +9,12 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use pingora_core::services::listening::Service;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::admin::{self, AdminExtension, AdminState};
 use crate::config::{self, ActiveConfig, Config, ConfigError, LiveConfig, ReloadOutcome};
+use crate::limits::{ConnectionLimits, LimitMetrics, RequestBoundary};
 use crate::pipeline::registry::Services;
 use crate::proxy::{Lifecycle, Outrider};
 use crate::store::{CacheError, CacheSettings, Store};
@@ -180,8 +182,14 @@ pub fn run(path: Option<PathBuf>) -> Result<(), StartError> {
         lifecycle.clone(),
         tracing.clone(),
     );
-    let mut service =
-        pingora_proxy::http_proxy_service_with_name(&server.configuration, proxy, "outrider");
+    let limit_metrics = Arc::new(LimitMetrics::new(&metrics.registry).map_err(MetricsError::from)?);
+    // Connection limits wrap Pingora's proxy app; the proxy itself knows nothing of them.
+    let app = ConnectionLimits::new(
+        RequestBoundary::new(pingora_proxy::http_proxy(&server.configuration, proxy)),
+        live.clone(),
+        limit_metrics,
+    );
+    let mut service = Service::new("outrider".to_string(), app);
     service.add_tcp(&listen);
     server.add_service(service);
     tracing::info!(

@@ -8,7 +8,7 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::{client, metric_value, wait_for, Backend, Proxy, Redis};
+use support::{client, metric_eventually, metric_value, wait_for, Backend, Proxy, Redis};
 
 fn config(app: &str, redis: &str, extra_route_cache: &str) -> String {
     format!(
@@ -784,4 +784,106 @@ async fn must_revalidate_responses_are_never_served_stale() {
         "the origin forbade stale: the error is passed on"
     );
     assert_eq!(after.cache, "EXPIRED");
+}
+
+/// A first client that reads its (large, cacheable) answer slowly holds up the entry it is
+/// filling; the requests waiting on that key give up after `cache.lock_timeout` and fetch for
+/// themselves without storing, instead of waiting as long as the slow client takes.
+#[tokio::test]
+async fn a_slow_reading_leader_holds_followers_only_for_the_lock_timeout() {
+    use std::io::{Read, Write};
+    let app = Backend::start("app").await;
+    let cfg = format!(
+        r#"
+listen: "{{listen}}"
+admin: {{ listen: "{{admin}}" }}
+upstreams:
+  app: {{ url: "{}", timeout: 120s }}
+cache:
+  max_entry_size: 64MiB
+  max_inflight_bytes: 256MiB
+  lock_timeout: 300ms
+routes:
+  - name: big
+    match: {{ path_prefix: /big }}
+    upstream: app
+    cache: {{ ttl: 5m }}
+"#,
+        app.url()
+    );
+    let proxy = Proxy::start(&cfg).await;
+    // Far more than the socket buffers between outrider and a client that does not read.
+    let path = "/big/24000000";
+    let port = proxy.port;
+    let mut leader = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        // The same Host as the followers' client sends: the same key.
+        let get = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n");
+        s.write_all(get.as_bytes()).unwrap();
+        let mut first = [0u8; 64];
+        s.read_exact(&mut first).unwrap();
+        assert!(first.starts_with(b"HTTP/1.1 200"));
+        s
+    })
+    .await
+    .unwrap();
+    // The leader holds the key; followers wait for it, then give up.
+    let started = Instant::now();
+    let c = client();
+    let followers: Vec<_> = (0..3)
+        .map(|_| {
+            let (c, url) = (c.clone(), proxy.url(path));
+            tokio::spawn(async move {
+                let r = c.get(url).send().await.unwrap();
+                let status = r.headers()["x-cache-status"].to_str().unwrap().to_string();
+                (status, r.bytes().await.unwrap().len())
+            })
+        })
+        .collect();
+    for f in followers {
+        let (status, len) = f.await.unwrap();
+        assert_eq!((status.as_str(), len), ("MISS", 24_000_000));
+    }
+    // Generous against the upstream timeout (120 s) they used to wait up to.
+    assert!(started.elapsed() < Duration::from_secs(60));
+    let timeouts = |want: f64| {
+        metric_eventually(
+            &proxy,
+            "outrider_cache_singleflight_waits_total",
+            &["result=\"timeout\""],
+            want,
+        )
+    };
+    timeouts(3.0).await;
+    // Later requests do not queue behind that fetch any more: they go upstream at once.
+    let r = c.get(proxy.url(path)).send().await.unwrap();
+    assert_eq!(r.headers()["x-cache-status"], "MISS");
+    assert_eq!(r.bytes().await.unwrap().len(), 24_000_000);
+    timeouts(4.0).await;
+    // The followers stored nothing; the leader, read to its end, fills the entry.
+    let read = tokio::task::spawn_blocking(move || {
+        let mut rest = vec![0u8; 1 << 20];
+        let mut total = 0usize;
+        while total < 24_000_000 {
+            match leader.read(&mut rest) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+        total
+    })
+    .await
+    .unwrap();
+    assert!(read >= 24_000_000 - 64, "{read}");
+    wait_for("the leader's entry", Duration::from_secs(20), || async {
+        let r = client().get(proxy.url(path)).send().await.ok()?;
+        (r.headers()["x-cache-status"] == "HIT").then_some(())
+    })
+    .await;
+    assert_eq!(
+        app.hits(path),
+        5,
+        "the leader, three followers and one later request"
+    );
 }

@@ -257,6 +257,16 @@ fn check_messages_are_stable() {
                 "{BASE}admin:\n  token: \"two words\"\n  token_file: /run/token\n  allowed_hosts: [\"https://outrider.internal:9901\"]\n  read_timeout: 0s\n"
             ),
         ),
+        (
+            "connection limits mistakes",
+            format!(
+                "{BASE}limits:\n  header_timeout: 0s\n  keepalive_timeout: 0s\n  max_header_size: 2MiB\n  max_connections: -1\n"
+            ),
+        ),
+        (
+            "connection limits out of range",
+            format!("{BASE}limits: {{ header_timeout: 0s, max_header_size: 100 }}\n"),
+        ),
     ];
     let mut report = String::new();
     for (name, text) in cases {

@@ -340,3 +340,87 @@ routes:
     }
     assert_eq!(app.hits("/s"), 0);
 }
+
+/// A one-request-per-connection upstream that answers with the exact bytes it received, so a
+/// test sees the framing headers outrider forwarded (an HTTP library would merge them).
+async fn raw_echo_upstream() -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let head_end = loop {
+                    let Ok(n) = s.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&chunk[..n]);
+                    if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                };
+                let head = String::from_utf8_lossy(&got[..head_end]).to_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                while got.len() < head_end + len {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let mut answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    got.len()
+                )
+                .into_bytes();
+                answer.extend_from_slice(&got);
+                let _ = s.write_all(&answer).await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// RFC 9110 §8.6: identical `Content-Length` values (repeated lines or a list) are one length;
+/// differing ones make the framing ambiguous and are refused before anything is forwarded.
+#[tokio::test]
+async fn duplicate_identical_content_lengths_collapse_and_differing_ones_are_refused() {
+    let upstream = raw_echo_upstream().await;
+    let proxy = Proxy::start(&config(&upstream)).await;
+    let post = |lengths: &[&str]| {
+        let mut req =
+            String::from("POST /api/fa/post HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n");
+        for l in lengths {
+            req.push_str(&format!("Content-Length: {l}\r\n"));
+        }
+        req.push_str("\r\nhello");
+        raw(proxy.port, req)
+    };
+    for lengths in [&["5", "5"][..], &["5, 5"][..]] {
+        let answer = post(lengths).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{lengths:?}: {answer}");
+        let forwarded = answer.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        let framing: Vec<&str> = forwarded
+            .lines()
+            .filter(|l| l.to_ascii_lowercase().starts_with("content-length:"))
+            .collect();
+        assert_eq!(framing.len(), 1, "one length upstream: {forwarded}");
+        assert!(
+            framing[0].ends_with(" 5") || framing[0].ends_with(":5"),
+            "{framing:?}"
+        );
+        assert!(forwarded.ends_with("\r\n\r\nhello"), "{forwarded}");
+    }
+    for lengths in [&["5", "6"][..], &["5, 6"][..], &["5", "5", "4"][..]] {
+        let answer = post(lengths).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{lengths:?}: {answer}");
+    }
+}

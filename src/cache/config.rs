@@ -104,7 +104,12 @@ impl RouteCacheConfig {
                 .max(self.stale_if_error.get())
     }
 
-    fn policy(&self, default_ttl: Duration, retention_floor: Duration) -> RoutePolicy {
+    fn policy(
+        &self,
+        default_ttl: Duration,
+        retention_floor: Duration,
+        lock_timeout: Duration,
+    ) -> RoutePolicy {
         RoutePolicy {
             ttl: self.ttl.map_or(default_ttl, HumanDuration::get),
             stale_while_revalidate: self.stale_while_revalidate.get(),
@@ -135,6 +140,7 @@ impl RouteCacheConfig {
                 .map(|h| h.to_ascii_lowercase())
                 .collect(),
             negative_ttl: self.negative_ttl.map(HumanDuration::get),
+            lock_timeout,
         }
     }
 }
@@ -204,9 +210,10 @@ impl RouteFeature for RouteCacheConfig {
             .map(|c| c.lifetime(default_ttl))
             .max()
             .unwrap_or_default();
+        let lock_timeout = cx.config.cache.lock_timeout.get();
         Ok(Arc::new(HttpCache::new(
             cx.services.store.clone(),
-            Arc::new(self.policy(default_ttl, floor)),
+            Arc::new(self.policy(default_ttl, floor, lock_timeout)),
             cx.route_name,
         )))
     }

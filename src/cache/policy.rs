@@ -38,6 +38,8 @@ pub struct RoutePolicy {
     pub negative_ttl: Option<Duration>,
     /// Request headers (lowercase) removed before forwarding.
     pub strip_headers: Vec<String>,
+    /// Longest wait for another request's fetch of the same key (`cache.lock_timeout`).
+    pub lock_timeout: Duration,
 }
 
 /// The positive part of RFC 9111 §4.2.2's heuristically cacheable statuses (minus 206: ranges
@@ -63,6 +65,7 @@ impl Default for RoutePolicy {
             client_refresh: false,
             negative_ttl: None,
             strip_headers: Vec::new(),
+            lock_timeout: Duration::from_secs(5),
         }
     }
 }

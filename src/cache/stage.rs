@@ -20,7 +20,7 @@ use crate::pipeline::{
 };
 use crate::store::{
     CacheKey, Flight, LeaderGuard, Outcome, Reservation, RevalidationGuard, Store, StoredResponse,
-    Tier,
+    Tier, Waited,
 };
 
 /// One route's cache: its compiled policy over the shared store.
@@ -424,16 +424,27 @@ impl Stage for HttpCache {
         match self.store.single_flight(&key) {
             Flight::Leader(guard) => state.leader = Some(guard),
             Flight::Follower(wait) => {
-                if let Some(entry) = wait.wait(cx.upstream_timeout).await {
-                    if let Some(answer) = answer_from(&entry) {
-                        // Served by another request's fetch, not found in a tier.
-                        self.hit(&mut state, &entry, Tier::None);
-                        *cx.slot = Some(Box::new(state));
-                        return Ok(Verdict::Answer(answer));
+                // Waiting past the upstream timeout would only add to the leader's failure.
+                let patience = self.policy.lock_timeout.min(cx.upstream_timeout);
+                match wait.wait(patience).await {
+                    Waited::Served(entry) => {
+                        if let Some(answer) = answer_from(&entry) {
+                            // Served by another request's fetch, not found in a tier.
+                            self.hit(&mut state, &entry, Tier::None);
+                            *cx.slot = Some(Box::new(state));
+                            return Ok(Verdict::Answer(answer));
+                        }
                     }
+                    // The leader's response was not storable or it failed: fetch for ourselves.
+                    Waited::Fallthrough => {}
+                    // The leader is slow (a slow upstream, or a client reading its answer
+                    // slowly): fetch for ourselves, and leave storing to the leader, as nginx
+                    // does after `proxy_cache_lock_timeout`.
+                    Waited::TimedOut => state.may_store = false,
                 }
-                // The leader's response was not storable or it failed: fetch for ourselves.
             }
+            // The fetch in progress already kept a follower waiting past the lock timeout.
+            Flight::Pass => state.may_store = false,
         }
         state.key = Some(key);
         *cx.slot = Some(Box::new(state));

@@ -190,6 +190,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.cache.max_inflight_bytes != new.cache.max_inflight_bytes {
         changed.push("cache.max_inflight_bytes");
     }
+    if old.limits.max_buffered_bodies != new.limits.max_buffered_bodies {
+        changed.push("limits.max_buffered_bodies");
+    }
     let format_changed =
         |f: super::schema::AccessLogFormat| f != super::schema::AccessLogFormat::Off;
     if old.telemetry.access_log != new.telemetry.access_log

@@ -510,6 +510,11 @@ fn validate(parsed: &Parsed, spans: &SpanMap, problems: &mut Vec<Problem>) {
     if !failed("telemetry") {
         validate_otlp(&config.telemetry.otlp, spans, problems);
     }
+    if !failed("limits") {
+        for (path, message) in config.limits.problems() {
+            problems.push(spans.problem(path, message));
+        }
+    }
     if config.threads > 1024 {
         problems.push(spans.problem("threads", "threads: at most 1024"));
     }
@@ -546,6 +551,12 @@ fn validate(parsed: &Parsed, spans: &SpanMap, problems: &mut Vec<Problem>) {
         problems.push(spans.problem(
             "cache.redis.timeout",
             "cache.redis.timeout: must be greater than zero",
+        ));
+    }
+    if config.cache.lock_timeout.get().is_zero() {
+        problems.push(spans.problem(
+            "cache.lock_timeout",
+            "cache.lock_timeout: must be greater than zero",
         ));
     }
     if config.cache.default_ttl.get().is_zero() {
@@ -801,6 +812,22 @@ mod tests {
         let config = parse_str(GOOD, "t.yaml").unwrap();
         assert_eq!(config.listen, "0.0.0.0:8080");
         assert_eq!(config.routes.len(), 1);
+    }
+
+    #[test]
+    fn zero_lock_timeout_and_limits_are_positioned() {
+        let text = format!(
+            "{GOOD}cache:\n  lock_timeout: 0s\nlimits:\n  keepalive_timeout: 0s\n  max_header_size: 2MiB\n"
+        );
+        let p = problems(&text);
+        assert_eq!(
+            p,
+            [
+                "t.yaml:8:17: cache.lock_timeout: must be greater than zero",
+                "t.yaml:10:22: limits.keepalive_timeout: must be greater than zero",
+                "t.yaml:11:20: limits.max_header_size: must be between 1KiB and 1MiB (got 2MiB)",
+            ]
+        );
     }
 
     #[test]

@@ -27,6 +27,9 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    /// Connection limits on the traffic port (see `limits`).
+    #[serde(default)]
+    pub limits: crate::limits::LimitsConfig,
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
 }
@@ -117,6 +120,14 @@ pub struct CacheConfig {
     /// responses stream through uncached and writes are skipped. `0` means no bound.
     #[serde(default = "default_max_inflight_bytes")]
     pub max_inflight_bytes: ByteSize,
+    /// Longest time a request waits for another request's fetch of the same key (like nginx's
+    /// `proxy_cache_lock_timeout`); then it goes upstream itself and does not store the answer.
+    #[serde(default = "default_lock_timeout")]
+    pub lock_timeout: HumanDuration,
+}
+
+fn default_lock_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
 }
 
 fn default_max_inflight_bytes() -> ByteSize {
@@ -131,6 +142,7 @@ impl Default for CacheConfig {
             default_ttl: default_ttl(),
             max_entry_size: default_max_entry_size(),
             max_inflight_bytes: default_max_inflight_bytes(),
+            lock_timeout: default_lock_timeout(),
         }
     }
 }

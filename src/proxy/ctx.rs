@@ -50,6 +50,8 @@ pub struct Ctx {
     /// Length of the request body read in full for the stages; it is forwarded with this
     /// `Content-Length` (not chunked, and without `Expect`).
     pub buffered_len: Option<usize>,
+    /// The buffered body's bytes in `limits.max_buffered_bodies`, held until the request ends.
+    pub body_reservation: Option<crate::store::Reservation>,
     /// A stage answered in place of the upstream's response; the rest of it is discarded.
     pub answered: bool,
     /// The request was handed, body and state, to a subrequest that answers and logs it.
@@ -78,6 +80,7 @@ impl Ctx {
             slots: Vec::new(),
             effects: Effects::default(),
             buffered_len: None,
+            body_reservation: None,
             answered: false,
             delegated: false,
             background: false,

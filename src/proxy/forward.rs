@@ -9,7 +9,8 @@ use pingora_http::RequestHeader;
 use crate::config::Upstream;
 
 /// The headers outrider sets on every request it forwards, foreground or background:
-/// `x-request-id`, `X-Forwarded-For` (appended), `X-Forwarded-Proto` (when absent), and for a TLS
+/// `x-request-id`, `X-Forwarded-For` (appended), `X-Forwarded-Proto` (when absent), one
+/// `Content-Length` where the client repeated an identical one, and for a TLS
 /// upstream (a provider API, which routes by Host) its own Host with the client's kept in
 /// `X-Forwarded-Host`.
 pub fn apply_forwarding_headers(
@@ -19,6 +20,7 @@ pub fn apply_forwarding_headers(
     request_id: &http::HeaderValue,
 ) -> pingora_error::Result<()> {
     req.insert_header("x-request-id", request_id.clone())?;
+    collapse_content_length(req)?;
     if let Some(ip) = client_ip {
         use std::fmt::Write;
         let mut forwarded = String::with_capacity(48);
@@ -52,6 +54,31 @@ pub fn apply_forwarding_headers(
         req.insert_header(http::header::HOST, host)?;
     }
     Ok(())
+}
+
+/// Pingora accepts repeated identical `Content-Length` values (`5` twice, or `5, 5`) as one
+/// length and refuses differing ones (RFC 9110 §8.6) but forwards them as sent; the upstream
+/// gets the one value, so it never has to reconcile framing itself (some servers refuse it).
+fn collapse_content_length(req: &mut RequestHeader) -> pingora_error::Result<()> {
+    let mut values = req.headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let (Some(first), second) = (values.next(), values.next()) else {
+        return Ok(());
+    };
+    if second.is_none() && !first.as_bytes().contains(&b',') {
+        return Ok(());
+    }
+    let length = first
+        .as_bytes()
+        .split(|b| *b == b',')
+        .next()
+        .map(|v| v.trim_ascii())
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match length {
+        Some(length) => req.insert_header(http::header::CONTENT_LENGTH, length),
+        // Pingora validated the values; anything else is left as it came.
+        None => Ok(()),
+    }
 }
 
 /// Why a request target cannot be forwarded.
@@ -165,6 +192,34 @@ mod tests {
         let mut r = req("http://shop/a/../b", Some("shop"));
         to_origin_form(&mut r).unwrap();
         assert_eq!(r.raw_path(), b"/a/../b", "never normalised");
+    }
+
+    #[test]
+    fn identical_content_lengths_go_upstream_as_one() {
+        let lengths = |r: &RequestHeader| -> Vec<Vec<u8>> {
+            r.headers
+                .get_all("content-length")
+                .iter()
+                .map(|v| v.as_bytes().to_vec())
+                .collect()
+        };
+        let mut r = req("/", Some("shop"));
+        r.append_header("content-length", "5").unwrap();
+        r.append_header("content-length", "5").unwrap();
+        collapse_content_length(&mut r).unwrap();
+        assert_eq!(lengths(&r), [b"5".to_vec()]);
+        let mut r = req("/", Some("shop"));
+        r.append_header("content-length", " 7 , 7").unwrap();
+        collapse_content_length(&mut r).unwrap();
+        assert_eq!(lengths(&r), [b"7".to_vec()]);
+        // A single value, or none, is untouched.
+        let mut r = req("/", Some("shop"));
+        r.append_header("content-length", "12").unwrap();
+        collapse_content_length(&mut r).unwrap();
+        assert_eq!(lengths(&r), [b"12".to_vec()]);
+        let mut r = req("/", Some("shop"));
+        collapse_content_length(&mut r).unwrap();
+        assert!(lengths(&r).is_empty());
     }
 
     #[test]

@@ -24,6 +24,7 @@ use crate::config::schema::AccessLogFormat;
 use crate::config::LiveConfig;
 use crate::pipeline::SpanNotes;
 use crate::pipeline::{Completion, RequestCx, ResponseVerdict, UpstreamFailure, Verdict, SHED};
+use crate::store::InflightBudget;
 use crate::telemetry::logging::ACCESS_TARGET;
 use crate::telemetry::trace::{RequestFacts, Tracing};
 use crate::telemetry::{request_id, Metrics};
@@ -47,6 +48,8 @@ pub struct Outrider {
     /// Permits for background requests; work beyond them is dropped, never queued.
     pub background: Arc<Semaphore>,
     pub tracing: Arc<Tracing>,
+    /// Bytes of request bodies buffered for stages, across requests (`limits.max_buffered_bodies`).
+    pub bodies: Arc<InflightBudget>,
 }
 
 impl Outrider {
@@ -56,7 +59,9 @@ impl Outrider {
         lifecycle: Arc<Lifecycle>,
         tracing: Arc<Tracing>,
     ) -> Self {
+        let max_bodies = live.snapshot().config.limits.max_buffered_bodies.0;
         Outrider {
+            bodies: InflightBudget::new(usize::try_from(max_bodies).unwrap_or(usize::MAX)),
             live,
             metrics,
             lifecycle,
@@ -102,8 +107,20 @@ impl Outrider {
         ctx.slots.resize_with(stages.len(), || None);
         let wants_body = stages.iter().any(|s| s.wants_body(session.req_header()));
         let body = if wants_body {
-            match body::read_bounded(session, max_body).await {
-                Ok(body) => Some(body),
+            match body::read_bounded(session, max_body, &self.bodies).await {
+                Ok((body, reservation)) => {
+                    ctx.body_reservation = Some(reservation);
+                    Some(body)
+                }
+                Err(body::BodyError::OverBudget) => {
+                    self.metrics.bodies_over_budget.inc();
+                    // The body stays unread: the connection cannot be reused.
+                    session.set_keepalive(None);
+                    let message = body::BodyError::OverBudget.to_string();
+                    respond::json_error(session, ctx, 503, codes::OVERLOADED, &message, None)
+                        .await?;
+                    return Ok(true);
+                }
                 Err(body::BodyError::TooLarge { limit }) => {
                     // The rest of the body stays unread: the connection cannot be reused.
                     session.set_keepalive(None);

@@ -15,6 +15,7 @@ pub mod codes {
     pub const INTERNAL: &str = "internal_error";
     pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
     pub const DEADLINE_EXCEEDED: &str = "deadline_exceeded";
+    pub const OVERLOADED: &str = "overloaded";
 }
 
 /// Every stage's say on a response header going to the client, then the latency headers.

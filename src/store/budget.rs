@@ -5,7 +5,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// Shared by the store, its Redis tier and every capture.
+/// Shared by the store, its Redis tier and every capture; a separate instance bounds the
+/// request bodies the proxy buffers for stages (`limits.max_buffered_bodies`).
 #[derive(Debug)]
 pub struct InflightBudget {
     used: AtomicUsize,
@@ -32,6 +33,11 @@ impl InflightBudget {
 
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
+    }
+
+    /// Whether `bytes` more would fit now (without taking them): to refuse early what cannot.
+    pub fn has_room_for(&self, bytes: usize) -> bool {
+        self.max == 0 || self.used().saturating_add(bytes) <= self.max
     }
 }
 
@@ -79,7 +85,9 @@ mod tests {
         assert_eq!(budget.used(), 100);
         drop(a);
         assert_eq!(budget.used(), 0);
+        assert!(budget.has_room_for(100) && !budget.has_room_for(101));
         let unbounded = InflightBudget::new(0);
+        assert!(unbounded.has_room_for(usize::MAX));
         assert!(unbounded.reserve(usize::MAX / 2).is_some());
     }
 }

@@ -319,11 +319,7 @@ impl Store {
 
     /// Joins or starts the single upstream fetch for `key`.
     pub fn single_flight(&self, key: &CacheKey) -> Flight {
-        self.flights.begin(
-            key.hash,
-            &self.metrics.sf_served,
-            &self.metrics.sf_fallthrough,
-        )
+        self.flights.begin(key.hash, &self.metrics.sf_waits)
     }
 
     /// `Some` for the one caller that should refresh a stale entry in the background.
@@ -673,7 +669,7 @@ mod tests {
         };
         let stored = c.store(&k, fresh(5)).await;
         g.complete(stored);
-        assert!(w.wait(Duration::from_secs(1)).await.is_some());
+        assert!(w.wait(Duration::from_secs(1)).await.entry().is_some());
         assert_eq!(c.stats()["single_flight"]["in_flight"], 0);
         let r = c.try_begin_revalidation(&k);
         assert!(r.is_some() && c.try_begin_revalidation(&k).is_none());

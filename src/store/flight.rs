@@ -2,6 +2,7 @@
 //! stale-while-revalidate.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,7 +45,14 @@ impl<T> Sharded<T> {
 
 #[derive(Default)]
 pub(crate) struct Flights {
-    inflight: Sharded<HashMap<[u8; 32], watch::Receiver<Slot>>>,
+    inflight: Sharded<HashMap<[u8; 32], InFlight>>,
+}
+
+/// One key's fetch in progress, as newcomers find it.
+struct InFlight {
+    rx: watch::Receiver<Slot>,
+    /// A follower waited `cache.lock_timeout` for it in vain: newcomers do not wait at all.
+    slow: Arc<AtomicBool>,
 }
 
 /// What a request that missed should do.
@@ -53,6 +61,9 @@ pub enum Flight {
     Leader(LeaderGuard),
     /// Another request is fetching this key: wait for it.
     Follower(FollowerWait),
+    /// Another request is fetching this key and has already kept a follower waiting past the
+    /// lock timeout: go upstream at once, without storing.
+    Pass,
 }
 
 pub struct LeaderGuard {
@@ -63,27 +74,55 @@ pub struct LeaderGuard {
 
 pub struct FollowerWait {
     rx: watch::Receiver<Slot>,
-    served: IntCounter,
-    fallthrough: IntCounter,
+    slow: Arc<AtomicBool>,
+    counters: WaitCounters,
+}
+
+/// `outrider_cache_singleflight_waits_total`, by result.
+#[derive(Clone)]
+pub(crate) struct WaitCounters {
+    pub served: IntCounter,
+    pub fallthrough: IntCounter,
+    pub timeout: IntCounter,
+}
+
+/// How a follower's wait ended.
+#[derive(Debug)]
+pub enum Waited {
+    /// The leader stored a response: serve it.
+    Served(Arc<StoredResponse>),
+    /// The leader failed, gave up or got something unstorable: fetch (and maybe store) yourself.
+    Fallthrough,
+    /// The leader took longer than the lock timeout: fetch yourself, but leave the entry to it.
+    TimedOut,
+}
+
+impl Waited {
+    pub fn entry(self) -> Option<Arc<StoredResponse>> {
+        match self {
+            Waited::Served(entry) => Some(entry),
+            Waited::Fallthrough | Waited::TimedOut => None,
+        }
+    }
 }
 
 impl Flights {
-    pub(crate) fn begin(
-        self: &Arc<Self>,
-        hash: [u8; 32],
-        served: &IntCounter,
-        fallthrough: &IntCounter,
-    ) -> Flight {
+    pub(crate) fn begin(self: &Arc<Self>, hash: [u8; 32], counters: &WaitCounters) -> Flight {
         let mut map = self.inflight.shard(&hash).lock();
-        if let Some(rx) = map.get(&hash) {
+        if let Some(flight) = map.get(&hash) {
+            if flight.slow.load(Ordering::Relaxed) {
+                counters.timeout.inc();
+                return Flight::Pass;
+            }
             return Flight::Follower(FollowerWait {
-                rx: rx.clone(),
-                served: served.clone(),
-                fallthrough: fallthrough.clone(),
+                rx: flight.rx.clone(),
+                slow: flight.slow.clone(),
+                counters: counters.clone(),
             });
         }
         let (tx, rx) = watch::channel(None);
-        map.insert(hash, rx);
+        let slow = Arc::new(AtomicBool::new(false));
+        map.insert(hash, InFlight { rx, slow });
         Flight::Leader(LeaderGuard {
             flights: Arc::clone(self),
             hash,
@@ -123,20 +162,27 @@ impl Drop for LeaderGuard {
 }
 
 impl FollowerWait {
-    /// The leader's response, or `None` when the leader failed, gave up, produced something
-    /// uncacheable, or took longer than `timeout`; the caller then goes upstream itself.
-    pub async fn wait(mut self, timeout: Duration) -> Option<Arc<StoredResponse>> {
-        let result = match tokio::time::timeout(timeout, self.rx.wait_for(Option::is_some)).await {
-            Ok(Ok(slot)) => slot.clone().flatten(),
+    /// Waits for the leader's result, at most `timeout` (`cache.lock_timeout`, like nginx's
+    /// `proxy_cache_lock_timeout`).
+    pub async fn wait(mut self, timeout: Duration) -> Waited {
+        let waited = match tokio::time::timeout(timeout, self.rx.wait_for(Option::is_some)).await {
+            Ok(Ok(slot)) => match slot.clone().flatten() {
+                Some(entry) => Waited::Served(entry),
+                None => Waited::Fallthrough,
+            },
             // Sender gone without a value cannot happen (Drop sends), but treat it as failure.
-            Ok(Err(_)) | Err(_) => None,
+            Ok(Err(_)) => Waited::Fallthrough,
+            Err(_) => Waited::TimedOut,
         };
-        if result.is_some() {
-            self.served.inc();
-        } else {
-            self.fallthrough.inc();
+        match waited {
+            Waited::Served(_) => self.counters.served.inc(),
+            Waited::Fallthrough => self.counters.fallthrough.inc(),
+            Waited::TimedOut => {
+                self.slow.store(true, Ordering::Relaxed);
+                self.counters.timeout.inc();
+            }
         }
-        result
+        waited
     }
 }
 
@@ -184,27 +230,26 @@ mod tests {
     use crate::store::entry::sample_entry;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    fn counters() -> (IntCounter, IntCounter) {
-        let s = IntCounter::new("s", "s").map_err(|e| e.to_string());
-        let f = IntCounter::new("f", "f").map_err(|e| e.to_string());
-        match (s, f) {
-            (Ok(s), Ok(f)) => (s, f),
-            _ => panic!("counter"),
+    fn counters() -> WaitCounters {
+        WaitCounters {
+            served: IntCounter::new("s", "s").unwrap(),
+            fallthrough: IntCounter::new("f", "f").unwrap(),
+            timeout: IntCounter::new("t", "t").unwrap(),
         }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn hundred_concurrent_one_leader_all_served() {
         let flights = Arc::new(Flights::default());
-        let (served, fall) = counters();
+        let c = counters();
         let leaders = Arc::new(AtomicUsize::new(0));
         let barrier = Arc::new(tokio::sync::Barrier::new(100));
         let mut tasks = Vec::new();
         for _ in 0..100 {
             let (flights, leaders, barrier) = (flights.clone(), leaders.clone(), barrier.clone());
-            let (served, fall) = (served.clone(), fall.clone());
+            let c = c.clone();
             tasks.push(tokio::spawn(async move {
-                let flight = flights.begin([7; 32], &served, &fall);
+                let flight = flights.begin([7; 32], &c);
                 barrier.wait().await;
                 match flight {
                     Flight::Leader(g) => {
@@ -213,7 +258,8 @@ mod tests {
                         g.complete(Some(Arc::new(sample_entry(3))));
                         true
                     }
-                    Flight::Follower(w) => w.wait(Duration::from_secs(10)).await.is_some(),
+                    Flight::Follower(w) => w.wait(Duration::from_secs(10)).await.entry().is_some(),
+                    Flight::Pass => false,
                 }
             }));
         }
@@ -221,20 +267,22 @@ mod tests {
             assert!(matches!(t.await, Ok(true)));
         }
         assert_eq!(leaders.load(Ordering::SeqCst), 1);
-        assert_eq!(served.get(), 99);
-        assert_eq!(fall.get(), 0);
+        assert_eq!(c.served.get(), 99);
+        assert_eq!(c.fallthrough.get(), 0);
         assert_eq!(flights.len(), 0, "in-flight map must not leak");
     }
 
     #[tokio::test]
     async fn leader_drop_wakes_followers_with_none() {
         let flights = Arc::new(Flights::default());
-        let (served, fall) = counters();
-        let leader = flights.begin([1; 32], &served, &fall);
+        let c = counters();
+        let leader = flights.begin([1; 32], &c);
         let followers: Vec<_> = (0..5)
-            .map(|_| match flights.begin([1; 32], &served, &fall) {
-                Flight::Follower(w) => tokio::spawn(w.wait(Duration::from_secs(10))),
-                Flight::Leader(_) => panic!("second leader"),
+            .map(|_| match flights.begin([1; 32], &c) {
+                Flight::Follower(w) => {
+                    tokio::spawn(async { w.wait(Duration::from_secs(10)).await.entry() })
+                }
+                Flight::Leader(_) | Flight::Pass => panic!("expected a follower"),
             })
             .collect();
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -242,34 +290,42 @@ mod tests {
         for f in followers {
             assert!(matches!(f.await, Ok(None)));
         }
-        assert_eq!(fall.get(), 5);
+        assert_eq!(c.fallthrough.get(), 5);
         assert_eq!(flights.len(), 0);
         // The key is free again.
-        assert!(matches!(
-            flights.begin([1; 32], &served, &fall),
-            Flight::Leader(_)
-        ));
+        assert!(matches!(flights.begin([1; 32], &c), Flight::Leader(_)));
     }
 
     #[tokio::test]
     async fn follower_times_out_and_complete_none_falls_through() {
         let flights = Arc::new(Flights::default());
-        let (served, fall) = counters();
-        let leader = flights.begin([2; 32], &served, &fall);
-        let Flight::Follower(w) = flights.begin([2; 32], &served, &fall) else {
+        let c = counters();
+        let leader = flights.begin([2; 32], &c);
+        let Flight::Follower(w) = flights.begin([2; 32], &c) else {
             panic!("expected follower");
         };
-        assert!(w.wait(Duration::from_millis(10)).await.is_none());
-        let Flight::Follower(w2) = flights.begin([2; 32], &served, &fall) else {
+        let Flight::Follower(w2) = flights.begin([2; 32], &c) else {
             panic!("expected follower");
         };
+        assert!(matches!(
+            w.wait(Duration::from_millis(10)).await,
+            Waited::TimedOut
+        ));
+        // Once one follower waited in vain, newcomers do not wait for this fetch at all.
+        assert!(matches!(flights.begin([2; 32], &c), Flight::Pass));
         let Flight::Leader(g) = leader else {
             panic!("expected leader");
         };
         g.complete(None);
-        assert!(w2.wait(Duration::from_secs(5)).await.is_none());
-        assert_eq!(fall.get(), 2);
+        assert!(matches!(
+            w2.wait(Duration::from_secs(5)).await,
+            Waited::Fallthrough
+        ));
+        assert_eq!(c.fallthrough.get(), 1);
+        assert_eq!(c.timeout.get(), 2);
         assert_eq!(flights.len(), 0);
+        // The next fetch of the key starts afresh.
+        assert!(matches!(flights.begin([2; 32], &c), Flight::Leader(_)));
     }
 
     #[test]

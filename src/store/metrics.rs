@@ -47,7 +47,7 @@ pub const METRICS: &[(&str, &str, &str)] = &[
     ),
     (
         SINGLEFLIGHT_WAITS_TOTAL,
-        "result (served|fallthrough)",
+        "result (served|fallthrough|timeout)",
         "Requests that waited for another request's upstream fetch of the same key.",
     ),
     (
@@ -71,8 +71,7 @@ pub struct CacheMetrics {
     pub(crate) l1_entries: IntGauge,
     pub(crate) redis_errors: IntCounterVec,
     pub(crate) breaker_state: IntGauge,
-    pub(crate) sf_served: IntCounter,
-    pub(crate) sf_fallthrough: IntCounter,
+    pub(crate) sf_waits: super::flight::WaitCounters,
     pub(crate) get_duration: Histogram,
     pub(crate) set_duration: Histogram,
     pub(crate) purge_duration: Histogram,
@@ -159,8 +158,11 @@ impl CacheMetrics {
             purge_duration: redis_duration.with_label_values(&["purge"]),
             inflight_bytes,
             inflight_full,
-            sf_served: sf.with_label_values(&["served"]),
-            sf_fallthrough: sf.with_label_values(&["fallthrough"]),
+            sf_waits: super::flight::WaitCounters {
+                served: sf.with_label_values(&["served"]),
+                fallthrough: sf.with_label_values(&["fallthrough"]),
+                timeout: sf.with_label_values(&["timeout"]),
+            },
             requests,
             l1_bytes,
             l1_entries,

@@ -30,7 +30,7 @@ pub use self::core::{
 };
 pub use self::entry::StoredResponse;
 pub use self::error::CacheError;
-pub use self::flight::{Flight, FollowerWait, LeaderGuard, RevalidationGuard};
+pub use self::flight::{Flight, FollowerWait, LeaderGuard, RevalidationGuard, Waited};
 pub use self::key::CacheKey;
 pub use self::l2::RedisState;
 pub use self::metrics::CacheMetrics;

@@ -22,6 +22,7 @@ pub mod names {
     pub const CONFIG_GENERATION: &str = "outrider_config_generation";
     pub const BUILD_INFO: &str = "outrider_build_info";
     pub const LOG_LINES_DROPPED: &str = "outrider_log_lines_dropped_total";
+    pub const BODIES_OVER_BUDGET: &str = "outrider_request_bodies_over_budget_total";
 }
 
 /// Fine enough between 1 ms and 10 s to read p50/p95/p99 by interpolation.
@@ -41,6 +42,8 @@ pub struct Metrics {
     pub config_generation: IntGauge,
     /// Log lines dropped because stdout could not keep up (the log queue is lossy by design).
     pub log_lines_dropped: IntCounter,
+    /// Request bodies refused because `limits.max_buffered_bodies` were held already.
+    pub bodies_over_budget: IntCounter,
     /// Per-route handles, so the request path does not hash label values on every request.
     routes: RwLock<HashMap<String, Arc<RouteMetrics>>>,
     duration_buckets: Arc<[f64]>,
@@ -193,6 +196,11 @@ impl Metrics {
         registry.register(Box::new(config_generation.clone()))?;
         registry.register(Box::new(build_info))?;
         registry.register(Box::new(log_lines_dropped.clone()))?;
+        let bodies_over_budget = IntCounter::new(
+            names::BODIES_OVER_BUDGET,
+            "Request bodies refused with 503 because limits.max_buffered_bodies were held already",
+        )?;
+        registry.register(Box::new(bodies_over_budget.clone()))?;
         Ok(Self {
             registry,
             requests,
@@ -203,6 +211,7 @@ impl Metrics {
             config_reloads,
             config_generation,
             log_lines_dropped,
+            bodies_over_budget,
             routes: RwLock::new(HashMap::new()),
             duration_buckets: buckets.into(),
         })

@@ -621,9 +621,28 @@ impl Conn {
         }
     }
 
+    /// The socket, for tests that watch what the server does with the connection next.
+    pub fn into_stream(self) -> std::net::TcpStream {
+        self.reader.into_inner()
+    }
+
     pub fn get(&mut self, path: &str) -> Reply {
         let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n");
         self.reader.get_mut().write_all(req.as_bytes()).unwrap();
+        self.read_reply()
+    }
+
+    pub fn post(&mut self, path: &str, body: &[u8]) -> Reply {
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        self.reader.get_mut().write_all(req.as_bytes()).unwrap();
+        self.reader.get_mut().write_all(body).unwrap();
+        self.read_reply()
+    }
+
+    fn read_reply(&mut self) -> Reply {
         let mut line = String::new();
         self.reader.read_line(&mut line).unwrap();
         let status = line
