@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod buffering;
 pub mod cache;
+pub mod cache_headers;
 pub mod config;
 pub mod pipeline;
 pub mod proxy;
