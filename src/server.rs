@@ -109,9 +109,7 @@ pub fn run(path: Option<PathBuf>) -> Result<(), StartError> {
         let _guard = background.enter();
         Store::new(settings, &metrics.registry)?
     };
-    let services = Arc::new(Services {
-        store: store.clone(),
-    });
+    let services = Arc::new(Services::new(store.clone(), metrics.registry.clone()));
     let active =
         ActiveConfig::compile(config, 1, &services, admin_token).map_err(StartError::Compile)?;
     let live = LiveConfig::new(active, path.clone(), text, services);

@@ -2,6 +2,8 @@
 //! [`RouteFeature`] (validate, then build a [`Stage`]), and [`route_features`] lists them in
 //! stage order. Adding a capability adds its field to `RouteConfig` and one line here.
 
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::Stage;
@@ -11,16 +13,43 @@ use crate::store::Store;
 /// Long-lived services stages are built with; the same for every config generation.
 pub struct Services {
     pub store: Arc<Store>,
+    /// Where capabilities register their metrics (once per process, see [`Services::shared`]).
+    pub metrics: prometheus::Registry,
+    /// Per-capability state that outlives config generations, one value per type.
+    shared: parking_lot::Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
 }
 
 impl Services {
+    pub fn new(store: Arc<Store>, metrics: prometheus::Registry) -> Services {
+        Services {
+            store,
+            metrics,
+            shared: parking_lot::Mutex::new(HashMap::new()),
+        }
+    }
+
     /// An in-memory store and nothing else: for config checks and tests.
     pub fn in_memory() -> Result<Arc<Services>, crate::store::CacheError> {
-        let store = Store::new(
-            crate::store::CacheSettings::default(),
-            &prometheus::Registry::new(),
-        )?;
-        Ok(Arc::new(Services { store }))
+        let metrics = prometheus::Registry::new();
+        let store = Store::new(crate::store::CacheSettings::default(), &metrics)?;
+        Ok(Arc::new(Services::new(store, metrics)))
+    }
+
+    /// The process-wide `T` of a capability (e.g. its registered metrics), made on first use:
+    /// a stage rebuilt by a config reload gets the same value instead of registering twice.
+    pub fn shared<T: Any + Send + Sync>(
+        &self,
+        make: impl FnOnce(&prometheus::Registry) -> Result<T, String>,
+    ) -> Result<Arc<T>, String> {
+        let mut shared = self.shared.lock();
+        if let Some(value) = shared.get(&TypeId::of::<T>()) {
+            if let Ok(value) = Arc::clone(value).downcast::<T>() {
+                return Ok(value);
+            }
+        }
+        let value = Arc::new(make(&self.metrics)?);
+        shared.insert(TypeId::of::<T>(), value.clone());
+        Ok(value)
     }
 }
 
