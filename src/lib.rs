@@ -6,6 +6,7 @@ pub mod buffering;
 pub mod cache;
 pub mod cache_headers;
 pub mod config;
+pub mod graphql;
 pub mod pipeline;
 pub mod proxy;
 pub mod server;

@@ -272,6 +272,9 @@ pub struct RouteConfig {
     /// HTTP response caching for this route (see `cache`).
     #[serde(default)]
     pub cache: Option<crate::cache::RouteCacheConfig>,
+    /// GraphQL automatic persisted queries, response caching and safelist (see `graphql`).
+    #[serde(default)]
+    pub graphql: Option<crate::graphql::GraphqlConfig>,
 }
 
 fn default_max_body() -> ByteSize {

@@ -110,6 +110,9 @@ pub fn route_features(route: &RouteConfig) -> Vec<(&'static str, &dyn RouteFeatu
     if let Some(router) = &route.upstream_by_header {
         features.push(("upstream_by_header", router));
     }
+    if let Some(graphql) = &route.graphql {
+        features.push(("graphql", graphql));
+    }
     if let Some(cache) = &route.cache {
         features.push(("cache", cache));
     }

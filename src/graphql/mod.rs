@@ -1,0 +1,91 @@
+//! `graphql:` on a route: Apollo-compatible automatic persisted queries (APQ) in front of a
+//! GraphQL app that knows nothing of them, GET for hashed queries (so a CDN can cache them),
+//! response caching of query operations, and a safelist from a persisted-query manifest.
+//!
+//! The APQ registry and cached results live in the shared [`Store`](crate::store::Store)
+//! (L1 + Redis), so a registration is seen by every replica and survives a restart. The
+//! upstream only ever receives plain GraphQL requests (POST JSON). The stage knows no other
+//! capability; headers shared with the HTTP cache come from [`crate::cache_headers`].
+
+pub mod config;
+pub mod error;
+pub mod manifest;
+pub mod metrics;
+pub mod operation;
+pub mod protocol;
+mod stage;
+
+pub use config::GraphqlConfig;
+pub use error::GraphqlError;
+pub use stage::GraphqlStage;
+
+use std::sync::Arc;
+
+use crate::pipeline::registry::{BuildCx, FieldProblem, RouteFeature, ValidateCx};
+use crate::pipeline::Stage;
+
+impl RouteFeature for GraphqlConfig {
+    fn validate(&self, at: &str, cx: &ValidateCx<'_>, out: &mut Vec<FieldProblem>) {
+        if self.max_body.0 == 0 {
+            out.push(FieldProblem::new(
+                format!("{at}.max_body"),
+                "must be greater than zero",
+            ));
+        } else if self.max_body.0 > cx.route.max_body.0 {
+            out.push(FieldProblem::new(
+                format!("{at}.max_body"),
+                format!(
+                    "larger than the route's max_body ({} bytes), which bounds every body read",
+                    cx.route.max_body.0
+                ),
+            ));
+        }
+        if self.apq.ttl.get().is_zero() {
+            out.push(FieldProblem::new(
+                format!("{at}.apq.ttl"),
+                "must be greater than zero",
+            ));
+        }
+        if let Some(rc) = &self.response_cache {
+            if rc.ttl.get().is_zero() {
+                out.push(FieldProblem::new(
+                    format!("{at}.response_cache.ttl"),
+                    "must be greater than zero",
+                ));
+            }
+        }
+        if let Some(pq) = &self.persisted_queries {
+            if pq.log_only && !pq.safelist {
+                out.push(FieldProblem::new(
+                    format!("{at}.persisted_queries.log_only"),
+                    "only means something with safelist: true",
+                ));
+            }
+            if let Err(e) = manifest::Manifest::load(&pq.manifest) {
+                out.push(FieldProblem::new(
+                    format!("{at}.persisted_queries.manifest"),
+                    e.to_string(),
+                ));
+            }
+        }
+    }
+
+    fn build(&self, cx: &BuildCx<'_>) -> Result<Arc<dyn Stage>, String> {
+        let metrics = cx
+            .services
+            .shared(|registry| metrics::GraphqlMetrics::new(registry).map_err(|e| e.to_string()))?;
+        let manifest = match &self.persisted_queries {
+            Some(pq) => Some(Arc::new(
+                manifest::Manifest::load(&pq.manifest).map_err(|e| e.to_string())?,
+            )),
+            None => None,
+        };
+        Ok(Arc::new(GraphqlStage::new(
+            self.clone(),
+            cx.services.store.clone(),
+            metrics,
+            manifest,
+            cx.route_name,
+        )))
+    }
+}
