@@ -46,6 +46,11 @@ routes:
     upstream: app
     graphql:
       response_cache: {{ ttl: 60s, scope: shared }}
+  - name: swr
+    match: {{ path: /swr/graphql, methods: [GET, POST] }}
+    upstream: app
+    graphql:
+      response_cache: {{ ttl: 1s, stale_while_revalidate: 1h, scope: shared }}
   - name: safe
     match: {{ path: /safe/graphql, methods: [GET, POST] }}
     upstream: app
@@ -639,4 +644,49 @@ async fn the_safelist_admits_manifest_operations_only() {
     )
     .is_some());
     let _ = (&env.redis, &env.manifest);
+}
+
+#[tokio::test]
+async fn concurrent_misses_share_one_upstream_request() {
+    let env = env().await;
+    let p = &env.proxy;
+    let body = json!({"query": "{ slow }"});
+    let answers =
+        futures::future::join_all((0..5).map(|_| post(p, "/shared/graphql", &body, &[]))).await;
+    assert_eq!(env.app.hits("/shared/graphql"), 1, "one fetch for all five");
+    for a in &answers {
+        assert_eq!(a.status, 200);
+        assert_eq!(a.body, answers[0].body);
+    }
+}
+
+#[tokio::test]
+async fn a_stale_hashed_get_is_served_while_a_background_post_refreshes_it() {
+    let env = env().await;
+    let p = &env.proxy;
+    let query = "query Swr { swr }";
+    post(p, "/graphql", &hash_and_query(query, json!({})), &[]).await;
+    let params = get_params(query, &json!({}));
+    let first = get(p, "/swr/graphql", &params, &[]).await;
+    assert_eq!(first.header("x-cache-status"), Some("MISS"));
+    let first_seq = first.body["data"]["seq"].as_u64().unwrap();
+
+    // Past its 1s TTL the entry is served stale, and one background request refreshes it.
+    let stale = wait_for("a stale answer", Duration::from_secs(10), || async {
+        let got = get(p, "/swr/graphql", &params, &[]).await;
+        (got.header("x-cache-status") == Some("STALE")).then_some(got)
+    })
+    .await;
+    assert_eq!(stale.body["data"]["seq"].as_u64(), Some(first_seq));
+    let refreshed = wait_for("the refreshed entry", Duration::from_secs(10), || async {
+        let got = get(p, "/swr/graphql", &params, &[]).await;
+        (got.body["data"]["seq"].as_u64() != Some(first_seq)).then_some(got)
+    })
+    .await;
+    assert_ne!(refreshed.header("x-cache-status"), Some("MISS"));
+    // The refresh was a plain POST with the query text, like the foreground request.
+    let data = &refreshed.body["data"];
+    assert_eq!(data["method"], "POST");
+    assert_eq!(data["uri"], "/swr/graphql");
+    assert_eq!(refreshed.received()["query"], query);
 }

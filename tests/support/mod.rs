@@ -272,7 +272,8 @@ fn headers_json(headers: &hyper::HeaderMap) -> serde_json::Map<String, serde_jso
 }
 
 /// A GraphQL stand-in at `/graphql`: answers `{"data": {"seq", "method", "uri", "received",
-/// "headers"}}` with the request it got; a query containing `boom` gets an `errors` answer, and
+/// "headers"}}` with the request it got; a query containing `boom` gets an `errors` answer, one
+/// containing `slow` is answered after 300 ms, and
 /// an `x-test-cache-control` request header becomes the response's `Cache-Control`.
 async fn graphql_handle(seq: usize, req: Request<Incoming>) -> Response<BoxBody> {
     let method = req.method().to_string();
@@ -288,6 +289,9 @@ async fn graphql_handle(seq: usize, req: Request<Incoming>) -> Response<BoxBody>
     let received: serde_json::Value =
         serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
     let query = received["query"].as_str().unwrap_or("");
+    if query.contains("slow") {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     let answer = if query.contains("boom") {
         serde_json::json!({"data": null, "errors": [{"message": "boom"}]})
     } else {
