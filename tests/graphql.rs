@@ -690,3 +690,50 @@ async fn a_stale_hashed_get_is_served_while_a_background_post_refreshes_it() {
     assert_eq!(data["uri"], "/swr/graphql");
     assert_eq!(refreshed.received()["query"], query);
 }
+
+#[tokio::test]
+async fn a_manifest_edit_reloads_like_the_config() {
+    let env = env().await;
+    let p = &env.proxy;
+    let other = "query Other { other }";
+    let unlisted = json!({"query": other});
+    assert_eq!(post(p, "/safe/graphql", &unlisted, &[]).await.status, 403);
+
+    // The manifest gains the operation; nothing else changes.
+    let manifest = json!({
+        "format": "apollo-persisted-query-manifest",
+        "version": 1,
+        "operations": [
+            {"id": sha(LISTED), "name": "Listed", "type": "query", "body": LISTED},
+            {"id": sha(other), "name": "Other", "type": "query", "body": other},
+        ],
+    });
+    let tmp = format!("{}.tmp", env.manifest);
+    std::fs::write(&tmp, manifest.to_string()).unwrap();
+    std::fs::rename(&tmp, &env.manifest).unwrap();
+    wait_for(
+        "the new manifest to serve",
+        Duration::from_secs(20),
+        || async { (post(p, "/safe/graphql", &unlisted, &[]).await.status == 200).then_some(()) },
+    )
+    .await;
+    metric_eventually(
+        p,
+        "outrider_config_reloads_total",
+        &["outcome=\"applied\""],
+        1.0,
+    )
+    .await;
+
+    // A broken manifest is rejected and the last good one keeps serving.
+    std::fs::write(&tmp, "{ not a manifest").unwrap();
+    std::fs::rename(&tmp, &env.manifest).unwrap();
+    metric_eventually(
+        p,
+        "outrider_config_reloads_total",
+        &["outcome=\"rejected\""],
+        1.0,
+    )
+    .await;
+    assert_eq!(post(p, "/safe/graphql", &unlisted, &[]).await.status, 200);
+}

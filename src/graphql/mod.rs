@@ -70,6 +70,13 @@ impl RouteFeature for GraphqlConfig {
         }
     }
 
+    fn watched_files(&self) -> Vec<String> {
+        self.persisted_queries
+            .iter()
+            .map(|pq| pq.manifest.clone())
+            .collect()
+    }
+
     fn build(&self, cx: &BuildCx<'_>) -> Result<Arc<dyn Stage>, String> {
         let metrics = cx
             .services

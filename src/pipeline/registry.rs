@@ -97,6 +97,11 @@ pub trait RouteFeature {
     fn keyed_headers(&self) -> Option<Vec<String>> {
         None
     }
+    /// Files besides the config that this section reads when it is built (e.g. a manifest):
+    /// an edit to one reloads the config like an edit to the config file does.
+    fn watched_files(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// The stage this section compiles to (once per config load).
     fn build(&self, cx: &BuildCx<'_>) -> Result<Arc<dyn Stage>, String>;
 }
@@ -117,6 +122,19 @@ pub fn route_features(route: &RouteConfig) -> Vec<(&'static str, &dyn RouteFeatu
         features.push(("cache", cache));
     }
     features
+}
+
+/// Every file the config's capability sections read (see [`RouteFeature::watched_files`]).
+pub fn watched_files(config: &Config) -> Vec<String> {
+    config
+        .routes
+        .iter()
+        .flat_map(|route| {
+            route_features(route)
+                .into_iter()
+                .flat_map(|(_, feature)| feature.watched_files())
+        })
+        .collect()
 }
 
 /// Validates every capability section of every route.
