@@ -472,6 +472,10 @@ async fn query_results_are_cached_and_errors_are_not() {
         .unwrap()
         .starts_with("outrider; hit; ttl="));
     assert!(second.header("age").is_some());
+    assert!(second
+        .header("server-timing")
+        .unwrap()
+        .contains("cache;desc=hit"));
     assert_eq!(second.body, first.body, "the stored result");
     assert_eq!(env.app.hits("/cached/graphql"), 1);
     // Other variables, other entry (keys are canonical: key order does not matter).

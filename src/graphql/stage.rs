@@ -658,6 +658,17 @@ impl Stage for GraphqlStage {
         }
     }
 
+    fn server_timing(&self, slot: &Slot, out: &mut String) {
+        let Some(cache) = state_ref::<GraphqlState>(slot).and_then(|s| s.cache.as_ref()) else {
+            return;
+        };
+        out.push_str(match cache.status {
+            CacheStatus::Hit { .. } => ", cache;desc=hit",
+            CacheStatus::StaleWhileRevalidate { .. } => ", cache;desc=stale",
+            _ => ", cache;desc=miss",
+        });
+    }
+
     fn on_body_chunk(&self, slot: &mut Slot, chunk: Option<&Bytes>, end_of_stream: bool) {
         let Some(cache) = state_mut::<GraphqlState>(slot).and_then(|s| s.cache.as_mut()) else {
             return;
