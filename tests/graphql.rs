@@ -522,6 +522,13 @@ async fn query_results_are_cached_and_errors_are_not() {
     .await;
     let hit = post(p, "/cached/graphql", &short, &[]).await;
     assert_eq!(hit.header("x-cache-status"), Some("HIT"));
+    metric_eventually(
+        p,
+        "outrider_graphql_response_cache_total",
+        &["route=\"cached\"", "outcome=\"hit\""],
+        2.0,
+    )
+    .await;
     let ttl: i64 = hit
         .header("cache-status")
         .unwrap()

@@ -40,6 +40,13 @@ impl RouteFeature for GraphqlConfig {
                 ),
             ));
         }
+        if cx.route.cache.is_some() {
+            // The HTTP cache would key hashed GETs by URL and store GraphQL errors with them.
+            out.push(FieldProblem::new(
+                at.to_owned(),
+                "a route with graphql: cannot also have cache: (use graphql.response_cache)",
+            ));
+        }
         if self.apq.ttl.get().is_zero() {
             out.push(FieldProblem::new(
                 format!("{at}.apq.ttl"),
@@ -94,5 +101,37 @@ impl RouteFeature for GraphqlConfig {
             manifest,
             cx.route_name,
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::load::parse_str;
+
+    fn problems(graphql: &str, extra: &str) -> String {
+        let text = format!(
+            "upstreams: {{ app: {{ url: \"http://127.0.0.1:1\" }} }}\nroutes:\n  - name: g\n    match: {{ path: /graphql }}\n    upstream: app\n{extra}    graphql: {graphql}\n"
+        );
+        match parse_str(&text, "t.yaml") {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn sections_are_validated_with_positions() {
+        assert_eq!(problems("{}", ""), "");
+        assert!(problems("{ apq: { ttl: 0s } }", "").contains("routes[0].graphql.apq.ttl"));
+        assert!(problems("{ max_body: 8MiB }", "").contains("larger than the route's max_body"));
+        assert!(problems("{ bogus: 1 }", "").contains("unknown field `bogus`"));
+        assert!(problems("{ response_cache: { scope: everyone } }", "").contains("unknown variant"));
+        assert!(problems("{}", "    cache: { ttl: 1m }\n").contains("cannot also have cache:"));
+        let missing = problems("{ persisted_queries: { manifest: /nonexistent.json } }", "");
+        assert!(
+            missing.contains("graphql.persisted_queries.manifest: cannot read"),
+            "{missing}"
+        );
+        let lonely = "{ persisted_queries: { manifest: /nonexistent.json, log_only: true } }";
+        assert!(problems(lonely, "").contains("only means something with safelist: true"));
     }
 }

@@ -159,7 +159,7 @@ impl GraphqlStage {
                     self.count_apq("mismatch");
                     return Err(GraphqlError::HashMismatch);
                 }
-                self.count_apq("registered");
+                // Registered (and counted) once the safelist and method checks let it through.
                 Ok((query.clone(), pq.hash.clone()))
             }
             (Some(pq), None) => {
@@ -412,6 +412,7 @@ impl GraphqlStage {
         }
         if let (Some(pq), Some(query)) = (&request.persisted, &request.query) {
             self.register(&pq.hash, query);
+            self.count_apq("registered");
         }
         let name = operation.as_ref().and_then(|o| o.name.as_deref());
         let listed = match (name, &self.manifest) {
@@ -736,5 +737,54 @@ impl Stage for GraphqlStage {
         if let Some(cache) = state_mut::<GraphqlState>(slot).and_then(|s| s.cache.as_mut()) {
             cache.leader.take();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response(status: u16, headers: &[(&str, &str)]) -> ResponseHeader {
+        let mut resp = ResponseHeader::build(status, None).unwrap();
+        for (k, v) in headers {
+            resp.append_header(k.to_string(), *v).unwrap();
+        }
+        resp
+    }
+
+    #[test]
+    fn what_may_be_stored_and_for_how_long() {
+        let ttl = Duration::from_secs(60);
+        assert_eq!(storable_for(&response(200, &[]), ttl), Some(ttl));
+        assert_eq!(
+            storable_for(&response(200, &[("cache-control", "max-age=5")]), ttl),
+            Some(Duration::from_secs(5)),
+            "a smaller max-age wins"
+        );
+        assert_eq!(
+            storable_for(&response(200, &[("cache-control", "max-age=600")]), ttl),
+            Some(ttl)
+        );
+        for refused in [
+            response(500, &[]),
+            response(201, &[]),
+            response(200, &[("cache-control", "no-store")]),
+            response(200, &[("cache-control", "private, max-age=60")]),
+            response(200, &[("cache-control", "max-age=0")]),
+            response(200, &[("set-cookie", "a=b")]),
+            response(200, &[("content-encoding", "gzip")]),
+        ] {
+            assert_eq!(storable_for(&refused, ttl), None, "{refused:?}");
+        }
+    }
+
+    #[test]
+    fn results_with_errors_are_not_stored() {
+        assert!(!has_errors(br#"{"data":{"a":1}}"#));
+        assert!(has_errors(
+            br#"{"data":{"a":1},"errors":[{"message":"x"}]}"#
+        ));
+        assert!(has_errors(br#"{"errors":[]}"#), "no data");
+        assert!(has_errors(b"not json"));
     }
 }
