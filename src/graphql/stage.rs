@@ -23,7 +23,9 @@ use crate::pipeline::{
     state_mut, state_ref, Answer, Completion, RequestCx, ResponseVerdict, Slot, Stage, StageError,
     Verdict,
 };
-use crate::store::{CacheKey, Flight, LeaderGuard, Outcome, Reservation, Store, StoredResponse};
+use crate::store::{
+    CacheKey, Flight, LeaderGuard, Outcome, Reservation, RevalidationGuard, Store, StoredResponse,
+};
 
 /// Namespace of APQ registrations in the store (shared by every route, like Apollo's).
 const APQ_NAMESPACE: &str = "apq";
@@ -48,8 +50,8 @@ struct CacheCx {
     capture: Option<Capture>,
     /// The route's TTL; a smaller `max-age` from the app lowers it per response.
     ttl: Duration,
-    /// A background refresh of a stale entry: counts only what it stores.
-    background: bool,
+    /// A background refresh of a stale entry: held until it ends, so it is the only one.
+    refresh: Option<RevalidationGuard>,
 }
 
 struct Capture {
@@ -80,7 +82,7 @@ struct RefreshJob {
     key: CacheKey,
     body: Bytes,
     ttl: Duration,
-    _guard: crate::store::RevalidationGuard,
+    guard: RevalidationGuard,
 }
 
 impl GraphqlStage {
@@ -307,7 +309,7 @@ impl GraphqlStage {
                             key: key.clone(),
                             body: upstream_body.clone(),
                             ttl,
-                            _guard: guard,
+                            guard,
                         }));
                     }
                     self.store
@@ -462,7 +464,7 @@ impl CacheCx {
             leader: None,
             capture: None,
             ttl,
-            background: false,
+            refresh: None,
         }
     }
 }
@@ -564,10 +566,15 @@ impl Stage for GraphqlStage {
         let Ok(job) = job.downcast::<RefreshJob>() else {
             return Ok(Verdict::Continue);
         };
-        let RefreshJob { key, body, ttl, .. } = *job;
+        let RefreshJob {
+            key,
+            body,
+            ttl,
+            guard,
+        } = *job;
         cx.replace_body(body);
         let mut cache = CacheCx::new(key, CacheStatus::Refresh { stored: false }, ttl);
-        cache.background = true;
+        cache.refresh = Some(guard);
         let state = GraphqlState {
             convert_get: cx.req.method != http::Method::POST,
             cache: Some(cache),
@@ -655,6 +662,9 @@ impl Stage for GraphqlStage {
                 let _ = resp.insert_header("cache-control", "private");
             } else if let Some(left) = state.served_fresh.filter(|l| *l > 0) {
                 let _ = resp.insert_header("cache-control", format!("public, max-age={left}"));
+            } else if !resp.headers.contains_key(http::header::CACHE_CONTROL) {
+                // Not yet known to be error-free: a CDN must not apply a default TTL to it.
+                let _ = resp.insert_header("cache-control", "no-cache");
             }
         }
     }
