@@ -167,6 +167,18 @@ async fn get(
     got(req.send().await.unwrap()).await
 }
 
+/// Status of a (tiny) multipart upload: a POST whose body is not JSON.
+async fn upload(proxy: &Proxy, path: &str) -> u16 {
+    let resp = client()
+        .post(proxy.url(path))
+        .header("content-type", "multipart/form-data; boundary=x")
+        .body("--x--")
+        .send()
+        .await
+        .unwrap();
+    resp.status().as_u16()
+}
+
 fn ext(hash: &str) -> Value {
     json!({"persistedQuery": {"version": 1, "sha256Hash": hash}})
 }
@@ -437,14 +449,7 @@ async fn batches_and_other_encodings_pass_through_untouched() {
     assert_eq!(answer.status, 200);
     assert_eq!(answer.received(), &batch, "the app got the array as sent");
     // A multipart upload is not JSON: not refused, not rewritten.
-    let upload = client()
-        .post(env.proxy.url("/graphql"))
-        .header("content-type", "multipart/form-data; boundary=x")
-        .body("--x--")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(upload.status(), 200);
+    assert_eq!(upload(&env.proxy, "/graphql").await, 200);
     assert_eq!(env.app.hits("/graphql"), 2);
 }
 
@@ -626,6 +631,12 @@ async fn the_safelist_admits_manifest_operations_only() {
     .await;
     assert_eq!(later.code(), Some("PERSISTED_QUERY_NOT_FOUND"));
 
+    // What cannot be checked is refused where the safelist is enforced.
+    let batch = post(p, "/safe/graphql", &json!([listed]), &[]).await;
+    assert_eq!(batch.status, 403);
+    assert_eq!(batch.code(), Some("QUERY_NOT_IN_SAFELIST"));
+    assert_eq!(upload(p, "/safe/graphql").await, 403);
+
     // log_only lets it through and counts it; without safelist nothing is checked.
     assert_eq!(
         post(p, "/logonly/graphql", &unlisted, &[]).await.status,
@@ -643,7 +654,7 @@ async fn the_safelist_admits_manifest_operations_only() {
         p,
         "outrider_graphql_safelist_total",
         &["route=\"safe\"", "result=\"rejected\""],
-        2.0,
+        4.0,
     )
     .await;
     assert!(support::metric_value(

@@ -32,6 +32,9 @@ pub enum GraphqlError {
     MutationOverGet,
     #[error("The operation body was not found in the persisted query safelist")]
     NotInSafelist,
+    /// A batch or a non-JSON body on a route that enforces the safelist.
+    #[error("batched requests and non-JSON bodies cannot be checked against the persisted query safelist")]
+    Unverifiable,
 }
 
 impl GraphqlError {
@@ -47,7 +50,7 @@ impl GraphqlError {
             }
             GraphqlError::TooLarge { .. } => "GRAPHQL_REQUEST_TOO_LARGE",
             GraphqlError::MutationOverGet => "MUTATION_FORBIDDEN",
-            GraphqlError::NotInSafelist => "QUERY_NOT_IN_SAFELIST",
+            GraphqlError::NotInSafelist | GraphqlError::Unverifiable => "QUERY_NOT_IN_SAFELIST",
         }
     }
 
@@ -57,7 +60,7 @@ impl GraphqlError {
         match self {
             GraphqlError::NotFound => 200,
             GraphqlError::MutationOverGet => 405,
-            GraphqlError::NotInSafelist => 403,
+            GraphqlError::NotInSafelist | GraphqlError::Unverifiable => 403,
             _ => 400,
         }
     }

@@ -14,7 +14,7 @@ use super::config::{GraphqlConfig, Scope};
 use super::error::GraphqlError;
 use super::manifest::Manifest;
 use super::metrics::GraphqlMetrics;
-use super::operation::{analyse, OperationKind};
+use super::operation::{analyse, Operation, OperationKind};
 use super::protocol::{parse_body, parse_query_string, sha256_hex, GraphqlRequest, Parsed};
 use crate::cache_headers::{
     age_header_value, credential_bytes, directive_seconds, directives, has_directive, CacheStatus,
@@ -40,7 +40,13 @@ pub struct GraphqlStage {
     metrics: Arc<GraphqlMetrics>,
     manifest: Option<Arc<Manifest>>,
     route: Arc<str>,
+    /// Parsed operations by (query hash, operation name): a persisted query is parsed once,
+    /// not on every request.
+    operations: moka::sync::Cache<(String, Option<String>), Option<Operation>>,
 }
+
+/// Distinct (query, operation name) pairs whose analysis is kept.
+const OPERATION_CACHE: u64 = 10_000;
 
 /// The response cache's part of one request.
 struct CacheCx {
@@ -99,7 +105,19 @@ impl GraphqlStage {
             metrics,
             manifest,
             route: Arc::from(route),
+            operations: moka::sync::Cache::new(OPERATION_CACHE),
         }
+    }
+
+    /// The operation a request runs (see [`analyse`]), from the cache when seen before.
+    fn operation(&self, hash: &str, query: &str, name: Option<&str>) -> Option<Operation> {
+        let key = (hash.to_owned(), name.map(str::to_owned));
+        if let Some(known) = self.operations.get(&key) {
+            return known;
+        }
+        let operation = analyse(query, name);
+        self.operations.insert(key, operation.clone());
+        operation
     }
 
     fn max_body(&self) -> usize {
@@ -192,6 +210,24 @@ impl GraphqlStage {
         }
     }
 
+    /// A request passed through without looking inside (a batch, a non-JSON body): only where
+    /// no safelist is enforced, since its operations cannot be checked.
+    fn unchecked(&self) -> Result<Option<Answer>, GraphqlError> {
+        let enforced = self
+            .config
+            .persisted_queries
+            .as_ref()
+            .is_some_and(|pq| pq.safelist && !pq.log_only);
+        if enforced {
+            self.metrics
+                .safelist
+                .with_label_values(&[&*self.route, "rejected"])
+                .inc();
+            return Err(GraphqlError::Unverifiable);
+        }
+        Ok(None)
+    }
+
     /// Checks the operation against the manifest's safelist; `Ok` lets it through.
     fn safelist(&self, hash: &str) -> Result<(), GraphqlError> {
         let (Some(manifest), Some(pq)) = (&self.manifest, &self.config.persisted_queries) else {
@@ -274,7 +310,8 @@ impl GraphqlStage {
         state: &mut GraphqlState,
         key: CacheKey,
         ttl: Duration,
-        upstream_body: &Bytes,
+        request: &GraphqlRequest,
+        query: &str,
     ) -> Option<Answer> {
         let lookup = self.store.lookup(&key).await;
         let now = SystemTime::now();
@@ -307,7 +344,7 @@ impl GraphqlStage {
                     if let Some(guard) = self.store.try_begin_revalidation(&key) {
                         cx.spawn_background(Box::new(RefreshJob {
                             key: key.clone(),
-                            body: upstream_body.clone(),
+                            body: request.upstream_body(query),
                             ttl,
                             guard,
                         }));
@@ -376,7 +413,7 @@ impl GraphqlStage {
                         .any(|w| w.eq_ignore_ascii_case(b"json"))
                 });
             if !json {
-                return Ok(None);
+                return self.unchecked();
             }
             if declared_length(&req.headers).is_some_and(|len| len > self.max_body()) {
                 return Err(GraphqlError::TooLarge {
@@ -390,7 +427,7 @@ impl GraphqlStage {
                 });
             }
             match parse_body(body)? {
-                Parsed::Batch => return Ok(None),
+                Parsed::Batch => return self.unchecked(),
                 Parsed::One(request) => *request,
             }
         } else {
@@ -399,7 +436,7 @@ impl GraphqlStage {
 
         let (query, hash) = self.resolve(&request).await?;
         self.safelist(&hash)?;
-        let operation = analyse(&query, request.operation_name.as_deref());
+        let operation = self.operation(&hash, &query, request.operation_name.as_deref());
         let kind = operation.as_ref().map(|o| o.kind);
         if state.convert_get {
             match kind {
@@ -432,16 +469,21 @@ impl GraphqlStage {
 
         // The upstream gets a plain GraphQL POST whenever the client's request was anything
         // else (hash-only, hash plus query, or GET).
-        let upstream_body = request.upstream_body(&query);
-        if request.persisted.is_some() || state.convert_get {
-            cx.replace_body(upstream_body.clone());
-        }
+        // Built only when the request goes upstream: a cache hit never needs it.
+        let rewrite = request.persisted.is_some() || state.convert_get;
+        let forward = |cx: &mut RequestCx<'_>| {
+            if rewrite {
+                cx.replace_body(request.upstream_body(&query));
+            }
+        };
 
         let Some(rc) = &self.config.response_cache else {
+            forward(cx);
             return Ok(None);
         };
         if kind != Some(OperationKind::Query) {
             self.count_cache("bypass");
+            forward(cx);
             return Ok(None);
         }
         let credential = match rc.scope {
@@ -450,9 +492,13 @@ impl GraphqlStage {
         };
         state.per_credential = credential.is_some();
         let key = self.response_key(&hash, &request, credential.as_deref());
-        Ok(self
-            .lookup(cx, state, key, rc.ttl.get(), &upstream_body)
-            .await)
+        let answer = self
+            .lookup(cx, state, key, rc.ttl.get(), &request, &query)
+            .await;
+        if answer.is_none() {
+            forward(cx);
+        }
+        Ok(answer)
     }
 }
 
