@@ -9,6 +9,9 @@
 #   redis  L1 disabled: every hit comes from Redis (L2), to read Redis-tier throughput/latency
 #   bare   a bare Pingora pass-through (examples/bare_pingora.rs) next to nginx, the baseline
 #          for outrider's own per-request cost
+#   graphql  a GraphQL APQ hit from the response cache (hashed GET and hash-only POST) next to an
+#          L1 HTTP cache hit and the same query sent straight to the FastAPI example
+#          (scripts/bench-graphql.sh)
 #
 # Env: BENCH (path to bench.sh, default ../shared/bench/bench.sh), DURATION, CONNS, REPS as bench.sh.
 set -euo pipefail
@@ -68,6 +71,10 @@ for mode in "${MODES[@]}"; do
       PEERS="nginx" SUT_NAME=bare-pingora \
         SUT_CMD="$ROOT/target/release/examples/bare_pingora 127.0.0.1:18100 127.0.0.1:18001" \
         bash "$BENCH" fast
+      ;;
+    graphql)
+      echo "### graphql: APQ + response-cache hits vs an L1 HTTP cache hit vs the app directly"
+      DURATION=${DURATION:-8} CONNS=${CONNS:-64} bash scripts/bench-graphql.sh
       ;;
     *) echo "unknown mode $mode" >&2; exit 2 ;;
   esac
