@@ -757,3 +757,21 @@ async fn a_manifest_edit_reloads_like_the_config() {
     .await;
     assert_eq!(post(p, "/safe/graphql", &unlisted, &[]).await.status, 200);
 }
+
+#[tokio::test]
+async fn without_redis_registration_still_works_in_memory() {
+    let app = Backend::start("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(dir.path());
+    // Nothing listens there: every Redis call fails fast behind the breaker.
+    let dead = format!("redis://127.0.0.1:{}", support::free_port());
+    let proxy = Proxy::start(&config(&app.url(), &dead, &manifest)).await;
+    let registered = post(&proxy, "/graphql", &hash_and_query(QUERY, json!({})), &[]).await;
+    assert_eq!(registered.status, 200);
+    let hit = post(&proxy, "/graphql", &hash_only(QUERY, json!({})), &[]).await;
+    assert_eq!(hit.received()["query"], QUERY);
+    let cached = json!({"query": "{ cachedWithoutRedis }"});
+    post(&proxy, "/shared/graphql", &cached, &[]).await;
+    let again = post(&proxy, "/shared/graphql", &cached, &[]).await;
+    assert_eq!(again.header("x-cache-status"), Some("HIT"));
+}

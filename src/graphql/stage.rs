@@ -834,6 +834,44 @@ mod tests {
         }
     }
 
+    fn stage(ttl: Duration) -> GraphqlStage {
+        let registry = prometheus::Registry::new();
+        let store = Store::new(crate::store::CacheSettings::default(), &registry).unwrap();
+        let metrics = Arc::new(GraphqlMetrics::new(&registry).unwrap());
+        let mut config: GraphqlConfig = serde_json::from_str("{}").unwrap();
+        config.apq.ttl = crate::config::units::HumanDuration(ttl);
+        GraphqlStage::new(config, store, metrics, None, "g")
+    }
+
+    #[tokio::test]
+    async fn a_registration_in_use_is_renewed() {
+        // Its retention is the ttl: the store forgets one out of use (the store's own tests).
+        let stage = stage(Duration::from_secs(100));
+        let hash = sha256_hex("{ a }");
+        stage.register(&hash, "{ a }");
+        let stored_at = |stage: &GraphqlStage| {
+            stage
+                .store
+                .lookup_l1(&GraphqlStage::apq_key(&hash))
+                .map(|e| e.stored_at)
+        };
+        let first = stored_at(&stage).unwrap();
+        // Used early in its life: left as it is (no write per use).
+        assert_eq!(stage.registered(&hash).await.as_deref(), Some("{ a }"));
+        assert_eq!(stored_at(&stage), Some(first));
+        // Used past half its life: rewritten with a new lifetime.
+        let mut old = (*stage
+            .store
+            .lookup_l1(&GraphqlStage::apq_key(&hash))
+            .unwrap())
+        .clone();
+        old.stored_at = SystemTime::now() - Duration::from_secs(60);
+        let aged = old.stored_at;
+        stage.store.store_now(&GraphqlStage::apq_key(&hash), old);
+        assert_eq!(stage.registered(&hash).await.as_deref(), Some("{ a }"));
+        assert!(stored_at(&stage).unwrap() > aged, "renewed on use");
+    }
+
     #[test]
     fn results_with_errors_are_not_stored() {
         assert!(!has_errors(br#"{"data":{"a":1}}"#));
