@@ -512,7 +512,11 @@ async fn query_results_are_cached_and_errors_are_not() {
             &[],
         )
         .await;
-        assert!(mutation.header("x-cache-status").is_none());
+        assert_eq!(mutation.header("x-cache-status"), Some("BYPASS"));
+        assert_eq!(
+            mutation.header("cache-status"),
+            Some("outrider; fwd=bypass")
+        );
     }
     assert_eq!(env.app.hits("/cached/graphql"), 2 + 6);
 

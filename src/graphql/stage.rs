@@ -78,6 +78,8 @@ struct GraphqlState {
     per_credential: bool,
     /// Served from the response cache, with this many seconds of freshness left.
     served_fresh: Option<i64>,
+    /// The route caches results, but not of this operation (a mutation, a subscription).
+    bypass: bool,
     /// The request was refused: no cache headers on the refusal.
     refused: bool,
     cache: Option<CacheCx>,
@@ -483,6 +485,7 @@ impl GraphqlStage {
         };
         if kind != Some(OperationKind::Query) {
             self.count_cache("bypass");
+            state.bypass = true;
             forward(cx);
             return Ok(None);
         }
@@ -697,9 +700,13 @@ impl Stage for GraphqlStage {
         if state.refused {
             return;
         }
-        if let Some(cache) = &state.cache {
-            let _ = resp.insert_header("x-cache-status", cache.status.x_cache_status());
-            let _ = resp.insert_header("cache-status", cache.status.header_value());
+        let status = match &state.cache {
+            Some(cache) => Some(cache.status),
+            None => state.bypass.then_some(CacheStatus::Bypass),
+        };
+        if let Some(status) = status {
+            let _ = resp.insert_header("x-cache-status", status.x_cache_status());
+            let _ = resp.insert_header("cache-status", status.header_value());
         }
         if state.hashed_get {
             // What a CDN in front may do with it: results known to be error-free and shared
@@ -716,7 +723,13 @@ impl Stage for GraphqlStage {
     }
 
     fn server_timing(&self, slot: &Slot, out: &mut String) {
-        let Some(cache) = state_ref::<GraphqlState>(slot).and_then(|s| s.cache.as_ref()) else {
+        let Some(state) = state_ref::<GraphqlState>(slot) else {
+            return;
+        };
+        let Some(cache) = &state.cache else {
+            if state.bypass {
+                out.push_str(", cache;desc=bypass");
+            }
             return;
         };
         out.push_str(match cache.status {
