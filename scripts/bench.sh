@@ -2,7 +2,7 @@
 # End-to-end benchmarks with ../shared/bench/bench.sh (nginx, HAProxy, nginx proxy_cache and
 # Varnish measured in the same run, every proxy on its own CPU with one worker):
 #
-#   bash scripts/bench.sh [fast|app|redis|bare|tracing]...      (default: fast bare)
+#   bash scripts/bench.sh [fast|app|redis|bare|tracing|graphql]...      (default: fast bare)
 #
 #   fast   outrider with L1 caching GET /hit/*, passing /pass/* through; nginx backend
 #   app    the same in front of the FastAPI backend (~20 ms per call)
@@ -12,6 +12,9 @@
 #   tracing  pass-through CPU per request with tracing off (no endpoint), on at sample_ratio 0
 #          and on at sample_ratio 1 (every request exported to a local OTLP sink), each run next
 #          to nginx; prints each variant's CPU/request relative to nginx and to "off"
+#   graphql  a GraphQL APQ hit from the response cache (hashed GET and hash-only POST) next to an
+#          L1 HTTP cache hit and the same query sent straight to the FastAPI example
+#          (scripts/bench-graphql.sh)
 #
 # Env: BENCH (path to bench.sh, default ../shared/bench/bench.sh), DURATION, CONNS, REPS as bench.sh.
 set -euo pipefail
@@ -108,6 +111,9 @@ PY
       kill "$SINK_PID" 2>/dev/null || true
       echo "### tracing overhead: CPU per pass-through request (us), vs nginx in the same run, vs off"
       awk 'NR==1 {base=$3} {printf "%-7s cpu_us=%s cpu/nginx=%s cpu/off=%.2f\n", $1, $2, $3, $3/base}' "$summary"
+    graphql)
+      echo "### graphql: APQ + response-cache hits vs an L1 HTTP cache hit vs the app directly"
+      DURATION=${DURATION:-8} CONNS=${CONNS:-64} bash scripts/bench-graphql.sh
       ;;
     *) echo "unknown mode $mode" >&2; exit 2 ;;
   esac

@@ -4,7 +4,9 @@
 pub mod admin;
 pub mod buffering;
 pub mod cache;
+pub mod cache_headers;
 pub mod config;
+pub mod graphql;
 pub mod limits;
 pub mod pipeline;
 pub mod proxy;

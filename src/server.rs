@@ -124,10 +124,11 @@ pub fn run(path: Option<PathBuf>) -> Result<(), StartError> {
     };
     let slo = crate::slo::SloRegistry::new(&metrics.registry)
         .map_err(|e| StartError::Metrics(MetricsError::from(e)))?;
-    let services = Arc::new(Services {
-        store: store.clone(),
-        slo: slo.clone(),
-    });
+    let services = Arc::new(Services::new(
+        store.clone(),
+        metrics.registry.clone(),
+        slo.clone(),
+    ));
     let active =
         ActiveConfig::compile(config, 1, &services, admin_token).map_err(StartError::Compile)?;
     let live = LiveConfig::new(active, path.clone(), text, services);

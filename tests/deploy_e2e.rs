@@ -5,7 +5,11 @@
 //! a POST that reaches the app every time, GraphQL, the OpenAI-compatible chat stand-in
 //! (plain and SSE) and the ONNX risk model against the generator's own weights.
 //!
-//! Needs the example's Python packages: run `scripts/install-python-deps.sh` first.
+//! A second test drives the GraphQL route with the real Apollo Client (tests/apollo, pinned by
+//! its package-lock.json and installed with `npm ci` by the test).
+//!
+//! Needs the example's Python packages: run `scripts/install-python-deps.sh` first, and Node.js
+//! 18+ with npm.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::fs::File;
@@ -552,4 +556,114 @@ async fn fastapi_example_through_outrider() {
             "/metrics lacks {needle}:\n{metrics}"
         );
     }
+}
+
+/// Installs the conformance script's pinned packages (from its lockfile) unless present.
+fn npm_ci(dir: &Path) {
+    if dir.join("node_modules/@apollo/client").exists() {
+        return;
+    }
+    let out = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run npm ({e}); install Node.js 18+ and npm"));
+    assert!(out.status.success(), "npm ci failed: {out:?}");
+}
+
+/// The real Apollo Client (with its persisted-queries link, from npm) against outrider in
+/// front of the example's strawberry app: NOT_FOUND then registration, hash-only afterwards,
+/// and `useGETForHashedQueries`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apollo_client_persisted_queries_through_outrider() {
+    let dir = root().join("tests/apollo");
+    npm_ci(&dir);
+    let stack = start_stack().await;
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg("apq.mjs")
+            .arg(format!("{}/graphql", stack.base))
+            .current_dir(&dir)
+            .output()
+            .map(|out| (out, stack))
+    })
+    .await
+    .unwrap()
+    .expect("run node");
+    let (out, _stack) = out;
+    assert!(out.status.success(), "apq.mjs failed: {out:?}");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("apq.mjs JSON");
+    let runs = report["runs"].as_array().expect("runs");
+    let run = |name: &str| -> &Value {
+        runs.iter()
+            .find(|r| r["name"] == name)
+            .unwrap_or_else(|| panic!("no run {name}: {report}"))
+    };
+    // (method, sent the query text, error codes) of each HTTP request of a run.
+    let requests = |name: &str| -> Vec<(String, bool, Vec<String>)> {
+        let r = run(name);
+        assert!(r["error"].is_null(), "{name}: {r}");
+        r["requests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|q| {
+                assert_eq!(
+                    q["hasHash"], true,
+                    "{name}: every request carries the hash: {q}"
+                );
+                let codes = q["codes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|c| c.as_str().unwrap_or("").to_string())
+                    .collect();
+                (
+                    q["method"].as_str().unwrap().to_string(),
+                    q["hasQuery"] == true,
+                    codes,
+                )
+            })
+            .collect()
+    };
+    let not_found = vec!["PERSISTED_QUERY_NOT_FOUND".to_string()];
+    assert_eq!(
+        requests("first"),
+        vec![
+            ("POST".into(), false, not_found.clone()),
+            ("POST".into(), true, vec![])
+        ],
+        "NOT_FOUND, then registration"
+    );
+    assert_eq!(run("first")["data"]["item"]["name"], "Item 1");
+    assert_eq!(
+        requests("second"),
+        vec![("POST".into(), false, vec![])],
+        "hash only"
+    );
+    assert_eq!(run("second")["data"], run("first")["data"]);
+    assert_eq!(requests("get-known"), vec![("GET".into(), false, vec![])]);
+    assert_eq!(run("get-known")["data"]["item"]["id"], 2);
+    assert_eq!(
+        requests("get-new"),
+        vec![
+            ("GET".into(), false, not_found),
+            ("POST".into(), true, vec![])
+        ],
+        "an unknown hash over GET is retried as a POST with the query"
+    );
+    assert_eq!(requests("get-again"), vec![("GET".into(), false, vec![])]);
+    assert_eq!(
+        run("get-again")["data"]["items"].as_array().map(Vec::len),
+        Some(2)
+    );
+    let cached = &run("get-cached")["requests"][0];
+    assert_eq!(cached["xCacheStatus"], "HIT", "{cached}");
+    assert!(
+        cached["cacheControl"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("public, max-age="),
+        "a CDN may keep it: {cached}"
+    );
 }

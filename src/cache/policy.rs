@@ -10,6 +10,11 @@ use http::{header, HeaderMap, Method};
 
 use crate::store::StoredResponse;
 
+pub use crate::cache_headers::{
+    age_header_value, credential_bytes, directive_seconds as seconds, directives,
+    has_directive as has, CacheStatus, Directive, CACHE_NAME,
+};
+
 /// The per-route cache rules, compiled from the route's `cache:` block.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoutePolicy {
@@ -133,70 +138,6 @@ impl NotStorable {
     }
 }
 
-/// One `Cache-Control` directive: lowercase name and optional (unquoted) value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Directive {
-    pub name: String,
-    pub value: Option<String>,
-}
-
-/// Splits a comma list while respecting quoted strings (`private="a, b"` is one directive).
-fn split_list(v: &[u8]) -> Vec<&[u8]> {
-    let mut out = Vec::new();
-    let (mut start, mut quoted, mut escaped) = (0, false, false);
-    for (i, &b) in v.iter().enumerate() {
-        if escaped {
-            escaped = false;
-        } else if quoted && b == b'\\' {
-            escaped = true;
-        } else if b == b'"' {
-            quoted = !quoted;
-        } else if b == b',' && !quoted {
-            out.push(&v[start..i]);
-            start = i + 1;
-        }
-    }
-    out.push(&v[start..]);
-    out
-}
-
-fn trim(b: &[u8]) -> &[u8] {
-    b.trim_ascii()
-}
-
-/// All directives of every `name` header (usually `cache-control`), in order.
-pub fn directives(headers: &HeaderMap, name: header::HeaderName) -> Vec<Directive> {
-    let mut out = Vec::new();
-    for value in headers.get_all(name) {
-        for item in split_list(value.as_bytes()) {
-            let item = trim(item);
-            if item.is_empty() {
-                continue;
-            }
-            let (n, v) = match item.iter().position(|&b| b == b'=') {
-                Some(eq) => (trim(&item[..eq]), Some(trim(&item[eq + 1..]))),
-                None => (item, None),
-            };
-            let value = v.map(|v| {
-                let v = v
-                    .strip_prefix(b"\"")
-                    .and_then(|v| v.strip_suffix(b"\""))
-                    .unwrap_or(v);
-                String::from_utf8_lossy(v).into_owned()
-            });
-            out.push(Directive {
-                name: String::from_utf8_lossy(n).to_ascii_lowercase(),
-                value,
-            });
-        }
-    }
-    out
-}
-
-fn has(d: &[Directive], name: &str) -> bool {
-    d.iter().any(|d| d.name == name)
-}
-
 /// Whether a stored response's own `Cache-Control` forbids serving it stale from a shared
 /// cache: `must-revalidate`, `proxy-revalidate` or `s-maxage` (RFC 9111 §5.2.2.2, .8, .10).
 /// The route's stale windows then do not apply to it.
@@ -211,39 +152,6 @@ pub fn forbids_stale(stored_headers: &[(String, Bytes)]) -> bool {
     }
     let cc = directives(&map, header::CACHE_CONTROL);
     has(&cc, "must-revalidate") || has(&cc, "proxy-revalidate") || has(&cc, "s-maxage")
-}
-
-/// Largest delta-seconds a cache must handle; larger values mean "this much" (RFC 9111 §1.2.2).
-const MAX_DELTA_SECONDS: u64 = 1 << 31;
-
-/// Delta-seconds of the first `name` directive. A malformed value (`-1`, `1.5`, `abc`, no value)
-/// gives 0: RFC 9111 §4.2.1 treats invalid freshness information as stale.
-fn seconds(d: &[Directive], name: &str) -> Option<u64> {
-    let directive = d.iter().find(|d| d.name == name)?;
-    let v = directive.value.as_deref().unwrap_or("");
-    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
-        return Some(0);
-    }
-    Some(
-        v.parse::<u64>()
-            .unwrap_or(MAX_DELTA_SECONDS)
-            .min(MAX_DELTA_SECONDS),
-    )
-}
-
-/// Bytes that identify the caller's credentials (length-prefixed so header boundaries cannot
-/// be shifted to collide), or `None` when the request carries none.
-pub fn credential_bytes(req: &HeaderMap) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    for name in [header::AUTHORIZATION, header::COOKIE] {
-        for v in req.get_all(&name) {
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.push(0);
-            out.extend_from_slice(&(v.len() as u64).to_le_bytes());
-            out.extend_from_slice(v.as_bytes());
-        }
-    }
-    (!out.is_empty()).then_some(out)
 }
 
 pub fn request_decision(method: &Method, req: &HeaderMap, route: &RoutePolicy) -> RequestDecision {
@@ -386,84 +294,6 @@ pub fn storable_headers(resp: &HeaderMap) -> Vec<(String, Bytes)> {
         })
         .map(|(n, v)| (n.as_str().to_owned(), Bytes::copy_from_slice(v.as_bytes())))
         .collect()
-}
-
-/// What happened to a request, for the `cache-status` and `x-cache-status` headers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheStatus {
-    /// Fresh hit; `ttl` = seconds of freshness left.
-    Hit {
-        ttl: i64,
-    },
-    /// Stale entry served while a background refresh runs; `ttl` is negative.
-    StaleWhileRevalidate {
-        ttl: i64,
-    },
-    /// The upstream failed and a stale entry was served instead.
-    StaleIfError {
-        ttl: i64,
-        fwd_status: Option<u16>,
-    },
-    Miss {
-        stored: bool,
-    },
-    /// An entry existed but was too old to use; fetched anew.
-    Expired {
-        stored: bool,
-    },
-    /// The client asked for a refresh (`no-cache`).
-    Refresh {
-        stored: bool,
-    },
-    /// A stale entry was refreshed from upstream and the new response served.
-    Revalidated {
-        stored: bool,
-    },
-    Bypass,
-}
-
-/// Name of this cache in `cache-status`.
-pub const CACHE_NAME: &str = "outrider";
-
-impl CacheStatus {
-    /// The RFC 9211 `cache-status` value.
-    pub fn header_value(&self) -> String {
-        let stored = |s: bool| if s { "; stored" } else { "" };
-        match *self {
-            CacheStatus::Hit { ttl } | CacheStatus::StaleWhileRevalidate { ttl } => {
-                format!("{CACHE_NAME}; hit; ttl={ttl}")
-            }
-            CacheStatus::StaleIfError { ttl, fwd_status } => match fwd_status {
-                Some(s) => format!("{CACHE_NAME}; fwd=stale; fwd-status={s}; ttl={ttl}"),
-                None => format!("{CACHE_NAME}; fwd=stale; ttl={ttl}"),
-            },
-            CacheStatus::Miss { stored: s } => format!("{CACHE_NAME}; fwd=miss{}", stored(s)),
-            CacheStatus::Expired { stored: s } | CacheStatus::Revalidated { stored: s } => {
-                format!("{CACHE_NAME}; fwd=stale{}", stored(s))
-            }
-            CacheStatus::Refresh { stored: s } => {
-                format!("{CACHE_NAME}; fwd=request{}", stored(s))
-            }
-            CacheStatus::Bypass => format!("{CACHE_NAME}; fwd=bypass"),
-        }
-    }
-
-    /// The `x-cache-status` value.
-    pub fn x_cache_status(&self) -> &'static str {
-        match self {
-            CacheStatus::Hit { .. } => "HIT",
-            CacheStatus::StaleWhileRevalidate { .. } | CacheStatus::StaleIfError { .. } => "STALE",
-            CacheStatus::Miss { .. } => "MISS",
-            CacheStatus::Expired { .. } => "EXPIRED",
-            CacheStatus::Revalidated { .. } => "REVALIDATED",
-            CacheStatus::Refresh { .. } | CacheStatus::Bypass => "BYPASS",
-        }
-    }
-}
-
-/// The `age` header value: whole seconds, rounded down (RFC 9111 §5.1).
-pub fn age_header_value(age: Duration) -> String {
-    age.as_secs().to_string()
 }
 
 /// Where a stored entry stands for this route now. The one freshness rule: judged from the

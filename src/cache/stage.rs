@@ -175,16 +175,6 @@ fn conditions(
     })
 }
 
-fn set_stored(status: &mut CacheStatus, value: bool) {
-    match status {
-        CacheStatus::Miss { stored }
-        | CacheStatus::Expired { stored }
-        | CacheStatus::Refresh { stored }
-        | CacheStatus::Revalidated { stored } => *stored = value,
-        _ => {}
-    }
-}
-
 /// The buffer's bytes without the slack a growing buffer keeps: L1 is bounded by body length,
 /// so a body held in a much larger allocation would overrun the bound.
 fn exact_bytes(body: BytesMut) -> Bytes {
@@ -568,7 +558,7 @@ impl Stage for HttpCache {
                     body: BytesMut::with_capacity(content_length.unwrap_or(0)),
                     reservation,
                 });
-                set_stored(&mut state.status, true);
+                state.status.set_stored(true);
                 // Pingora calls no body filter for a response that ends with its header.
                 if status == 204 || content_length == Some(0) {
                     self.finish_capture(state);
@@ -648,7 +638,7 @@ impl Stage for HttpCache {
                 tracing::debug!("response grew past cache.max_entry_size; not stored");
                 state.capture = None;
                 state.leader.take();
-                set_stored(&mut state.status, false);
+                state.status.set_stored(false);
                 return;
             }
             // A body of unknown length reserves as it grows.
@@ -658,7 +648,7 @@ impl Stage for HttpCache {
                 tracing::debug!("cache.max_inflight_bytes reached; not stored");
                 state.capture = None;
                 state.leader.take();
-                set_stored(&mut state.status, false);
+                state.status.set_stored(false);
                 return;
             }
             capture.body.extend_from_slice(chunk);

@@ -46,8 +46,11 @@ pub struct LiveConfig {
     path: Option<PathBuf>,
     /// Serializes reloads and remembers the last text seen, to skip no-op reloads.
     last_text: Mutex<String>,
-    /// The last file content that was rejected, so watch-driven retries do not re-log it.
-    last_rejected: Mutex<Option<String>>,
+    /// Digest of the files the serving config's capabilities read (see [`inputs_digest`]).
+    last_inputs: Mutex<[u8; 32]>,
+    /// The last file content that was rejected (with the digest of the other inputs then), so
+    /// watch-driven retries do not re-log it.
+    last_rejected: Mutex<Option<(String, [u8; 32])>>,
     reload_lock: Mutex<()>,
     on_outcome: Mutex<Option<OutcomeHook>>,
     /// What each new generation's stages are built with.
@@ -61,10 +64,12 @@ impl LiveConfig {
         text: String,
         services: Arc<Services>,
     ) -> Arc<Self> {
+        let inputs = inputs_digest(&active.config);
         Arc::new(Self {
             current: ArcSwap::from_pointee(active),
             path,
             last_text: Mutex::new(text),
+            last_inputs: Mutex::new(inputs),
             last_rejected: Mutex::new(None),
             reload_lock: Mutex::new(()),
             on_outcome: Mutex::new(None),
@@ -117,7 +122,13 @@ impl LiveConfig {
             }
         };
         let mut last_rejected = self.last_rejected.lock();
-        if automatic && (text == *last_text || last_rejected.as_deref() == Some(text.as_str())) {
+        let mut last_inputs = self.last_inputs.lock();
+        let serving_inputs = inputs_digest(&self.current.load().config);
+        let seen = text == *last_text && serving_inputs == *last_inputs;
+        let rejected = last_rejected
+            .as_ref()
+            .is_some_and(|(t, inputs)| *t == text && *inputs == serving_inputs);
+        if automatic && (seen || rejected) {
             // Nothing new to say: the same good file, or the same bad file already reported.
             return ReloadOutcome::Unchanged {
                 generation: self.current.load().generation,
@@ -131,13 +142,18 @@ impl LiveConfig {
         let (admin_token, config) = match parsed {
             Ok(parsed) => parsed,
             Err(e) => {
-                *last_rejected = Some(text);
+                *last_rejected = Some((text, serving_inputs));
                 return ReloadOutcome::Rejected(e);
             }
         };
         *last_rejected = None;
         let old = self.current.load_full();
-        if text == *last_text && *old.config == config && old.admin_token == admin_token {
+        let inputs = inputs_digest(&config);
+        if text == *last_text
+            && *old.config == config
+            && old.admin_token == admin_token
+            && inputs == *last_inputs
+        {
             return ReloadOutcome::Unchanged {
                 generation: old.generation,
             };
@@ -159,11 +175,33 @@ impl LiveConfig {
         };
         self.current.store(Arc::new(active));
         *last_text = text;
+        *last_inputs = inputs;
         ReloadOutcome::Applied {
             generation,
             restart_needed,
         }
     }
+}
+
+/// A digest of the files the config's capabilities read besides the config (a GraphQL
+/// manifest), so that editing one reloads like editing the config; the periodic poll notices.
+fn inputs_digest(config: &Config) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new();
+    for path in crate::pipeline::registry::watched_files(config) {
+        hasher.update(&(path.len() as u64).to_le_bytes());
+        hasher.update(path.as_bytes());
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                hasher.update(&[1]);
+                hasher.update(&(bytes.len() as u64).to_le_bytes());
+                hasher.update(&bytes);
+            }
+            Err(_) => {
+                hasher.update(&[0]);
+            }
+        }
+    }
+    *hasher.finalize().as_bytes()
 }
 
 /// Settings read only at start: a change is reported instead of silently ignored.

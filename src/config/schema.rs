@@ -352,6 +352,9 @@ pub struct RouteConfig {
     /// Service level objectives, tracked and optionally enforced (see `slo`).
     #[serde(default)]
     pub slo: Option<crate::slo::SloConfig>,
+    /// GraphQL automatic persisted queries, response caching and safelist (see `graphql`).
+    #[serde(default)]
+    pub graphql: Option<crate::graphql::GraphqlConfig>,
 }
 
 fn default_max_body() -> ByteSize {

@@ -2,6 +2,8 @@
 //! [`RouteFeature`] (validate, then build a [`Stage`]), and [`route_features`] lists them in
 //! stage order. Adding a capability adds its field to `RouteConfig` and one line here.
 
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::Stage;
@@ -13,15 +15,49 @@ pub struct Services {
     pub store: Arc<Store>,
     /// SLO counts and limiters, kept across config generations.
     pub slo: Arc<crate::slo::SloRegistry>,
+    /// Where capabilities register their metrics (once per process, see [`Services::shared`]).
+    pub metrics: prometheus::Registry,
+    /// Per-capability state that outlives config generations, one value per type.
+    shared: parking_lot::Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
 }
 
 impl Services {
+    pub fn new(
+        store: Arc<Store>,
+        metrics: prometheus::Registry,
+        slo: Arc<crate::slo::SloRegistry>,
+    ) -> Services {
+        Services {
+            store,
+            slo,
+            metrics,
+            shared: parking_lot::Mutex::new(HashMap::new()),
+        }
+    }
+
     /// An in-memory store and nothing else: for config checks and tests.
     pub fn in_memory() -> Result<Arc<Services>, ServicesError> {
-        let registry = prometheus::Registry::new();
-        let store = Store::new(crate::store::CacheSettings::default(), &registry)?;
-        let slo = crate::slo::SloRegistry::new(&registry)?;
-        Ok(Arc::new(Services { store, slo }))
+        let metrics = prometheus::Registry::new();
+        let store = Store::new(crate::store::CacheSettings::default(), &metrics)?;
+        let slo = crate::slo::SloRegistry::new(&metrics)?;
+        Ok(Arc::new(Services::new(store, metrics, slo)))
+    }
+
+    /// The process-wide `T` of a capability (e.g. its registered metrics), made on first use:
+    /// a stage rebuilt by a config reload gets the same value instead of registering twice.
+    pub fn shared<T: Any + Send + Sync>(
+        &self,
+        make: impl FnOnce(&prometheus::Registry) -> Result<T, String>,
+    ) -> Result<Arc<T>, String> {
+        let mut shared = self.shared.lock();
+        if let Some(value) = shared.get(&TypeId::of::<T>()) {
+            if let Ok(value) = Arc::clone(value).downcast::<T>() {
+                return Ok(value);
+            }
+        }
+        let value = Arc::new(make(&self.metrics)?);
+        shared.insert(TypeId::of::<T>(), value.clone());
+        Ok(value)
     }
 }
 
@@ -77,6 +113,11 @@ pub trait RouteFeature {
     fn keyed_headers(&self) -> Option<Vec<String>> {
         None
     }
+    /// Files besides the config that this section reads when it is built (e.g. a manifest):
+    /// an edit to one reloads the config like an edit to the config file does.
+    fn watched_files(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// The stage this section compiles to (once per config load).
     fn build(&self, cx: &BuildCx<'_>) -> Result<Arc<dyn Stage>, String>;
 }
@@ -90,6 +131,9 @@ pub fn route_features(route: &RouteConfig) -> Vec<(&'static str, &dyn RouteFeatu
     if let Some(router) = &route.upstream_by_header {
         features.push(("upstream_by_header", router));
     }
+    if let Some(graphql) = &route.graphql {
+        features.push(("graphql", graphql));
+    }
     if let Some(cache) = &route.cache {
         features.push(("cache", cache));
     }
@@ -99,6 +143,19 @@ pub fn route_features(route: &RouteConfig) -> Vec<(&'static str, &dyn RouteFeatu
         features.push(("slo", slo));
     }
     features
+}
+
+/// Every file the config's capability sections read (see [`RouteFeature::watched_files`]).
+pub fn watched_files(config: &Config) -> Vec<String> {
+    config
+        .routes
+        .iter()
+        .flat_map(|route| {
+            route_features(route)
+                .into_iter()
+                .flat_map(|(_, feature)| feature.watched_files())
+        })
+        .collect()
 }
 
 /// Validates every capability section of every route.

@@ -206,6 +206,7 @@ async fn backend_handle(
             let body: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
             Response::new(full(body))
         }
+        [.., "graphql"] => graphql_handle(seq, req).await,
         ["chunked", n, ..] => {
             let n: usize = n.parse().unwrap_or(5);
             let stream = futures::stream::iter(
@@ -215,13 +216,7 @@ async fn backend_handle(
         }
         _ => {
             let method = req.method().to_string();
-            let mut headers = serde_json::Map::new();
-            for (k, v) in req.headers() {
-                headers.insert(
-                    k.as_str().to_string(),
-                    serde_json::Value::String(String::from_utf8_lossy(v.as_bytes()).into()),
-                );
-            }
+            let headers = headers_json(req.headers());
             let mut set_headers = Vec::new();
             if path == "/headers" || path.ends_with("/with-headers") {
                 for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -263,6 +258,54 @@ async fn backend_handle(
             resp
         }
     }
+}
+
+/// Request headers as a JSON object (the last value of a repeated header wins).
+fn headers_json(headers: &hyper::HeaderMap) -> serde_json::Map<String, serde_json::Value> {
+    headers
+        .iter()
+        .map(|(k, v)| {
+            let v = String::from_utf8_lossy(v.as_bytes()).into_owned();
+            (k.as_str().to_string(), serde_json::Value::String(v))
+        })
+        .collect()
+}
+
+/// A GraphQL stand-in at `/graphql`: answers `{"data": {"seq", "method", "uri", "received",
+/// "headers"}}` with the request it got; a query containing `boom` gets an `errors` answer, one
+/// containing `slow` is answered after 300 ms, and
+/// an `x-test-cache-control` request header becomes the response's `Cache-Control`.
+async fn graphql_handle(seq: usize, req: Request<Incoming>) -> Response<BoxBody> {
+    let method = req.method().to_string();
+    let uri = req.uri().to_string();
+    let cache_control = req.headers().get("x-test-cache-control").cloned();
+    let headers = headers_json(req.headers());
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let received: serde_json::Value =
+        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    let query = received["query"].as_str().unwrap_or("");
+    if query.contains("slow") {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let answer = if query.contains("boom") {
+        serde_json::json!({"data": null, "errors": [{"message": "boom"}]})
+    } else {
+        serde_json::json!({"data": {
+            "seq": seq, "method": method, "uri": uri, "received": received, "headers": headers,
+        }})
+    };
+    let mut resp = Response::new(full(answer.to_string()));
+    resp.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    if let Some(cc) = cache_control {
+        resp.headers_mut().insert("cache-control", cc);
+    }
+    resp
 }
 
 /// The outrider binary running on a config file in a temp dir; killed on drop.

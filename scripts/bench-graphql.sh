@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# GraphQL bench (called by `bash scripts/bench.sh graphql`, or directly after a release build):
+# the FastAPI example (strawberry at /graphql, no simulated delay) on CPU 0 with the load
+# generator, outrider (release, one thread) alone on CPU 1. Measures, with wrk:
+#
+#   http-hit     GET /api/items/1, an L1 HTTP cache hit (the reference cost)
+#   apq-get-hit  a hashed GET (useGETForHashedQueries), answered from the GraphQL response cache
+#   apq-post-hit a hash-only POST, answered from the GraphQL response cache
+#   app-direct   the same query with its full text, POSTed straight to the app
+#
+# and prints req/s, p50/p99 latency and CPU per request of the process that answered (outrider's
+# for the first three, uvicorn's for the last), from /proc/<pid>/stat before and after each run.
+# Env: DURATION (s, default 8), CONNS (default 64).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$(pwd)
+DURATION=${DURATION:-8} CONNS=${CONNS:-64}
+APP_PORT=18001 PORT=18100 ADMIN=18190
+W=$(mktemp -d -t outrider-gqlbench.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]:-}"; do [[ -n $p ]] && kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
+trap cleanup EXIT
+command -v wrk >/dev/null || { echo "wrk is needed (apt-get install wrk)" >&2; exit 1; }
+
+wait_port() { for _ in $(seq 1 300); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "nothing at $1" >&2; exit 1; }
+
+(cd examples/fastapi-backend && APP_DELAY_MS=0 exec taskset -c 0 python3 -m uvicorn app:app \
+  --host 127.0.0.1 --port $APP_PORT --no-access-log --log-level warning) &
+APP_PID=$!; PIDS+=("$APP_PID")
+cat >"$W/outrider.yaml" <<YAML
+listen: 127.0.0.1:$PORT
+threads: 1
+admin: { listen: 127.0.0.1:$ADMIN }
+upstreams:
+  app: { url: "http://127.0.0.1:$APP_PORT", timeout: 30s }
+telemetry: { access_log: off }
+shutdown: { grace_period: 1s }
+routes:
+  - name: items
+    match: { path_prefix: /api/items, methods: [GET, HEAD] }
+    upstream: app
+    cache: { ttl: 5m }
+  - name: graphql
+    match: { path: /graphql, methods: [GET, POST] }
+    upstream: app
+    graphql: { response_cache: { ttl: 5m, scope: shared } }
+YAML
+taskset -c 1 "$ROOT/target/release/outrider" run --config "$W/outrider.yaml" >"$W/outrider.log" 2>&1 &
+SUT_PID=$!; PIDS+=("$SUT_PID")
+wait_port "http://127.0.0.1:$APP_PORT/healthz"
+wait_port "http://127.0.0.1:$ADMIN/ready"
+
+QUERY='query BenchItems($limit: Int!) { items(limit: $limit) { id name price } }'
+HASH=$(printf '%s' "$QUERY" | sha256sum | cut -d' ' -f1)
+VARS='{"limit":5}'
+EXT="{\"persistedQuery\":{\"version\":1,\"sha256Hash\":\"$HASH\"}}"
+FULL=$(python3 -c 'import json,sys; print(json.dumps({"query":sys.argv[1],"variables":json.loads(sys.argv[2])}))' "$QUERY" "$VARS")
+REGISTER=$(python3 -c 'import json,sys; print(json.dumps({"query":sys.argv[1],"variables":json.loads(sys.argv[2]),"extensions":json.loads(sys.argv[3])}))' "$QUERY" "$VARS" "$EXT")
+HASH_ONLY=$(python3 -c 'import json,sys; print(json.dumps({"variables":json.loads(sys.argv[1]),"extensions":json.loads(sys.argv[2])}))' "$VARS" "$EXT")
+GET_PATH="/graphql?$(python3 -c 'import sys,urllib.parse as u; print(u.urlencode({"variables":sys.argv[1],"extensions":sys.argv[2]}))' "$VARS" "$EXT")"
+
+post() { curl -fsS -H 'content-type: application/json' --data "$2" "$1"; }
+# Register the query, fill the response cache, and check that both hits are hits.
+post "http://127.0.0.1:$PORT/graphql" "$REGISTER" >/dev/null
+curl -fsS -o /dev/null "http://127.0.0.1:$PORT/api/items/1"
+for url in "http://127.0.0.1:$PORT$GET_PATH" "http://127.0.0.1:$PORT/api/items/1"; do
+  curl -fsS -D - -o /dev/null "$url" | grep -qi '^x-cache-status: HIT' || { echo "not a hit: $url" >&2; exit 1; }
+done
+curl -fsS -D - -o /dev/null -H 'content-type: application/json' --data "$HASH_ONLY" "http://127.0.0.1:$PORT/graphql" \
+  | grep -qi '^x-cache-status: HIT' || { echo "hash-only POST is not a hit" >&2; exit 1; }
+
+lua_post() { # body -> a wrk script that POSTs it
+  python3 -c 'import json,sys; print("wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.body = " + json.dumps(sys.argv[1]))' "$1"
+}
+lua_post "$HASH_ONLY" >"$W/hash_only.lua"
+lua_post "$FULL" >"$W/full.lua"
+
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+HZ=$(getconf CLK_TCK)
+measure() { # name pid url [lua]
+  local name=$1 pid=$2 url=$3 script=${4:-} before after out reqs rps p50 p99
+  before=$(ticks "$pid")
+  out=$(taskset -c 0 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency ${script:+-s "$script"} "$url")
+  after=$(ticks "$pid")
+  reqs=$(awk '/requests in/ {print $1}' <<<"$out")
+  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
+  p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+  if grep -q "Non-2xx" <<<"$out"; then echo "$name: non-2xx answers" >&2; grep "Non-2xx" <<<"$out" >&2; fi
+  printf '| %s | %s | %s | %s | %.2f |\n' "$name" "$rps" "$p50" "$p99" \
+    "$(python3 -c "print(($after - $before) / $HZ * 1e6 / max(1, $reqs))")"
+}
+
+echo "| scenario | req/s | p50 | p99 | CPU µs/req (answering process) |"
+echo "|---|---|---|---|---|"
+measure http-hit "$SUT_PID" "http://127.0.0.1:$PORT/api/items/1"
+measure apq-get-hit "$SUT_PID" "http://127.0.0.1:$PORT$GET_PATH"
+measure apq-post-hit "$SUT_PID" "http://127.0.0.1:$PORT/graphql" "$W/hash_only.lua"
+measure app-direct "$APP_PID" "http://127.0.0.1:$APP_PORT/graphql" "$W/full.lua"

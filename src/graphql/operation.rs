@@ -1,0 +1,123 @@
+//! Which operation a request runs, decided by a real GraphQL parser (apollo-parser, the one
+//! Apollo Router uses) with limits for untrusted input, never by string matching.
+
+use apollo_parser::cst;
+use apollo_parser::Parser;
+
+/// Nesting deeper than this is refused by the parser (stack safety on hostile input).
+const RECURSION_LIMIT: usize = 256;
+/// Documents with more tokens than this are not analysed (CPU bound per request).
+const TOKEN_LIMIT: usize = 50_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OperationKind {
+    Query,
+    Mutation,
+    Subscription,
+}
+
+impl OperationKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperationKind::Query => "query",
+            OperationKind::Mutation => "mutation",
+            OperationKind::Subscription => "subscription",
+        }
+    }
+}
+
+/// The operation a request selects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Operation {
+    pub kind: OperationKind,
+    /// Its name in the document (anonymous operations have none).
+    pub name: Option<String>,
+}
+
+/// The operation `operation_name` selects in `query` (the only one when no name is given).
+/// `None` when the document does not parse, is over the limits, or selects nothing: such a
+/// request is not cached and the upstream reports the problem itself.
+pub fn analyse(query: &str, operation_name: Option<&str>) -> Option<Operation> {
+    let tree = Parser::new(query)
+        .recursion_limit(RECURSION_LIMIT)
+        .token_limit(TOKEN_LIMIT)
+        .parse();
+    if tree.errors().next().is_some() {
+        return None;
+    }
+    let mut chosen = None;
+    let mut count = 0;
+    for definition in tree.document().definitions() {
+        let cst::Definition::OperationDefinition(op) = definition else {
+            continue;
+        };
+        count += 1;
+        let name = op.name().map(|n| n.text().to_string());
+        let selected = match operation_name {
+            Some(wanted) => name.as_deref() == Some(wanted),
+            None => true,
+        };
+        if selected {
+            if chosen.is_some() {
+                // Two candidates: ambiguous (several unnamed, or a duplicated name).
+                return None;
+            }
+            chosen = Some(Operation {
+                kind: kind_of(&op),
+                name,
+            });
+        }
+    }
+    if operation_name.is_none() && count > 1 {
+        return None;
+    }
+    chosen
+}
+
+fn kind_of(op: &cst::OperationDefinition) -> OperationKind {
+    match op.operation_type() {
+        Some(t) if t.mutation_token().is_some() => OperationKind::Mutation,
+        Some(t) if t.subscription_token().is_some() => OperationKind::Subscription,
+        // `{ ... }` shorthand and `query` are queries.
+        _ => OperationKind::Query,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_and_names() {
+        let q = |s: &str, n: Option<&str>| analyse(s, n).map(|o| (o.kind, o.name));
+        assert_eq!(q("{ a }", None), Some((OperationKind::Query, None)));
+        assert_eq!(
+            q("query Q { a }", None),
+            Some((OperationKind::Query, Some("Q".into())))
+        );
+        let doc = "query A { a } mutation B { b } fragment F on T { x }";
+        assert_eq!(
+            q(doc, Some("B")).map(|o| o.0),
+            Some(OperationKind::Mutation)
+        );
+        assert_eq!(q(doc, Some("A")).map(|o| o.0), Some(OperationKind::Query));
+        assert_eq!(q(doc, None), None, "ambiguous");
+        assert_eq!(q(doc, Some("C")), None);
+        assert_eq!(
+            q("subscription S { s }", None).map(|o| o.0),
+            Some(OperationKind::Subscription)
+        );
+        // A string containing "mutation" is not a mutation.
+        assert_eq!(
+            q(r#"query { a(x: "mutation { b }") }"#, None).map(|o| o.0),
+            Some(OperationKind::Query)
+        );
+        assert_eq!(q("query {", None), None);
+    }
+
+    #[test]
+    fn hostile_nesting_is_refused_not_a_crash() {
+        let deep = format!("{}{}", "{ a ".repeat(5000), "}".repeat(5000));
+        assert_eq!(analyse(&deep, None), None);
+    }
+}
