@@ -180,8 +180,8 @@ YAML
           *)
             case $variant in
               none) slo="" ;;
-              fixed) slo="    slo: { latency: { p95: 60ms }, enforce: { max_concurrency: 32, queue_timeout: 20ms } }" ;;
-              adaptive) slo="    slo: { latency: { p95: 60ms }, enforce: { adaptive: true, max_concurrency: 200, queue_timeout: 20ms } }" ;;
+              fixed) slo="    slo: { latency: { p95: 60ms }, enforce: { max_concurrency: 32, queue_timeout: 20ms, queue_size: 8 } }" ;;
+              adaptive) slo="    slo: { latency: { p95: 60ms }, enforce: { adaptive: true, max_concurrency: 200, queue_timeout: 20ms, queue_size: 8 } }" ;;
             esac
             overload_config "$slo" >"$OUT/overload.yaml"
             taskset -c 1 "$ROOT/target/release/outrider" run --config "$OUT/overload.yaml" >"$OUT/overload.log" 2>&1 & SUT_PID=$!

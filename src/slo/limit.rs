@@ -37,7 +37,9 @@ struct State {
     waiters: VecDeque<oneshot::Sender<Permit>>,
     /// Latency samples since the last adaptation.
     samples: u32,
-    sum: Duration,
+    /// The slowest sample since the last adaptation: the objective is a tail percentile, so
+    /// the limit answers to the tail, not the average.
+    slowest: Duration,
     window_started: Instant,
 }
 
@@ -114,7 +116,7 @@ impl Limiter {
                 limit: start,
                 waiters: VecDeque::new(),
                 samples: 0,
-                sum: Duration::ZERO,
+                slowest: Duration::ZERO,
                 window_started: Instant::now(),
             }),
         })
@@ -197,8 +199,8 @@ impl Limiter {
         }
     }
 
-    /// Gradient step: shrink the limit in proportion to how far latency is over the target,
-    /// grow it (by about √limit) while latency is inside it.
+    /// Gradient step: shrink the limit in proportion to how far the window's slowest response
+    /// is over the target, grow it (by about √limit) while it is inside.
     /// `busy` is how many requests were in flight: the limit only grows while it is used
     /// (at least half of it), so an idle route does not drift to its ceiling.
     fn adapt(&self, s: &mut State, latency: Duration, busy: u32) {
@@ -206,15 +208,15 @@ impl Limiter {
             return;
         };
         s.samples += 1;
-        s.sum += latency;
+        s.slowest = s.slowest.max(latency);
         if s.samples < ADAPT_MIN_SAMPLES || s.window_started.elapsed() < ADAPT_EVERY {
             return;
         }
-        let average = s.sum.as_secs_f64() / f64::from(s.samples);
+        let slowest = s.slowest.as_secs_f64();
         s.samples = 0;
-        s.sum = Duration::ZERO;
+        s.slowest = Duration::ZERO;
         s.window_started = Instant::now();
-        let gradient = (target.as_secs_f64() / average.max(1e-6)).clamp(0.5, 1.0);
+        let gradient = (target.as_secs_f64() / slowest.max(1e-6)).clamp(0.5, 1.0);
         let in_use = f64::from(busy) >= s.limit / 2.0;
         let headroom = if gradient >= 1.0 && in_use {
             s.limit.sqrt()
