@@ -674,3 +674,41 @@ routes:
     assert_eq!(get_status(&proxy, "/slow/401").await, 200);
     assert_eq!(first.await.unwrap(), 200);
 }
+
+#[tokio::test]
+async fn a_shed_post_with_an_unread_body_closes_its_connection() {
+    let app = Backend::start("app").await;
+    let slo =
+        "    slo:\n      enforce: { max_concurrency: 1, queue_size: 1, queue_timeout: 20s }\n";
+    let proxy = Proxy::start(&config(&app.url(), slo)).await;
+    let holder = tokio::spawn({
+        let url = proxy.url("/slow/2000");
+        async move { client().get(url).send().await.unwrap().status().as_u16() }
+    });
+    wait_for("the slot to be taken", Duration::from_secs(10), || async {
+        let report = proxy.admin_json("/slo").await;
+        (report["routes"][0]["admission"]["in_flight"] == 1).then_some(())
+    })
+    .await;
+    let queued = tokio::spawn({
+        let url = proxy.url("/echo/queued");
+        async move { client().get(url).send().await.unwrap().status().as_u16() }
+    });
+    wait_for("a request to queue", Duration::from_secs(10), || async {
+        let report = proxy.admin_json("/slo").await;
+        (report["routes"][0]["admission"]["queued"] == 1).then_some(())
+    })
+    .await;
+    // The queue is full: this POST is shed before its body is read, so its connection cannot
+    // be reused (the unread body is still on it) and the answer says so.
+    let shed = client()
+        .post(proxy.url("/echo/upload"))
+        .body(vec![b'x'; 10_000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(shed.status(), 503);
+    assert_eq!(shed.headers()["connection"], "close");
+    assert_eq!(holder.await.unwrap(), 200);
+    assert_eq!(queued.await.unwrap(), 200);
+}
