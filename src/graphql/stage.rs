@@ -592,9 +592,10 @@ impl Stage for GraphqlStage {
     }
 
     fn wants_body(&self, req: &RequestHeader) -> bool {
-        // A body declared too large is refused without reading it.
+        // Read even a body declared over graphql.max_body (the route's max_body, which the
+        // proxy enforces, bounds it): answering before the client has finished sending would
+        // close the connection under it, and the client would see a broken pipe, not the error.
         req.method == http::Method::POST
-            && declared_length(&req.headers).is_none_or(|len| len <= self.max_body())
     }
 
     async fn on_request(&self, cx: &mut RequestCx<'_>) -> Result<Verdict, StageError> {
