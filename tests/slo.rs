@@ -66,6 +66,25 @@ async fn get_status(proxy: &Proxy, path: &str) -> u16 {
         .as_u16()
 }
 
+/// GETs `path` in the background; the handle yields the status.
+fn spawn_get(proxy: &Proxy, path: &str) -> tokio::task::JoinHandle<u16> {
+    let url = proxy.url(path);
+    tokio::spawn(async move { client().get(url).send().await.unwrap().status().as_u16() })
+}
+
+/// Waits until the first route's admission `field` (`in_flight`, `queued`) reads 1.
+async fn wait_admission(proxy: &Proxy, field: &str) {
+    wait_for(
+        &format!("admission {field} = 1"),
+        Duration::from_secs(10),
+        || async {
+            let report = proxy.admin_json("/slo").await;
+            (report["routes"][0]["admission"][field] == 1).then_some(())
+        },
+    )
+    .await;
+}
+
 const OBJECTIVES: &str = "    slo:\n      latency: { p95: 1s }\n      availability: 99%\n";
 
 #[tokio::test]
@@ -314,25 +333,11 @@ async fn a_full_route_queues_then_sheds_with_retry_after() {
     let slo = "    slo:\n      availability: 99%\n      enforce: { max_concurrency: 1, queue_size: 1, queue_timeout: 20s }\n";
     let proxy = Proxy::start(&config(&app.url(), slo)).await;
     // One slow request holds the only slot.
-    let holder = tokio::spawn({
-        let url = proxy.url("/slow/3000");
-        async move { client().get(url).send().await.unwrap().status().as_u16() }
-    });
-    wait_for("the slot to be taken", Duration::from_secs(10), || async {
-        let report = proxy.admin_json("/slo").await;
-        (report["routes"][0]["admission"]["in_flight"] == 1).then_some(())
-    })
-    .await;
+    let holder = spawn_get(&proxy, "/slow/3000");
+    wait_admission(&proxy, "in_flight").await;
     // The next waits in the queue (size 1) for as long as 20 s...
-    let queued = tokio::spawn({
-        let url = proxy.url("/echo/queued");
-        async move { client().get(url).send().await.unwrap().status().as_u16() }
-    });
-    wait_for("a request to queue", Duration::from_secs(10), || async {
-        let report = proxy.admin_json("/slo").await;
-        (report["routes"][0]["admission"]["queued"] == 1).then_some(())
-    })
-    .await;
+    let queued = spawn_get(&proxy, "/echo/queued");
+    wait_admission(&proxy, "queued").await;
     // ...so one more finds the queue full and is shed at once, while the holder still runs.
     let rejected = client().get(proxy.url("/echo/full")).send().await.unwrap();
     assert_eq!(rejected.status(), 503);
@@ -379,15 +384,8 @@ async fn a_queued_request_gets_the_slot_when_it_frees() {
     let app = Backend::start("app").await;
     let slo = "    slo:\n      enforce: { max_concurrency: 1, queue_timeout: 20s }\n";
     let proxy = Proxy::start(&config(&app.url(), slo)).await;
-    let first = tokio::spawn({
-        let url = proxy.url("/slow/500");
-        async move { client().get(url).send().await.unwrap().status().as_u16() }
-    });
-    wait_for("the slot to be taken", Duration::from_secs(10), || async {
-        let report = slo_report(&proxy).await;
-        (report["routes"][0]["admission"]["in_flight"] == 1).then_some(())
-    })
-    .await;
+    let first = spawn_get(&proxy, "/slow/500");
+    wait_admission(&proxy, "in_flight").await;
     assert_eq!(get_status(&proxy, "/echo/second").await, 200);
     assert_eq!(first.await.unwrap(), 200);
     let text = proxy.admin_text("/metrics").await;
@@ -481,15 +479,8 @@ async fn a_shed_request_is_answered_from_a_stale_entry() {
     let stored = first.text().await.unwrap();
     // Let the entry expire, then fill the only slot.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let holder = tokio::spawn({
-        let url = proxy.url("/slow/3000");
-        async move { client().get(url).send().await.unwrap().status().as_u16() }
-    });
-    wait_for("the slot to be taken", Duration::from_secs(10), || async {
-        let report = slo_report(&proxy).await;
-        (report["routes"][0]["admission"]["in_flight"] == 1).then_some(())
-    })
-    .await;
+    let holder = spawn_get(&proxy, "/slow/3000");
+    wait_admission(&proxy, "in_flight").await;
     let resp = client().get(proxy.url("/etag/v1")).send().await.unwrap();
     assert_eq!(resp.status(), 200, "{:?}", resp.headers());
     assert_eq!(resp.headers()["x-cache-status"], "STALE");
@@ -637,10 +628,7 @@ routes:
     })
     .await;
     // A high-priority request waits for its slot...
-    let high = tokio::spawn({
-        let url = proxy.url("/slow/300");
-        async move { client().get(url).send().await.unwrap().status().as_u16() }
-    });
+    let high = spawn_get(&proxy, "/slow/300");
     wait_for(
         "the high-priority request to queue",
         Duration::from_secs(10),
@@ -658,10 +646,7 @@ routes:
         assert_eq!(holder.await.unwrap(), 200);
     }
     // With nobody of higher priority waiting, the low route queues as usual.
-    let first = tokio::spawn({
-        let url = proxy.url("/slow/400");
-        async move { client().get(url).send().await.unwrap().status().as_u16() }
-    });
+    let first = spawn_get(&proxy, "/slow/400");
     wait_for(
         "the low slot to be taken",
         Duration::from_secs(10),
@@ -681,24 +666,10 @@ async fn a_shed_post_with_an_unread_body_closes_its_connection() {
     let slo =
         "    slo:\n      enforce: { max_concurrency: 1, queue_size: 1, queue_timeout: 20s }\n";
     let proxy = Proxy::start(&config(&app.url(), slo)).await;
-    let holder = tokio::spawn({
-        let url = proxy.url("/slow/2000");
-        async move { client().get(url).send().await.unwrap().status().as_u16() }
-    });
-    wait_for("the slot to be taken", Duration::from_secs(10), || async {
-        let report = proxy.admin_json("/slo").await;
-        (report["routes"][0]["admission"]["in_flight"] == 1).then_some(())
-    })
-    .await;
-    let queued = tokio::spawn({
-        let url = proxy.url("/echo/queued");
-        async move { client().get(url).send().await.unwrap().status().as_u16() }
-    });
-    wait_for("a request to queue", Duration::from_secs(10), || async {
-        let report = proxy.admin_json("/slo").await;
-        (report["routes"][0]["admission"]["queued"] == 1).then_some(())
-    })
-    .await;
+    let holder = spawn_get(&proxy, "/slow/2000");
+    wait_admission(&proxy, "in_flight").await;
+    let queued = spawn_get(&proxy, "/echo/queued");
+    wait_admission(&proxy, "queued").await;
     // The queue is full: this POST is shed before its body is read, so its connection cannot
     // be reused (the unread body is still on it) and the answer says so.
     let shed = client()
