@@ -72,14 +72,14 @@ fn spawn_get(proxy: &Proxy, path: &str) -> tokio::task::JoinHandle<u16> {
     tokio::spawn(async move { client().get(url).send().await.unwrap().status().as_u16() })
 }
 
-/// Waits until the first route's admission `field` (`in_flight`, `queued`) reads 1.
-async fn wait_admission(proxy: &Proxy, field: &str) {
+/// Waits until the first route's admission `field` (`in_flight`, `queued`) reads `value`.
+async fn wait_admission(proxy: &Proxy, field: &str, value: u64) {
     wait_for(
-        &format!("admission {field} = 1"),
+        &format!("admission {field} = {value}"),
         Duration::from_secs(10),
         || async {
             let report = proxy.admin_json("/slo").await;
-            (report["routes"][0]["admission"][field] == 1).then_some(())
+            (report["routes"][0]["admission"][field] == value).then_some(())
         },
     )
     .await;
@@ -334,10 +334,10 @@ async fn a_full_route_queues_then_sheds_with_retry_after() {
     let proxy = Proxy::start(&config(&app.url(), slo)).await;
     // One slow request holds the only slot.
     let holder = spawn_get(&proxy, "/slow/3000");
-    wait_admission(&proxy, "in_flight").await;
+    wait_admission(&proxy, "in_flight", 1).await;
     // The next waits in the queue (size 1) for as long as 20 s...
     let queued = spawn_get(&proxy, "/echo/queued");
-    wait_admission(&proxy, "queued").await;
+    wait_admission(&proxy, "queued", 1).await;
     // ...so one more finds the queue full and is shed at once, while the holder still runs.
     let rejected = client().get(proxy.url("/echo/full")).send().await.unwrap();
     assert_eq!(rejected.status(), 503);
@@ -351,6 +351,8 @@ async fn a_full_route_queues_then_sheds_with_retry_after() {
     // The queued request gets the slot when the holder is done.
     assert_eq!(holder.await.unwrap(), 200);
     assert_eq!(queued.await.unwrap(), 200);
+    // The slot is given back once the answer is logged, just after the client has it.
+    wait_admission(&proxy, "in_flight", 0).await;
     assert_eq!(get_status(&proxy, "/echo/after").await, 200);
     let text = proxy.admin_text("/metrics").await;
     let decision = |d: &str| {
@@ -385,7 +387,7 @@ async fn a_queued_request_gets_the_slot_when_it_frees() {
     let slo = "    slo:\n      enforce: { max_concurrency: 1, queue_timeout: 20s }\n";
     let proxy = Proxy::start(&config(&app.url(), slo)).await;
     let first = spawn_get(&proxy, "/slow/500");
-    wait_admission(&proxy, "in_flight").await;
+    wait_admission(&proxy, "in_flight", 1).await;
     assert_eq!(get_status(&proxy, "/echo/second").await, 200);
     assert_eq!(first.await.unwrap(), 200);
     let text = proxy.admin_text("/metrics").await;
@@ -480,7 +482,7 @@ async fn a_shed_request_is_answered_from_a_stale_entry() {
     // Let the entry expire, then fill the only slot.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let holder = spawn_get(&proxy, "/slow/3000");
-    wait_admission(&proxy, "in_flight").await;
+    wait_admission(&proxy, "in_flight", 1).await;
     let resp = client().get(proxy.url("/etag/v1")).send().await.unwrap();
     assert_eq!(resp.status(), 200, "{:?}", resp.headers());
     assert_eq!(resp.headers()["x-cache-status"], "STALE");
@@ -667,9 +669,9 @@ async fn a_shed_post_with_an_unread_body_closes_its_connection() {
         "    slo:\n      enforce: { max_concurrency: 1, queue_size: 1, queue_timeout: 20s }\n";
     let proxy = Proxy::start(&config(&app.url(), slo)).await;
     let holder = spawn_get(&proxy, "/slow/2000");
-    wait_admission(&proxy, "in_flight").await;
+    wait_admission(&proxy, "in_flight", 1).await;
     let queued = spawn_get(&proxy, "/echo/queued");
-    wait_admission(&proxy, "queued").await;
+    wait_admission(&proxy, "queued", 1).await;
     // The queue is full: this POST is shed before its body is read, so its connection cannot
     // be reused (the unread body is still on it) and the answer says so.
     let shed = client()
