@@ -1,14 +1,21 @@
-//! Span export off the request path: finished spans go into a bounded queue that one thread
-//! drains in batches to the OTLP exporter. A full queue drops the span (counted), so a slow or
+//! Span export off the request path: finished spans go into a bounded buffer that one thread
+//! drains in batches to the OTLP exporter. A full buffer drops the span (counted), so a slow or
 //! absent collector never delays a request; the thread runs the exporter on its own small
 //! runtime, so gRPC and HTTP exporters work the same way.
+//!
+//! Queuing a span is a lock and a push: the export thread is woken only when a full batch is
+//! waiting (or on flush), and otherwise wakes on its schedule. Waking it per span would cost a
+//! futex wake and a context switch per request, which on a sidecar's one or two cores was
+//! most of tracing's overhead.
 
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig, WithTonicConfig};
 use opentelemetry_sdk::trace::{SpanData, SpanExporter as _};
 use opentelemetry_sdk::Resource;
+use parking_lot::{Condvar, Mutex};
 use prometheus::IntCounter;
 
 use super::TraceError;
@@ -25,7 +32,7 @@ pub struct ExportSettings {
     pub headers: Vec<(String, String)>,
     pub timeout: Duration,
     pub max_queue: usize,
-    /// How long a batch waits for more spans once its first span arrived
+    /// How often queued spans are exported when fewer than a full batch are waiting
     /// (`OTEL_BSP_SCHEDULE_DELAY`, default 1s).
     pub schedule_delay: Duration,
 }
@@ -38,15 +45,25 @@ pub struct ExportCounters {
     pub dropped_export_failed: IntCounter,
 }
 
-enum Message {
-    Span(Box<SpanData>),
-    /// Export everything queued before this, then answer.
-    Flush(mpsc::Sender<()>),
+/// What the request path and the export thread share.
+struct Shared {
+    pending: Mutex<Pending>,
+    wake: Condvar,
+    max_queue: usize,
+}
+
+#[derive(Default)]
+struct Pending {
+    spans: Vec<SpanData>,
+    /// Callers waiting for everything queued before them to be exported.
+    flushes: Vec<mpsc::Sender<()>>,
+    /// The queue handle is gone: export what is left and end.
+    closed: bool,
 }
 
 /// The request path's handle on the export thread.
 pub struct ExportQueue {
-    tx: SyncSender<Message>,
+    shared: Arc<Shared>,
     counters: ExportCounters,
 }
 
@@ -57,9 +74,14 @@ impl ExportQueue {
         resource: Resource,
         counters: ExportCounters,
     ) -> Result<ExportQueue, TraceError> {
-        let (tx, rx) = mpsc::sync_channel(settings.max_queue.max(1));
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Pending::default()),
+            wake: Condvar::new(),
+            max_queue: settings.max_queue.max(1),
+        });
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread_counters = counters.clone();
+        let thread_shared = shared.clone();
         std::thread::Builder::new()
             .name("outrider-otlp".into())
             .spawn(move || {
@@ -84,45 +106,52 @@ impl ExportQueue {
                 };
                 exporter.set_resource(&resource);
                 let _ = ready_tx.send(Ok(()));
-                run(&runtime, &mut exporter, &rx, &settings, &thread_counters);
+                run(
+                    &runtime,
+                    &mut exporter,
+                    &thread_shared,
+                    &settings,
+                    &thread_counters,
+                );
                 let _ = exporter.shutdown();
             })
             .map_err(|e| TraceError::Runtime(e.to_string()))?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(ExportQueue { tx, counters }),
+            Ok(Ok(())) => Ok(ExportQueue { shared, counters }),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(TraceError::Runtime("the export thread ended early".into())),
         }
     }
 
-    /// Queues a finished span; never blocks.
+    /// Queues a finished span; never blocks on the exporter.
     pub fn send(&self, span: SpanData) {
-        match self.tx.try_send(Message::Span(Box::new(span))) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.counters.dropped_queue_full.inc();
-            }
+        let mut pending = self.shared.pending.lock();
+        if pending.spans.len() >= self.shared.max_queue {
+            drop(pending);
+            self.counters.dropped_queue_full.inc();
+            return;
+        }
+        pending.spans.push(span);
+        let batch_ready = pending.spans.len() == MAX_BATCH;
+        drop(pending);
+        if batch_ready {
+            self.shared.wake.notify_one();
         }
     }
 
     /// Exports what is queued, waiting at most `timeout` (shutdown).
     pub fn flush(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
         let (done_tx, done_rx) = mpsc::channel();
-        let mut message = Message::Flush(done_tx);
-        loop {
-            match self.tx.try_send(message) {
-                Ok(()) => break,
-                Err(TrySendError::Full(back)) if Instant::now() < deadline => {
-                    message = back;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(_) => return false,
-            }
-        }
-        done_rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .is_ok()
+        self.shared.pending.lock().flushes.push(done_tx);
+        self.shared.wake.notify_one();
+        done_rx.recv_timeout(timeout).is_ok()
+    }
+}
+
+impl Drop for ExportQueue {
+    fn drop(&mut self) {
+        self.shared.pending.lock().closed = true;
+        self.shared.wake.notify_one();
     }
 }
 
@@ -166,59 +195,61 @@ fn build_exporter(
     built.map_err(|e| TraceError::Exporter(e.to_string()))
 }
 
-/// The export thread: batches what arrives and exports it, until every sender is gone.
+/// The export thread: every `schedule_delay`, or as soon as a full batch or a flush is
+/// waiting, exports what is queued in batches of at most [`MAX_BATCH`], until the queue closes.
 fn run(
     runtime: &tokio::runtime::Runtime,
     exporter: &mut opentelemetry_otlp::SpanExporter,
-    rx: &Receiver<Message>,
+    shared: &Shared,
     settings: &ExportSettings,
     counters: &ExportCounters,
 ) {
-    let timeout = settings.timeout;
-    let mut batch: Vec<SpanData> = Vec::with_capacity(MAX_BATCH);
-    let mut flushes: Vec<mpsc::Sender<()>> = Vec::new();
+    let mut spans: Vec<SpanData> = Vec::new();
     loop {
-        let Ok(first) = rx.recv() else {
-            return;
-        };
-        let linger_until = Instant::now() + settings.schedule_delay;
-        let mut next = Some(first);
-        while let Some(message) = next.take() {
-            match message {
-                Message::Span(span) => batch.push(*span),
-                Message::Flush(done) => {
-                    flushes.push(done);
+        let (flushes, closed) = {
+            let mut pending = shared.pending.lock();
+            let due = Instant::now() + settings.schedule_delay;
+            while pending.spans.len() < MAX_BATCH && pending.flushes.is_empty() && !pending.closed {
+                if shared.wake.wait_until(&mut pending, due).timed_out() {
                     break;
                 }
             }
-            if batch.len() >= MAX_BATCH {
-                break;
-            }
-            next = match rx.recv_timeout(linger_until.saturating_duration_since(Instant::now())) {
-                Ok(message) => Some(message),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => None,
-            };
+            std::mem::swap(&mut spans, &mut pending.spans);
+            (std::mem::take(&mut pending.flushes), pending.closed)
+        };
+        while !spans.is_empty() {
+            let rest = spans.split_off(spans.len().min(MAX_BATCH));
+            let batch = std::mem::replace(&mut spans, rest);
+            export_batch(runtime, exporter, batch, settings.timeout, counters);
         }
-        if !batch.is_empty() {
-            let spans = std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH));
-            let count = spans.len() as u64;
-            let outcome = runtime
-                .block_on(async { tokio::time::timeout(timeout, exporter.export(spans)).await });
-            match outcome {
-                Ok(Ok(())) => counters.exported.inc_by(count),
-                Ok(Err(e)) => {
-                    counters.dropped_export_failed.inc_by(count);
-                    tracing::debug!(error = %e, spans = count, "span export failed");
-                }
-                Err(_) => {
-                    counters.dropped_export_failed.inc_by(count);
-                    tracing::debug!(spans = count, "span export timed out");
-                }
-            }
-        }
-        for done in flushes.drain(..) {
+        for done in flushes {
             let _ = done.send(());
+        }
+        if closed {
+            return;
+        }
+    }
+}
+
+fn export_batch(
+    runtime: &tokio::runtime::Runtime,
+    exporter: &mut opentelemetry_otlp::SpanExporter,
+    batch: Vec<SpanData>,
+    timeout: Duration,
+    counters: &ExportCounters,
+) {
+    let count = batch.len() as u64;
+    let outcome =
+        runtime.block_on(async { tokio::time::timeout(timeout, exporter.export(batch)).await });
+    match outcome {
+        Ok(Ok(())) => counters.exported.inc_by(count),
+        Ok(Err(e)) => {
+            counters.dropped_export_failed.inc_by(count);
+            tracing::debug!(error = %e, spans = count, "span export failed");
+        }
+        Err(_) => {
+            counters.dropped_export_failed.inc_by(count);
+            tracing::debug!(spans = count, "span export timed out");
         }
     }
 }
