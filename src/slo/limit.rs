@@ -28,6 +28,9 @@ pub enum Rejection {
     QueueFull,
     /// The wait bound passed before a slot freed up.
     Timeout,
+    /// The slots were freeing up too slowly for this request's turn to come within its wait
+    /// bound: refused on arrival rather than after waiting in vain.
+    WouldTimeOut,
 }
 
 struct State {
@@ -41,6 +44,18 @@ struct State {
     /// the limit answers to the tail, not the average.
     slowest: Duration,
     window_started: Instant,
+    /// How long a slot is held, smoothed (EWMA): with the limit, how fast the queue moves.
+    mean_hold: Option<Duration>,
+}
+
+impl State {
+    /// How long the `position`-th waiter can expect to wait: a slot frees every
+    /// mean hold / limit on average. `None` until a slot has been given back once.
+    fn expected_wait(&self, position: usize) -> Option<Duration> {
+        let slots = self.limit.floor().max(1.0);
+        self.mean_hold
+            .map(|hold| hold.mul_f64(position as f64 / slots))
+    }
 }
 
 /// One route's admission control; shared by every request of the route across reloads while
@@ -92,7 +107,7 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         if let Some(limiter) = self.limiter.take() {
-            limiter.release(self.sample.take());
+            limiter.release(self.sample.take(), self.started.elapsed());
         }
     }
 }
@@ -118,6 +133,7 @@ impl Limiter {
                 samples: 0,
                 slowest: Duration::ZERO,
                 window_started: Instant::now(),
+                mean_hold: None,
             }),
         })
     }
@@ -154,6 +170,9 @@ impl Limiter {
             if s.waiters.len() >= self.spec.queue_size as usize || wait.is_zero() {
                 return Err(Rejection::QueueFull);
             }
+            if s.expected_wait(s.waiters.len() + 1) > Some(wait) {
+                return Err(Rejection::WouldTimeOut);
+            }
             let (tx, rx) = oneshot::channel();
             s.waiters.push_back(tx);
             rx
@@ -174,8 +193,12 @@ impl Limiter {
         }
     }
 
-    fn release(self: &Arc<Self>, sample: Option<Sample>) {
+    fn release(self: &Arc<Self>, sample: Option<Sample>, held: Duration) {
         let mut s = self.state.lock();
+        s.mean_hold = Some(match s.mean_hold {
+            Some(mean) => mean.mul_f64(0.8) + held.mul_f64(0.2),
+            None => held,
+        });
         let busy = s.in_flight;
         s.in_flight = s.in_flight.saturating_sub(1);
         match sample.filter(|_| self.spec.adaptive) {
@@ -232,6 +255,7 @@ impl Limiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::FutureExt;
 
     fn fixed(max: u32, queue: u32) -> Arc<Limiter> {
         Limiter::new(LimiterSpec {
@@ -284,6 +308,47 @@ mod tests {
         assert!(limiter.acquire(Duration::ZERO).await.is_ok());
     }
 
+    #[tokio::test]
+    async fn a_request_whose_turn_cannot_come_in_time_is_refused_on_arrival() {
+        let limiter = fixed(1, 10);
+        // Slots have been held 100 ms each.
+        limiter.state.lock().mean_hold = Some(Duration::from_millis(100));
+        let held = limiter.acquire(Duration::ZERO).await.unwrap();
+        // Willing to wait 10 ms for a turn ~100 ms away: refused without waiting.
+        let refused = limiter.acquire(Duration::from_millis(10)).now_or_never();
+        assert_eq!(
+            refused.map(|r| r.err()),
+            Some(Some(Rejection::WouldTimeOut))
+        );
+        assert_eq!(limiter.snapshot(), (1, 1, 0));
+        // Willing to wait long enough: queued.
+        let waiting = {
+            let limiter = limiter.clone();
+            tokio::spawn(async move { limiter.acquire(Duration::from_secs(30)).await })
+        };
+        while limiter.snapshot().2 == 0 {
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        assert!(waiting.await.unwrap().unwrap().1);
+    }
+
+    #[test]
+    fn slot_hold_times_are_smoothed() {
+        let limiter = fixed(1, 1);
+        limiter.state.lock().in_flight = 2;
+        limiter.release(None, Duration::from_millis(100));
+        assert_eq!(
+            limiter.state.lock().mean_hold,
+            Some(Duration::from_millis(100))
+        );
+        limiter.release(None, Duration::from_millis(200));
+        assert_eq!(
+            limiter.state.lock().mean_hold,
+            Some(Duration::from_millis(120))
+        );
+    }
+
     #[test]
     fn adaptive_limit_shrinks_when_slow_and_grows_when_fast() {
         let limiter = Limiter::new(LimiterSpec {
@@ -323,7 +388,7 @@ mod tests {
         // A timed-out request takes 10 % off at once.
         limiter.state.lock().limit = 50.0;
         limiter.state.lock().in_flight = 1;
-        limiter.release(Some(Sample::Dropped));
+        limiter.release(Some(Sample::Dropped), Duration::ZERO);
         assert_eq!(limiter.snapshot().0, 45);
     }
 }

@@ -336,8 +336,9 @@ impl Stage for SloStage {
                     state.permit = Some(permit);
                 }
                 Err(rejection) => {
-                    let deadline_hit = rejection == Rejection::Timeout
-                        && deadline_left.is_some_and(|left| left <= self.queue_timeout);
+                    let deadline_hit =
+                        matches!(rejection, Rejection::Timeout | Rejection::WouldTimeOut)
+                            && deadline_left.is_some_and(|left| left <= self.queue_timeout);
                     if deadline_hit {
                         self.registry
                             .decision(&self.route, decisions::DEADLINE_EXCEEDED);
