@@ -345,3 +345,108 @@ async fn malformed_requests_get_400_and_the_proxy_keeps_serving() {
     let ok = client().get(proxy.url("/echo")).send().await.unwrap();
     assert_eq!(ok.status(), 200);
 }
+
+/// An origin on raw sockets: answers `200 ok` (after `delay`) with keep-alive until told to
+/// hang up, then reads each request and closes without answering. Counts requests it read.
+struct HangingUp {
+    port: u16,
+    hang_up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl HangingUp {
+    async fn start(delay: Duration) -> HangingUp {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::Arc;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hang_up = Arc::new(AtomicBool::new(false));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (flag, count) = (hang_up.clone(), requests.clone());
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let (flag, count) = (flag.clone(), count.clone());
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        // One request head (these requests have no body).
+                        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => seen.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        let end = seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                        seen.drain(..end);
+                        count.fetch_add(1, Ordering::SeqCst);
+                        if flag.load(Ordering::SeqCst) {
+                            return; // closes without a byte of answer
+                        }
+                        tokio::time::sleep(delay).await;
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        HangingUp {
+            port,
+            hang_up,
+            requests,
+        }
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test]
+async fn an_origin_that_hangs_up_gets_one_retry_at_most_and_never_for_post() {
+    let origin = HangingUp::start(Duration::from_millis(200)).await;
+    let app = format!("http://127.0.0.1:{}", origin.port);
+    let proxy = Proxy::start(&config(&app, &app)).await;
+    // Eight overlapping requests leave eight idle connections in outrider's upstream pool.
+    let warm: Vec<_> = (0..8)
+        .map(|i| {
+            let url = proxy.url(&format!("/api/warm/{i}"));
+            tokio::spawn(async move { client().get(url).send().await.unwrap().status() })
+        })
+        .collect();
+    for request in warm {
+        assert_eq!(request.await.unwrap(), 200);
+    }
+    assert_eq!(origin.requests(), 8);
+    origin
+        .hang_up
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+
+    // The GET fails on a pooled connection and is tried once more on a fresh one: 2 origin
+    // requests, not one per pooled connection.
+    let resp = client()
+        .get(proxy.url("/api/items/1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    assert_eq!(origin.requests(), 8 + 2);
+    let text = proxy.admin_text("/metrics").await;
+    assert_eq!(
+        metric_value(&text, "outrider_upstream_retries_total", &["route=\"api\""]),
+        Some(1.0)
+    );
+
+    // A POST is never sent twice.
+    let resp = client()
+        .post(proxy.url("/api/items"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    assert_eq!(origin.requests(), 8 + 2 + 1);
+}

@@ -62,6 +62,8 @@ pub struct Ctx {
     pub background_permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// Trace identity and timings (set when the request is read).
     pub trace: Option<RequestTrace>,
+    /// Upstream attempts made again after a failure on a reused connection (at most one).
+    pub upstream_retries: u8,
 }
 
 impl Ctx {
@@ -86,6 +88,7 @@ impl Ctx {
             background: false,
             background_permit: None,
             trace: None,
+            upstream_retries: 0,
         }
     }
 

@@ -32,6 +32,9 @@ use ctx::{Ctx, InFlight};
 use respond::codes;
 use subrequest::{BackgroundWork, Delegation, Intent};
 
+/// Connection-pool group keys for retries, each retry's own (see `error_while_proxy`).
+static RETRY_GROUPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// Background requests (stage work such as cache refreshes) running at once, across all keys.
 pub const MAX_BACKGROUND: usize = 64;
 
@@ -519,6 +522,13 @@ impl ProxyHttp for Outrider {
             String::new()
         };
         let mut peer = HttpPeer::new(addr, upstream.tls, sni);
+        if ctx.upstream_retries > 0 {
+            // The retry must not draw another pooled connection that may be as dead as the
+            // first: a group key of its own gives it a fresh one (which does not linger in the
+            // pool, where nothing else would pick it).
+            peer.group_key = RETRY_GROUPS.fetch_add(1, Ordering::Relaxed);
+            peer.options.idle_timeout = Some(std::time::Duration::from_secs(1));
+        }
         // A stage's deadline cuts every upstream wait to the time the request has left.
         let left = match ctx.effects.deadline {
             Some(deadline) => {
@@ -685,10 +695,45 @@ impl ProxyHttp for Outrider {
         _session: &mut Session,
         _peer: &HttpPeer,
         ctx: &mut Ctx,
-        e: Box<Error>,
+        mut e: Box<Error>,
     ) -> Box<Error> {
         let (kind, _) = classify_upstream_error(&e);
         self.record_upstream_error(ctx, kind);
+        // One attempt, as nginx and Varnish make with a single server: a refused or timed-out
+        // connect tried again only doubles the client's wait.
+        e.set_retry(false);
+        e
+    }
+
+    /// An idempotent request that failed on a reused (pooled) connection before any of the
+    /// response reached the client is tried once more, on a fresh connection: the origin
+    /// likely closed the idle connection as it was picked. Only once: Pingora's default
+    /// tries up to 16 times, one per pooled connection, which turned one client GET into 16
+    /// origin requests against an origin that closes without answering.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        // Pingora marks an error retryable-if-reused only when nothing of the response was
+        // received; everything else comes here already decided against a retry.
+        e.retry.decide_reuse(client_reused);
+        let retry = e.retry()
+            && ctx.upstream_retries == 0
+            && session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated();
+        e.set_retry(retry);
+        if retry {
+            ctx.upstream_retries += 1;
+            self.metrics
+                .upstream_retries
+                .with_label_values(&[ctx.route_name()])
+                .inc();
+        }
         e
     }
 

@@ -18,6 +18,7 @@ pub mod names {
     pub const UPSTREAM_DURATION: &str = "outrider_upstream_duration_seconds";
     pub const IN_FLIGHT: &str = "outrider_requests_in_flight";
     pub const UPSTREAM_ERRORS: &str = "outrider_upstream_errors_total";
+    pub const UPSTREAM_RETRIES: &str = "outrider_upstream_retries_total";
     pub const CONFIG_RELOADS: &str = "outrider_config_reloads_total";
     pub const CONFIG_GENERATION: &str = "outrider_config_generation";
     pub const BUILD_INFO: &str = "outrider_build_info";
@@ -38,6 +39,8 @@ pub struct Metrics {
     pub upstream_duration: HistogramVec,
     pub in_flight: IntGauge,
     pub upstream_errors: IntCounterVec,
+    /// Requests sent upstream a second time after failing on a reused connection.
+    pub upstream_retries: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub config_generation: IntGauge,
     /// Log lines dropped because stdout could not keep up (the log queue is lossy by design).
@@ -162,6 +165,13 @@ impl Metrics {
             ),
             &["route", "kind"],
         )?;
+        let upstream_retries = IntCounterVec::new(
+            Opts::new(
+                names::UPSTREAM_RETRIES,
+                "Idempotent requests tried once more on a fresh connection after a reused upstream connection failed before answering, by route",
+            ),
+            &["route"],
+        )?;
         let config_reloads = IntCounterVec::new(
             Opts::new(
                 names::CONFIG_RELOADS,
@@ -192,6 +202,7 @@ impl Metrics {
         registry.register(Box::new(upstream_duration.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
         registry.register(Box::new(upstream_errors.clone()))?;
+        registry.register(Box::new(upstream_retries.clone()))?;
         registry.register(Box::new(config_reloads.clone()))?;
         registry.register(Box::new(config_generation.clone()))?;
         registry.register(Box::new(build_info))?;
@@ -208,6 +219,7 @@ impl Metrics {
             upstream_duration,
             in_flight,
             upstream_errors,
+            upstream_retries,
             config_reloads,
             config_generation,
             log_lines_dropped,
