@@ -421,3 +421,49 @@ async fn bodies_between_heads_on_a_keepalive_connection_are_not_heads() {
         "{m}"
     );
 }
+
+#[tokio::test]
+async fn an_upload_refused_mid_flight_still_reads_its_413() {
+    let app = Backend::start("app").await;
+    let config = format!(
+        r#"
+listen: "{{listen}}"
+admin: {{ listen: "{{admin}}" }}
+upstreams:
+  app: {{ url: "{}", timeout: 5s }}
+routes:
+  - name: uploads
+    match: {{ path_prefix: / }}
+    upstream: app
+    buffer_request: true
+    max_body: 1KiB
+"#,
+        app.url()
+    );
+    let proxy = Proxy::start(&config).await;
+    let port = proxy.port;
+    let (sent, answer) = blocking(move || {
+        let mut s = connect(port);
+        // Refused from its Content-Length while the client is still sending: outrider keeps
+        // reading (and discarding) until the client is done, so its answer is not reset away.
+        let size = 4 * 1024 * 1024;
+        s.write_all(
+            format!("POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: {size}\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+        let chunk = vec![b'x'; 16 * 1024];
+        let mut sent = 0;
+        while sent < size && s.write_all(&chunk).is_ok() {
+            sent += chunk.len();
+        }
+        (sent, read_until_closed(&mut s))
+    })
+    .await;
+    // A client that stops at a failed write never reads the answer (hyper reports the broken
+    // pipe): every byte must have been accepted.
+    assert_eq!(sent, 4 * 1024 * 1024, "{answer:?}");
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer:?}");
+    assert!(answer.contains("payload_too_large"), "{answer}");
+    assert_eq!(app.total_hits(), 0);
+}

@@ -24,7 +24,7 @@ use pingora_core::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
     TimingDigest, UniqueID, UniqueIDType, ALPN,
 };
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use super::{CloseReason, ConnLimits, LimitMetrics};
@@ -32,8 +32,11 @@ use super::{CloseReason, ConnLimits, LimitMetrics};
 /// How long a refused client gets to read our answer while we discard what it still sends;
 /// closing a socket with unread input resets it, and the client would never see the answer.
 const LINGER: Duration = Duration::from_secs(2);
-/// The most bytes discarded while lingering.
+/// The most bytes discarded while lingering after a refused head.
 const LINGER_BYTES: usize = 1 << 20;
+/// The most bytes discarded while lingering after an answered request: enough for the rest of
+/// an upload refused with 413 from its `Content-Length` to be read and dropped.
+const LINGER_BODY_BYTES: usize = 16 << 20;
 
 /// One open connection in the shared count; leaving it (the stream is dropped) frees the slot.
 pub struct OpenSlot {
@@ -398,8 +401,25 @@ impl AsyncWrite for GuardedStream {
 
 #[async_trait]
 impl Shutdown for GuardedStream {
+    /// Half-closes, then (after a request) lingers: discards what the client still sends until
+    /// it closes, for at most [`LINGER`] and [`LINGER_BODY_BYTES`]. Closing a socket with unread
+    /// input resets it, and the reset can destroy our last answer before the client reads it:
+    /// a `413` to an upload still in flight, a shed POST. nginx's `lingering_close` does the
+    /// same. The client sees the end of the stream at once; only this task waits.
     async fn shutdown(&mut self) {
-        Shutdown::shutdown(&mut *self.inner).await
+        Shutdown::shutdown(&mut *self.inner).await;
+        if !matches!(self.phase, Phase::Request) {
+            return;
+        }
+        let until = Instant::now() + LINGER;
+        let mut scratch = [0u8; 4096];
+        let mut discarded = 0;
+        while discarded <= LINGER_BODY_BYTES {
+            match tokio::time::timeout_at(until, self.inner.read(&mut scratch)).await {
+                Ok(Ok(read)) if read > 0 => discarded += read,
+                _ => return,
+            }
+        }
     }
 }
 
