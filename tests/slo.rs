@@ -365,6 +365,15 @@ async fn a_full_route_queues_then_sheds_with_retry_after() {
     assert_eq!(decision("shed"), Some(1.0));
     assert_eq!(decision("queued"), Some(1.0));
     assert_eq!(decision("admitted"), Some(3.0));
+    let waits = |outcome: &str| {
+        metric_value(
+            &text,
+            "outrider_slo_admission_wait_seconds_count",
+            &[&format!("outcome=\"{outcome}\"")],
+        )
+    };
+    assert_eq!(waits("shed"), Some(1.0));
+    assert_eq!(waits("admitted"), Some(3.0));
     assert_eq!(
         metric_value(
             &text,

@@ -20,7 +20,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use prometheus::{IntCounterVec, Opts, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
 pub use config::SloConfig;
 use limit::{Limiter, LimiterSpec};
@@ -83,12 +83,21 @@ pub mod names {
     pub const DECISIONS: &str = "outrider_slo_decisions_total";
     pub const CONCURRENCY_LIMIT: &str = "outrider_slo_concurrency_limit";
     pub const QUEUED: &str = "outrider_slo_queued";
+    pub const ADMISSION_WAIT: &str = "outrider_slo_admission_wait_seconds";
 }
+
+/// From a few microseconds (an answer on arrival) to the longest sensible queue wait.
+const ADMISSION_WAIT_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0,
+];
 
 pub(crate) struct SloMetrics {
     pub events: IntCounterVec,
     pub good: IntCounterVec,
     pub decisions: IntCounterVec,
+    /// How long admission took, by outcome: a shed answer's latency is decided here.
+    pub admission_wait: HistogramVec,
     pub gauges: admin::Gauges,
 }
 
@@ -180,7 +189,16 @@ impl SloRegistry {
         )?;
         registry.register(Box::new(events.clone()))?;
         registry.register(Box::new(good.clone()))?;
+        let admission_wait = HistogramVec::new(
+            HistogramOpts::new(
+                names::ADMISSION_WAIT,
+                "Time from a request reaching the concurrency limit to its admission decision, by outcome (admitted, shed, deadline_exceeded)",
+            )
+            .buckets(ADMISSION_WAIT_BUCKETS.to_vec()),
+            &["route", "outcome"],
+        )?;
         registry.register(Box::new(decisions.clone()))?;
+        registry.register(Box::new(admission_wait.clone()))?;
         let gauges = admin::Gauges::new(registry)?;
         Ok(Arc::new(SloRegistry {
             clock,
@@ -191,6 +209,7 @@ impl SloRegistry {
                 events,
                 good,
                 decisions,
+                admission_wait,
                 gauges,
             },
         }))
@@ -290,6 +309,14 @@ impl SloRegistry {
         if good {
             self.metrics.good.with_label_values(&labels).inc();
         }
+    }
+
+    /// Records how long a request's admission took (`outcome` is one of [`decisions`]).
+    pub fn admission_waited(&self, route: &str, outcome: &str, waited: Duration) {
+        self.metrics
+            .admission_wait
+            .with_label_values(&[route, outcome])
+            .observe(waited.as_secs_f64());
     }
 
     pub fn decision(&self, route: &str, decision: &str) {

@@ -327,12 +327,17 @@ impl Stage for SloStage {
                     .as_ref()
                     .map(|(priority, waits)| waits.wait(*priority))
             };
-            match limiter.acquire_noting(wait, note_wait).await {
+            let asked = std::time::Instant::now();
+            let outcome = limiter.acquire_noting(wait, note_wait).await;
+            let waited = asked.elapsed();
+            match outcome {
                 Ok((permit, queued)) => {
                     if queued {
                         self.registry.decision(&self.route, decisions::QUEUED);
                     }
                     self.registry.decision(&self.route, decisions::ADMITTED);
+                    self.registry
+                        .admission_waited(&self.route, decisions::ADMITTED, waited);
                     state.permit = Some(permit);
                 }
                 Err(rejection) => {
@@ -342,6 +347,11 @@ impl Stage for SloStage {
                     if deadline_hit {
                         self.registry
                             .decision(&self.route, decisions::DEADLINE_EXCEEDED);
+                        self.registry.admission_waited(
+                            &self.route,
+                            decisions::DEADLINE_EXCEEDED,
+                            waited,
+                        );
                         return Err(StageError {
                             status: 504,
                             code: "deadline_exceeded",
@@ -352,6 +362,8 @@ impl Stage for SloStage {
                         });
                     }
                     self.registry.decision(&self.route, decisions::SHED);
+                    self.registry
+                        .admission_waited(&self.route, decisions::SHED, waited);
                     let answer = json_answer(
                         503,
                         "overloaded",
