@@ -10,8 +10,10 @@
 #   bare   a bare Pingora pass-through (examples/bare_pingora.rs) next to nginx, the baseline
 #          for outrider's own per-request cost
 #   tracing  pass-through CPU per request with tracing off (no endpoint), on at sample_ratio 0
-#          and on at sample_ratio 1 (every request exported to a local OTLP sink), each run next
-#          to nginx; prints each variant's CPU/request relative to nginx and to "off"
+#          and on at sample_ratio 1 (every request exported to a local OTLP sink): three
+#          outriders measured in alternating rounds (env ROUNDS, default 5; DURATION, default 5 s)
+#          from their process CPU time; prints each variant's median CPU/request and its ratio
+#          to "off"
 #   overload the FastAPI example (1 worker, ~20 ms per call) driven open-loop at about twice its
 #          capacity (scripts/overload.py): no protection (plain outrider), nginx with limit_conn,
 #          outrider with a fixed limit, outrider adaptive; admitted p50/p95/p99, goodput, shed
@@ -82,12 +84,32 @@ for mode in "${MODES[@]}"; do
         bash "$BENCH" fast
       ;;
     tracing)
-      # An OTLP/HTTP sink on CPU 0 (with the load generator): accepts every export with 200.
+      # Three outriders side by side, each alone on CPU 1 in turn: tracing off, on at ratio 0,
+      # on at ratio 1 (every request exported to an OTLP/HTTP sink on CPU 0). Rounds alternate
+      # the variants so the shared machine's drift hits all three alike; each variant's CPU per
+      # request is read from its process's CPU time (all threads, the exporter's included).
+      command -v nginx >/dev/null 2>&1 && command -v wrk >/dev/null 2>&1 ||
+        { apt-get update -qq && apt-get install -y -qq nginx wrk >/dev/null; }
+      rounds=${ROUNDS:-5}; secs=${DURATION:-5}
+      mkdir -p "$OUT/be"
+      cat >"$OUT/be/nginx.conf" <<NGINX
+worker_processes 1; daemon off; pid $OUT/be/nginx.pid; error_log $OUT/be/error.log;
+events { worker_connections 4096; }
+http {
+  access_log off; keepalive_requests 1000000;
+  client_body_temp_path $OUT/be; proxy_temp_path $OUT/be; fastcgi_temp_path $OUT/be;
+  uwsgi_temp_path $OUT/be; scgi_temp_path $OUT/be;
+  server { listen 127.0.0.1:18001;
+    location / { default_type application/json; return 200 '{"id":1,"name":"item","tags":["a","b","c"]}'; } }
+}
+NGINX
+      taskset -c 0 nginx -c "$OUT/be/nginx.conf" & BE_PID=$!
       sink_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
       taskset -c 0 python3 - "$sink_port" <<'PY' &
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class Sink(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
     def do_POST(self):
         self.rfile.read(int(self.headers.get("content-length", 0)))
         self.send_response(200)
@@ -99,24 +121,54 @@ class Sink(BaseHTTPRequestHandler):
 ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink).serve_forever()
 PY
       SINK_PID=$!
-      summary=$OUT/tracing-summary.txt; : >"$summary"
+      declare -A TPID
+      i=0
       for variant in off ratio0 ratio1; do
         case $variant in
           off) otlp='{}' ;;
           ratio0) otlp="{ endpoint: \"http://127.0.0.1:$sink_port\", sample_ratio: 0.0 }" ;;
           ratio1) otlp="{ endpoint: \"http://127.0.0.1:$sink_port\", sample_ratio: 1.0 }" ;;
         esac
-        config 256MiB "" "$otlp" >"$OUT/outrider.yaml"
-        echo "### tracing: $variant (pass-through /pass/1) vs nginx"
-        PEERS="nginx" SUT_NAME="trace-$variant" \
-          SUT_CMD="$ROOT/target/release/outrider run --config $OUT/outrider.yaml" \
-          bash "$BENCH" fast | tee "$OUT/tracing-$variant.txt"
-        awk -v v="$variant" '$1=="proxy" && $2 ~ /^trace-/ {print v, $(NF-3), $NF}' \
-          "$OUT/tracing-$variant.txt" >>"$summary"
+        config 256MiB "" "$otlp" | sed -e "s/18100/1811$i/; s/18190/1819$i/" >"$OUT/trace-$variant.yaml"
+        taskset -c 1 "$ROOT/target/release/outrider" run --config "$OUT/trace-$variant.yaml" \
+          >"$OUT/trace-$variant.log" 2>&1 &
+        TPID[$variant]=$!
+        for _ in $(seq 100); do curl -fsS -o /dev/null "http://127.0.0.1:1811$i/pass/1" && break; sleep 0.1; done
+        i=$((i + 1))
       done
-      kill "$SINK_PID" 2>/dev/null || true
-      echo "### tracing overhead: CPU per pass-through request (us), vs nginx in the same run, vs off"
-      awk 'NR==1 {base=$3} {printf "%-7s cpu_us=%s cpu/nginx=%s cpu/off=%.2f\n", $1, $2, $3, $3/base}' "$summary"
+      cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+      : >"$OUT/trace-samples.txt"
+      for round in $(seq "$rounds"); do
+        i=0
+        for variant in off ratio0 ratio1; do
+          pid=${TPID[$variant]}
+          before=$(cpu_ticks "$pid")
+          reqs=$(taskset -c 0 wrk -t1 -c32 -d"${secs}s" "http://127.0.0.1:1811$i/pass/1" |
+            awk '/requests in/ {print $1}')
+          after=$(cpu_ticks "$pid")
+          echo "$variant $round $reqs $((after - before))" >>"$OUT/trace-samples.txt"
+          i=$((i + 1))
+        done
+      done
+      echo "### tracing overhead: CPU per pass-through request, $rounds alternating rounds of ${secs}s (median)"
+      python3 - "$OUT/trace-samples.txt" "$(getconf CLK_TCK)" <<'PY'
+import statistics, sys
+hz = float(sys.argv[2])
+per = {}
+for line in open(sys.argv[1]):
+    variant, _, reqs, ticks = line.split()
+    per.setdefault(variant, []).append(float(ticks) / hz * 1e6 / max(1.0, float(reqs)))
+base = statistics.median(per["off"])
+for variant in ("off", "ratio0", "ratio1"):
+    values = per[variant]
+    med = statistics.median(values)
+    print(f"{variant:7} cpu_us={med:.2f} (min {min(values):.2f}, max {max(values):.2f}) cpu/off={med / base:.3f}")
+PY
+      exported=$(curl -fsS http://127.0.0.1:18192/metrics | awk '/^outrider_trace_spans_exported_total/ {print $2}')
+      dropped=$(curl -fsS http://127.0.0.1:18192/metrics | awk '/^outrider_trace_spans_dropped_total/ {s += $2} END {print s + 0}')
+      echo "ratio1 spans exported: $exported, dropped: $dropped"
+      for variant in off ratio0 ratio1; do kill "${TPID[$variant]}" 2>/dev/null || true; done
+      kill "$SINK_PID" "$BE_PID" 2>/dev/null || true
       ;;
     graphql)
       echo "### graphql: APQ + response-cache hits vs an L1 HTTP cache hit vs the app directly"
