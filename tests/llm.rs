@@ -924,3 +924,48 @@ async fn the_api_key_is_never_logged_shown_or_stored() {
     let log = s.proxy.log();
     assert!(!log.contains("DO-NOT-LEAK"), "{log}");
 }
+
+fn python() -> String {
+    std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// The real `openai` and `anthropic` SDKs (pinned in scripts/install-python-deps.sh) parse a
+/// miss and its hit into the same objects, streamed and not. Fails (does not skip) without them.
+#[tokio::test]
+async fn the_official_python_sdks_see_the_same_objects_on_miss_and_hit() {
+    let check = std::process::Command::new(python())
+        .args(["-c", "import openai, anthropic"])
+        .output();
+    match check {
+        Ok(o) if o.status.success() => {}
+        other => panic!(
+            "the openai and anthropic Python SDKs are not installed for `{}` ({other:?}); \
+             run scripts/install-python-deps.sh (from the repository root) and try again",
+            python()
+        ),
+    }
+    let s = setup().await;
+    let script = support::repo_path("tests/llm_sdk_conformance.py");
+    let base = s.proxy.url("");
+    // Off the test's runtime thread: the fake provider answers on it meanwhile.
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python())
+            .arg(script)
+            .arg(base.trim_end_matches('/'))
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("run the conformance script");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "conformance failed:\n{stdout}\n{stderr}\nproxy log:\n{}",
+        s.proxy.log()
+    );
+    assert!(stdout.contains("{\"ok\": 6}"), "{stdout}");
+    // Six pairs of calls, each a miss then a hit (the helper's stream hits the raw stream's
+    // entry), and the rate-limited call; the bad requests never left outrider.
+    assert_eq!(s.fake.calls(), 6 + 1, "{stdout}");
+}
