@@ -52,7 +52,7 @@ routes:
         gpt-4o-mini: {{ input_per_mtok: 0.15, output_per_mtok: 0.60 }}
         gpt-4o: {{ input_per_mtok: 2.5, output_per_mtok: 10 }}
         claude-x: {{ input_per_mtok: 3, output_per_mtok: 15 }}
-      max_body: 64KiB
+      max_body: 256KiB
   - name: embeddings
     match: {{ path: /v1/embeddings, methods: [POST] }}
     upstream: openai
@@ -374,6 +374,10 @@ async fn an_openai_stream_is_recorded_and_replayed_byte_for_byte() {
         "usage chunk removed: {text}"
     );
     assert!(!text.contains("prompt_tokens"), "{text}");
+    assert!(
+        !text.contains("\"usage\":null"),
+        "as without include_usage: {text}"
+    );
 
     let (resp, cache) = stream(&s.proxy, "/v1/chat/completions", &h, &body).await;
     assert_eq!(cache, "HIT");
@@ -400,6 +404,10 @@ async fn an_openai_stream_is_recorded_and_replayed_byte_for_byte() {
     assert!(
         own.contains("\"choices\":[]") && own.contains("\"prompt_tokens\":11"),
         "{own}"
+    );
+    assert!(
+        own.contains("\"usage\":null"),
+        "what the provider sent: {own}"
     );
     let (resp, cache) = stream(&s.proxy, "/v1/chat/completions", &h, &with_usage).await;
     assert_eq!(cache, "HIT");
@@ -706,7 +714,7 @@ async fn bad_input_gets_the_providers_error_shape_and_goes_nowhere() {
             "no cache headers on a refusal"
         );
     }
-    let big = chat(&"x".repeat(70 * 1024), json!({}));
+    let big = chat(&"x".repeat(300 * 1024), json!({}));
     let r = send(&s.proxy, openai, &h, &big).await;
     assert_eq!(r.status, 413);
     assert_eq!(r.json()["error"]["code"], "request_too_large");
@@ -968,4 +976,29 @@ async fn the_official_python_sdks_see_the_same_objects_on_miss_and_hit() {
     // Six pairs of calls, each a miss then a hit (the helper's stream hits the raw stream's
     // entry), and the rate-limited call; the bad requests never left outrider.
     assert_eq!(s.fake.calls(), 6 + 1, "{stdout}");
+}
+
+/// Pingora replays at most 64 KiB of a body read before the upstream is chosen; a larger prompt
+/// goes by a subrequest, still routed, rewritten and cached.
+#[tokio::test]
+async fn a_prompt_over_64k_is_routed_rewritten_and_cached() {
+    let s = setup().await;
+    let prompt = "y".repeat(100 * 1024);
+    let body =
+        json!({"model": "auto", "messages": [{"role": "user", "content": prompt}], "stream": true})
+            .to_string();
+    let (resp, cache) = stream(&s.proxy, "/v1/chat/completions", &H, &body).await;
+    assert_eq!(cache, "MISS");
+    assert_eq!(resp.headers()["x-outrider-llm-rule"], "routing[2]");
+    let (missed, _) = read_all(resp).await;
+    let seen = s.fake.last();
+    assert_eq!(seen.body["model"], "gpt-4o");
+    assert_eq!(seen.body["stream_options"]["include_usage"], json!(true));
+    assert_eq!(
+        seen.body["messages"][0]["content"].as_str().map(str::len),
+        Some(100 * 1024)
+    );
+    let (resp, cache) = stream(&s.proxy, "/v1/chat/completions", &H, &body).await;
+    assert_eq!(cache, "HIT");
+    assert_eq!(read_all(resp).await.0, missed);
 }

@@ -408,6 +408,27 @@ impl LlmStage {
     }
 }
 
+/// With `include_usage`, OpenAI adds `"usage":null` as the last field of every chunk; a client
+/// that did not ask for usage never saw it, so it is cut from where OpenAI writes it (the end
+/// of the event's JSON). Other placements are left alone (the parsed chunk is the same).
+fn without_null_usage(raw: &Bytes) -> Bytes {
+    const FIELD: &[u8] = b",\"usage\":null}";
+    let end = raw
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(0, |i| i + 1);
+    match raw[..end].ends_with(FIELD) {
+        true => {
+            let cut = end - FIELD.len();
+            let mut out = BytesMut::with_capacity(raw.len());
+            out.extend_from_slice(&raw[..cut]);
+            out.extend_from_slice(&raw[end - 1..]);
+            out.freeze()
+        }
+        false => raw.clone(),
+    }
+}
+
 #[async_trait]
 impl Stage for LlmStage {
     fn name(&self) -> &'static str {
@@ -534,7 +555,7 @@ impl Stage for LlmStage {
                 state.terminal |= facts.terminal;
                 if let Some(kept) = kept.as_mut() {
                     if !facts.usage_only {
-                        kept.extend_from_slice(&event.raw);
+                        kept.extend_from_slice(&without_null_usage(&event.raw));
                     }
                 }
             }
@@ -634,5 +655,23 @@ impl Stage for LlmStage {
             notes.attribute("gen_ai.usage.input_tokens", u.input as i64);
             notes.attribute("gen_ai.usage.output_tokens", u.output as i64);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_usage_field_outrider_caused_is_cut() {
+        let raw = Bytes::from_static(b"data: {\"id\":\"x\",\"choices\":[],\"usage\":null}\n\n");
+        assert_eq!(
+            &without_null_usage(&raw)[..],
+            b"data: {\"id\":\"x\",\"choices\":[]}\n\n"
+        );
+        let elsewhere = Bytes::from_static(b"data: {\"usage\":null,\"id\":\"x\"}\n\n");
+        assert_eq!(without_null_usage(&elsewhere), elsewhere);
+        let done = Bytes::from_static(b"data: [DONE]\n\n");
+        assert_eq!(without_null_usage(&done), done);
     }
 }
