@@ -1002,3 +1002,46 @@ async fn a_prompt_over_64k_is_routed_rewritten_and_cached() {
     assert_eq!(cache, "HIT");
     assert_eq!(read_all(resp).await.0, missed);
 }
+
+/// Identical non-streamed questions at once: one goes to the provider, the others get its answer.
+#[tokio::test]
+async fn identical_questions_at_once_cost_one_call() {
+    let s = setup().await;
+    let body = chat("at once", json!({}));
+    let slow = [("authorization", AUTH_A), ("x-fake", "slow")];
+    let proxy = &s.proxy;
+    let first = send(proxy, "/v1/chat/completions", &slow, &body);
+    let others = async {
+        // The first is at the provider (and so the one others wait for) before they are sent.
+        wait_for("the first call", Duration::from_secs(10), || async {
+            (s.fake.calls() == 1).then_some(())
+        })
+        .await;
+        let waiting = futures::future::join_all(
+            (0..3).map(|_| send(proxy, "/v1/chat/completions", &H, &body)),
+        );
+        let gate = async {
+            // All four are inside outrider (the three waiting on the first) before it answers.
+            metric_eventually(proxy, "outrider_requests_in_flight", &[], 4.0).await;
+            s.fake.open_gate();
+        };
+        futures::join!(waiting, gate).0
+    };
+    let (first, others) = futures::join!(first, others);
+    assert_eq!(first.cache(), "MISS");
+    for other in &others {
+        assert_eq!(other.status, 200);
+        assert_eq!(other.body, first.body, "the first call's answer");
+        assert_eq!(other.cache(), "HIT");
+    }
+    assert_eq!(s.fake.calls(), 1);
+    let text = s.proxy.metrics().await;
+    assert_eq!(
+        metric_value(
+            &text,
+            "outrider_cache_singleflight_waits_total",
+            &["result=\"served\""]
+        ),
+        Some(3.0)
+    );
+}

@@ -100,12 +100,15 @@ impl RouteFeature for LlmConfig {
         let metrics = cx
             .services
             .shared(|registry| metrics::LlmMetrics::new(registry).map_err(|e| e.to_string()))?;
-        Ok(Arc::new(LlmStage::new(
-            self.clone(),
-            cx.services.store.clone(),
-            metrics,
-            cx.route_name,
-        )))
+        Ok(Arc::new(
+            LlmStage::new(
+                self.clone(),
+                cx.services.store.clone(),
+                metrics,
+                cx.route_name,
+            )
+            .with_lock_timeout(cx.config.cache.lock_timeout.get()),
+        ))
     }
 }
 

@@ -20,7 +20,9 @@ use crate::pipeline::{
     state_mut, state_ref, Answer, Completion, RequestCx, ResponseVerdict, Slot, SpanNotes, Stage,
     StageError, Verdict,
 };
-use crate::store::{CacheKey, Outcome, Store, StoredResponse};
+use crate::store::{
+    CacheKey, Flight, LeaderGuard, Outcome, Reservation, Store, StoredResponse, Waited,
+};
 
 /// Domain tag of LLM cache keys, so they never meet another derivation's.
 const KEY_DOMAIN: &[u8] = b"outrider.llm.v1";
@@ -81,6 +83,8 @@ pub struct LlmStage {
     rules: Vec<Rule>,
     /// Models the config names: always their own metric label.
     known_models: HashSet<String>,
+    /// How long a miss waits for another request's fetch of the same answer.
+    lock_timeout: Duration,
 }
 
 /// The cache's part of one request.
@@ -89,6 +93,8 @@ struct CacheCx {
     status: CacheStatus,
     /// `Cache-Control: no-store` from the client: answers are not stored.
     store: bool,
+    /// This request fetches the answer others wait for (non-streamed misses only).
+    leader: Option<LeaderGuard>,
 }
 
 /// The stage's part of one request.
@@ -111,8 +117,9 @@ struct LlmState {
     usage: Option<Usage>,
     from_cache: bool,
     first_byte: Option<Duration>,
-    /// What the client received, kept to store (or, for JSON, to read `usage` from).
-    body: Option<BytesMut>,
+    /// What the client received, kept to store (or, for JSON, to read `usage` from), and its
+    /// share of the store's in-flight byte budget.
+    body: Option<(BytesMut, Reservation)>,
     content_type: Option<Bytes>,
 }
 
@@ -181,7 +188,14 @@ impl LlmStage {
             route: Arc::from(route),
             rules,
             known_models,
+            lock_timeout: Duration::from_secs(5),
         }
+    }
+
+    /// Follows `cache.lock_timeout`.
+    pub fn with_lock_timeout(mut self, lock_timeout: Duration) -> Self {
+        self.lock_timeout = lock_timeout;
+        self
     }
 
     fn provider(&self) -> Provider {
@@ -309,6 +323,7 @@ impl LlmStage {
                 key: CacheKey::from_parts(&self.route, "bypass", &[]),
                 status: CacheStatus::Bypass,
                 store: false,
+                leader: None,
             });
             return Ok(None);
         };
@@ -320,6 +335,7 @@ impl LlmStage {
                 key,
                 status: CacheStatus::Refresh { stored: false },
                 store,
+                leader: None,
             });
             return Ok(None);
         }
@@ -345,6 +361,7 @@ impl LlmStage {
                         key,
                         status: CacheStatus::Hit { ttl: left },
                         store: false,
+                        leader: None,
                     });
                     return Ok(Some(answer));
                 }
@@ -355,13 +372,48 @@ impl LlmStage {
         self.store
             .record_at(&self.route, lookup.tier, Outcome::Miss);
         state.outcome = "miss";
-        state.cache = Some(CacheCx { key, status, store });
+        let mut cache = CacheCx {
+            key,
+            status,
+            store,
+            leader: None,
+        };
+        // Identical non-streamed questions at once: one goes to the provider, the others wait
+        // for its answer. A stream does not wait: its first token would come only after the
+        // other's last.
+        if !req.stream && store && !self.store.recently_uncacheable(&cache.key) {
+            match self.store.single_flight(&cache.key) {
+                Flight::Leader(guard) => cache.leader = Some(guard),
+                Flight::Follower(wait) => {
+                    match wait.wait(self.lock_timeout.min(cx.upstream_timeout)).await {
+                        Waited::Served(entry) => {
+                            if let Some(answer) = Answer::from_stored(&entry, &[USAGE_HEADER]) {
+                                state.outcome = "hit";
+                                state.from_cache = true;
+                                state.strip_usage = false;
+                                state.usage = Self::stored_usage(&entry);
+                                cache.status = CacheStatus::Hit {
+                                    ttl: ttl.saturating_sub(entry.age(SystemTime::now())).as_secs()
+                                        as i64,
+                                };
+                                state.cache = Some(cache);
+                                return Ok(Some(answer));
+                            }
+                        }
+                        Waited::Fallthrough => {}
+                        Waited::TimedOut => cache.store = false,
+                    }
+                }
+                Flight::Pass => cache.store = false,
+            }
+        }
+        state.cache = Some(cache);
         Ok(None)
     }
 
     /// Stores the recorded answer: a 200 whose stream reached its terminal event.
     fn finish(&self, state: &mut LlmState) {
-        let Some(body) = state.body.take() else {
+        let Some((body, _reservation)) = state.body.take() else {
             return;
         };
         if !state.sse {
@@ -394,8 +446,11 @@ impl LlmStage {
             namespace: self.route.to_string(),
             label: cache.key.label.clone(),
         };
-        let stored = self.store.store_now(&cache.key, entry).is_some();
-        cache.status.set_stored(stored);
+        let stored = self.store.store_now(&cache.key, entry);
+        cache.status.set_stored(stored.is_some());
+        if let Some(leader) = cache.leader.take() {
+            leader.complete(stored);
+        }
     }
 
     fn price(&self, model: &str, usage: Usage) -> Option<f64> {
@@ -489,8 +544,11 @@ impl Stage for LlmStage {
         let encoded = resp.headers.contains_key(http::header::CONTENT_ENCODING);
         let storing = state.cache.as_ref().is_some_and(|c| c.store);
         // A JSON answer is read for its usage even when it is not stored.
-        if state.status == 200 && !encoded && (storing || !state.sse) {
-            state.body = Some(BytesMut::new());
+        let reservation = (state.status == 200 && !encoded && (storing || !state.sse))
+            .then(|| self.store.reserve_inflight(0))
+            .flatten();
+        if let Some(reservation) = reservation {
+            state.body = Some((BytesMut::new(), reservation));
             if let Some(cache) = state.cache.as_mut().filter(|c| c.store) {
                 // The header leaves before the body: it says what is being stored.
                 cache.status.set_stored(true);
@@ -498,6 +556,12 @@ impl Stage for LlmStage {
         }
         if !state.sse {
             state.strip_usage = false;
+        }
+        if state.body.is_none() {
+            // Nothing will be stored: waiting requests need not wait for the body.
+            if let Some(cache) = state.cache.as_mut() {
+                cache.leader.take();
+            }
         }
         ResponseVerdict::Forward
     }
@@ -566,11 +630,17 @@ impl Stage for LlmStage {
                 *chunk = (!kept.is_empty() || end_of_stream).then(|| kept.freeze());
             }
         }
-        if let (Some(body), Some(c)) = (state.body.as_mut(), chunk.as_ref()) {
+        if let (Some((body, reservation)), Some(c)) = (state.body.as_mut(), chunk.as_ref()) {
             let max = self.store.settings().max_entry_size;
-            if max > 0 && body.len() + c.len() > max {
-                // Too large to store (and for JSON, to read usage from): pass through.
+            if (max > 0 && body.len() + c.len() > max)
+                || !self.store.grow_inflight(reservation, c.len())
+            {
+                // Too large to store (and for JSON, to read usage from), or the store's
+                // in-flight budget is spent: pass through.
                 state.body = None;
+                if let Some(cache) = state.cache.as_mut() {
+                    cache.store = false;
+                }
             } else {
                 body.extend_from_slice(c);
             }
@@ -584,6 +654,10 @@ impl Stage for LlmStage {
         let Some(state) = state_mut::<LlmState>(slot) else {
             return;
         };
+        // A leader that stored nothing lets its followers go to the provider themselves.
+        if let Some(cache) = state.cache.as_mut() {
+            cache.leader.take();
+        }
         if done.background {
             return;
         }

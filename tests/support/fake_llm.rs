@@ -6,8 +6,8 @@
 //!
 //! Behaviour by the `x-fake` request header: `429` (rate limited, `Retry-After: 7`), `500`,
 //! `slow` (a stream that sends three events, waits for [`FakeProvider::open_gate`], then sends
-//! 40 more 20 ms apart, noting whether its reader went away), `early-close` (a stream that ends
-//! before its terminal event).
+//! 40 more 20 ms apart, noting whether its reader went away; a whole answer that waits for the
+//! gate), `early-close` (a stream that ends before its terminal event).
 #![allow(dead_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 #![allow(clippy::disallowed_types)]
@@ -206,6 +206,12 @@ async fn handle(state: Arc<Shared>, req: Request<Incoming>) -> Response<BoxBody>
     }
     let text = format!("echo {} #{n}", last_user_text(&body));
     let stream = body["stream"].as_bool().unwrap_or(false);
+    if !stream && fake == "slow" {
+        // A slow answer: held until the test opens the gate.
+        if let Ok(permit) = state.gate.acquire().await {
+            permit.forget();
+        }
+    }
     if !stream {
         let out = if anthropic {
             json!({
