@@ -310,11 +310,24 @@ impl LlmStage {
             state.strip_usage = true;
             changed = true;
         }
-        if changed {
+        let answer = self.consult_cache(cx, state, &req, key).await;
+        if answer.is_none() && changed {
+            // Serialized only when the request goes to the provider, not for hits.
             let bytes = serde_json::to_vec(&req.body)
                 .map_err(|e| LlmError::InvalidRequest(e.to_string()))?;
             cx.replace_body(Bytes::from(bytes));
         }
+        Ok(answer)
+    }
+
+    /// The cache's part: an answer from it, or `None` with what to do with the provider's.
+    async fn consult_cache(
+        &self,
+        cx: &mut RequestCx<'_>,
+        state: &mut LlmState,
+        req: &LlmRequest,
+        key: Option<CacheKey>,
+    ) -> Option<Answer> {
         let cacheable = self.config.cache.enabled
             && (!self.config.cache.deterministic_only || req.deterministic());
         let Some(key) = key.filter(|_| cacheable) else {
@@ -325,7 +338,7 @@ impl LlmStage {
                 store: false,
                 leader: None,
             });
-            return Ok(None);
+            return None;
         };
         let cc = directives(&cx.req.headers, http::header::CACHE_CONTROL);
         let store = !has_directive(&cc, "no-store");
@@ -337,7 +350,7 @@ impl LlmStage {
                 store,
                 leader: None,
             });
-            return Ok(None);
+            return None;
         }
         let lookup = self.store.lookup(&key).await;
         let ttl = self.config.cache.ttl.get();
@@ -363,7 +376,7 @@ impl LlmStage {
                         store: false,
                         leader: None,
                     });
-                    return Ok(Some(answer));
+                    return Some(answer);
                 }
             } else {
                 status = CacheStatus::Expired { stored: false };
@@ -397,7 +410,7 @@ impl LlmStage {
                                         as i64,
                                 };
                                 state.cache = Some(cache);
-                                return Ok(Some(answer));
+                                return Some(answer);
                             }
                         }
                         Waited::Fallthrough => {}
@@ -408,7 +421,7 @@ impl LlmStage {
             }
         }
         state.cache = Some(cache);
-        Ok(None)
+        None
     }
 
     /// Stores the recorded answer: a 200 whose stream reached its terminal event.
