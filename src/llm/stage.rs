@@ -748,6 +748,121 @@ impl Stage for LlmStage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::Effects;
+
+    fn stage() -> LlmStage {
+        let registry = prometheus::Registry::new();
+        let store = Store::new(crate::store::CacheSettings::default(), &registry).unwrap();
+        let metrics = Arc::new(LlmMetrics::new(&registry).unwrap());
+        let config: LlmConfig = serde_json::from_str(r#"{"provider":"openai"}"#).unwrap();
+        LlmStage::new(config, store, metrics, "chat")
+    }
+
+    fn request() -> RequestHeader {
+        let mut req = RequestHeader::build("POST", b"/v1/chat/completions", None).unwrap();
+        req.insert_header("authorization", "Bearer sk-unit")
+            .unwrap();
+        req
+    }
+
+    /// Runs `on_request`; returns the answer (a hit) or the body sent upstream.
+    async fn ask(stage: &LlmStage, slot: &mut Slot, body: &str) -> (Option<Answer>, Option<Bytes>) {
+        let req = request();
+        let body = Bytes::from(body.to_owned());
+        let mut effects = Effects::default();
+        let verdict = {
+            let mut cx = RequestCx::new(
+                &req,
+                Some(&body),
+                "chat",
+                Duration::from_secs(5),
+                slot,
+                0,
+                &mut effects,
+            );
+            stage.on_request(&mut cx).await.unwrap()
+        };
+        match verdict {
+            Verdict::Answer(a) => (Some(a), None),
+            _ => (None, effects.body),
+        }
+    }
+
+    const EVENTS: &[&str] = &[
+        "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"usage\":null}\n\n",
+        "data: {\"choices\":[{\"delta\":{\"content\":\"b\"}}],\"usage\":null}\n\n",
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\n\n",
+        "data: [DONE]\n\n",
+    ];
+
+    /// Streams the provider's events through the stage, cut at `cuts`; returns what the client got.
+    fn provider_stream(stage: &LlmStage, slot: &mut Slot, cuts: &[usize]) -> Vec<u8> {
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.insert_header("content-type", "text/event-stream")
+            .unwrap();
+        let _ = stage.on_upstream_response(slot, &resp);
+        let all: Vec<u8> = EVENTS.concat().into_bytes();
+        let mut bounds = vec![0];
+        bounds.extend(cuts.iter().copied().filter(|c| *c < all.len()));
+        bounds.push(all.len());
+        let mut client = Vec::new();
+        for pair in bounds.windows(2) {
+            let mut chunk = Some(Bytes::copy_from_slice(&all[pair[0]..pair[1]]));
+            stage.filter_body_chunk(slot, &mut chunk, false);
+            client.extend_from_slice(chunk.as_deref().unwrap_or_default());
+        }
+        let mut end = None;
+        stage.filter_body_chunk(slot, &mut end, true);
+        client.extend_from_slice(end.as_deref().unwrap_or_default());
+        client
+    }
+
+    #[tokio::test]
+    async fn a_stream_is_recorded_without_what_outrider_added_and_replayed() {
+        let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true}"#;
+        let want = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\ndata: [DONE]\n\n";
+        let all_len = EVENTS.concat().len();
+        // Whatever the chunking, the client sees the stream it asked for.
+        for cut in (1..all_len).step_by(7) {
+            let stage = stage();
+            let mut slot = None;
+            let (answer, upstream_body) = ask(&stage, &mut slot, body).await;
+            assert!(answer.is_none());
+            let sent: serde_json::Value = serde_json::from_slice(&upstream_body.unwrap()).unwrap();
+            assert_eq!(sent["stream_options"]["include_usage"], true);
+            let client = provider_stream(&stage, &mut slot, &[cut, cut + 3]);
+            assert_eq!(String::from_utf8_lossy(&client), want, "cut at {cut}");
+            let usage = state_ref::<LlmState>(&slot).and_then(|s| s.usage);
+            assert_eq!(
+                usage,
+                Some(Usage {
+                    input: 3,
+                    output: 2
+                })
+            );
+            // Recorded: the next identical request is a hit with the same bytes.
+            let mut again = None;
+            let (hit, _) = ask(&stage, &mut again, body).await;
+            assert_eq!(&hit.expect("a hit").body[..], want.as_bytes());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_without_its_terminal_event_is_not_recorded() {
+        let stage = stage();
+        let body = r#"{"model":"m","messages":[],"stream":true}"#;
+        let mut slot = None;
+        ask(&stage, &mut slot, body).await;
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.insert_header("content-type", "text/event-stream")
+            .unwrap();
+        let _ = stage.on_upstream_response(&mut slot, &resp);
+        let mut chunk = Some(Bytes::from_static(EVENTS[0].as_bytes()));
+        stage.filter_body_chunk(&mut slot, &mut chunk, true);
+        let mut again = None;
+        let (hit, _) = ask(&stage, &mut again, body).await;
+        assert!(hit.is_none());
+    }
 
     #[test]
     fn the_usage_field_outrider_caused_is_cut() {
