@@ -202,6 +202,18 @@ async fn a_repeated_prompt_is_answered_from_the_cache() {
     .await;
     assert!(keys.contains("chat:gpt-4o-mini:"), "{keys}");
     assert!(!keys.contains("sk-test"), "{keys}");
+
+    // The route's entries purge like any route's.
+    let purged = client()
+        .post(s.proxy.admin("/cache/purge"))
+        .json(&json!({"route": "chat"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(purged.status(), 200);
+    let after = send(&s.proxy, "/v1/chat/completions", &h, &body).await;
+    assert_eq!(after.cache(), "MISS");
+    assert_eq!(s.fake.calls(), 2);
 }
 
 #[tokio::test]
