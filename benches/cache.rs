@@ -1,5 +1,5 @@
 //! Hot paths of the cache: key derivation, entry encode/decode, the L1 hit, the single-flight
-//! locks every cacheable miss takes, and the HTTP cache stage answering a hit end to end.
+//! locks every cacheable miss takes, and the HTTP cache and LLM stages answering a hit end to end.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;
@@ -197,5 +197,61 @@ fn stage_hit(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, keys, codec, l1_hit, flights, stage_hit);
+/// What a cached chat completion costs in the LLM stage: parse the JSON body, canonical key
+/// (sorted JSON, BLAKE3, API key hash), L1 lookup, answer.
+fn llm_hit(c: &mut Criterion) {
+    let registry = prometheus::Registry::new();
+    let Ok(store) = Store::new(CacheSettings::default(), &registry) else {
+        return;
+    };
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() else {
+        return;
+    };
+    let metrics = Arc::new(outrider::llm::metrics::LlmMetrics::new(&registry).unwrap());
+    let config: outrider::llm::LlmConfig =
+        serde_json::from_str(r#"{"provider":"openai"}"#).unwrap();
+    let stage = outrider::llm::LlmStage::new(config, store.clone(), metrics, "chat");
+    let mut req =
+        pingora_http::RequestHeader::build("POST", b"/v1/chat/completions", None).unwrap();
+    req.insert_header("authorization", "Bearer sk-bench-0123456789")
+        .unwrap();
+    let body = Bytes::from_static(
+        br#"{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"What does a sidecar cache do?"}],"temperature":0}"#,
+    );
+    let ask = || {
+        let mut slot: Slot = None;
+        let mut effects = Effects::default();
+        let mut cx = RequestCx::new(
+            &req,
+            Some(&body),
+            "chat",
+            Duration::from_secs(1),
+            &mut slot,
+            0,
+            &mut effects,
+        );
+        let verdict = rt.block_on(stage.on_request(&mut cx));
+        let answered = matches!(verdict, Ok(Verdict::Answer(_)));
+        (answered, slot)
+    };
+    // Fill the entry as a provider's answer passing through would.
+    let (answered, mut slot) = ask();
+    assert!(!answered);
+    let mut resp = pingora_http::ResponseHeader::build(200, None).unwrap();
+    resp.insert_header("content-type", "application/json")
+        .unwrap();
+    let _ = stage.on_upstream_response(&mut slot, &resp);
+    let mut chunk = Some(Bytes::from_static(
+        br#"{"id":"x","object":"chat.completion","choices":[],"usage":{"prompt_tokens":24,"completion_tokens":16}}"#,
+    ));
+    stage.filter_body_chunk(&mut slot, &mut chunk, true);
+    c.bench_function("stage/llm_hit", |b| {
+        b.iter(|| {
+            let (answered, _) = ask();
+            assert!(answered);
+        })
+    });
+}
+
+criterion_group!(benches, keys, codec, l1_hit, flights, stage_hit, llm_hit);
 criterion_main!(benches);

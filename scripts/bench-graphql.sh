@@ -22,7 +22,8 @@ cleanup() { for p in "${PIDS[@]:-}"; do [[ -n $p ]] && kill "$p" 2>/dev/null || 
 trap cleanup EXIT
 command -v wrk >/dev/null || { echo "wrk is needed (apt-get install wrk)" >&2; exit 1; }
 
-wait_port() { for _ in $(seq 1 300); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "nothing at $1" >&2; exit 1; }
+# shellcheck source=scripts/bench-lib.sh
+source "$ROOT/scripts/bench-lib.sh"
 
 (cd examples/fastapi-backend && APP_DELAY_MS=0 exec taskset -c 0 python3 -m uvicorn app:app \
   --host 127.0.0.1 --port $APP_PORT --no-access-log --log-level warning) &
@@ -69,27 +70,8 @@ done
 curl -fsS -D - -o /dev/null -H 'content-type: application/json' --data "$HASH_ONLY" "http://127.0.0.1:$PORT/graphql" \
   | grep -qi '^x-cache-status: HIT' || { echo "hash-only POST is not a hit" >&2; exit 1; }
 
-lua_post() { # body -> a wrk script that POSTs it
-  python3 -c 'import json,sys; print("wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.body = " + json.dumps(sys.argv[1]))' "$1"
-}
 lua_post "$HASH_ONLY" >"$W/hash_only.lua"
 lua_post "$FULL" >"$W/full.lua"
-
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-HZ=$(getconf CLK_TCK)
-measure() { # name pid url [lua]
-  local name=$1 pid=$2 url=$3 script=${4:-} before after out reqs rps p50 p99
-  before=$(ticks "$pid")
-  out=$(taskset -c 0 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency ${script:+-s "$script"} "$url")
-  after=$(ticks "$pid")
-  reqs=$(awk '/requests in/ {print $1}' <<<"$out")
-  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
-  p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
-  p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
-  if grep -q "Non-2xx" <<<"$out"; then echo "$name: non-2xx answers" >&2; grep "Non-2xx" <<<"$out" >&2; fi
-  printf '| %s | %s | %s | %s | %.2f |\n' "$name" "$rps" "$p50" "$p99" \
-    "$(python3 -c "print(($after - $before) / $HZ * 1e6 / max(1, $reqs))")"
-}
 
 echo "| scenario | req/s | p50 | p99 | CPU µs/req (answering process) |"
 echo "|---|---|---|---|---|"

@@ -3,6 +3,7 @@
 #   - examples/fastapi-backend/requirements.txt  (tests/deploy_e2e.rs runs the example app)
 #   - kubernetes-validate, dockerfile-parse, PyYAML  (scripts/validate-deploy.sh)
 #   - prometheus-client  (tests/tracing.rs parses the OpenMetrics exposition with its parser)
+#   - openai, anthropic  (tests/llm.rs runs the official SDKs against the LLM gateway)
 # into the interpreter that `python3` (or $PYTHON) resolves to. Idempotent: when every
 # pinned version is already installed it does nothing and needs no network.
 #
@@ -18,6 +19,8 @@ VALIDATION_REQS=(
   "dockerfile-parse==2.0.1"
   "PyYAML==6.0.3"
   "prometheus-client==0.26.0"     # its OpenMetrics parser checks /metrics exemplars
+  "openai==3.57.0"                # LLM gateway conformance (tests/llm_sdk_conformance.py)
+  "anthropic==2.14.0"
 )
 APP_REQS=examples/fastapi-backend/requirements.txt
 

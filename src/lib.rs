@@ -8,6 +8,7 @@ pub mod cache_headers;
 pub mod config;
 pub mod graphql;
 pub mod limits;
+pub mod llm;
 pub mod pipeline;
 pub mod proxy;
 pub mod server;

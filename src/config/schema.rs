@@ -355,6 +355,10 @@ pub struct RouteConfig {
     /// GraphQL automatic persisted queries, response caching and safelist (see `graphql`).
     #[serde(default)]
     pub graphql: Option<crate::graphql::GraphqlConfig>,
+    /// LLM gateway: prompt/completion cache with stream replay, model-tier routing, token and
+    /// cost metrics (see `llm`).
+    #[serde(default)]
+    pub llm: Option<crate::llm::LlmConfig>,
 }
 
 fn default_max_body() -> ByteSize {

@@ -3,7 +3,6 @@
 //! GraphQL clients read it like any other GraphQL error.
 
 use bytes::Bytes;
-use pingora_http::ResponseHeader;
 use serde_json::json;
 
 use crate::pipeline::Answer;
@@ -74,20 +73,10 @@ impl GraphqlError {
             }]
         });
         let body = Bytes::from(body.to_string());
-        let mut header = ResponseHeader::build(self.status(), Some(4)).ok()?;
-        header
-            .insert_header("content-type", "application/json")
-            .ok()?;
-        header
-            .insert_header("content-length", body.len().to_string())
-            .ok()?;
-        header.insert_header("cache-control", DONT_CACHE).ok()?;
+        let mut headers = vec![("cache-control", DONT_CACHE)];
         if *self == GraphqlError::MutationOverGet {
-            header.insert_header("allow", "POST").ok()?;
+            headers.push(("allow", "POST"));
         }
-        Some(Answer {
-            header: Box::new(header),
-            body,
-        })
+        Answer::json(self.status(), body, &headers)
     }
 }

@@ -21,25 +21,14 @@ pub use stage::GraphqlStage;
 
 use std::sync::Arc;
 
-use crate::pipeline::registry::{BuildCx, FieldProblem, RouteFeature, ValidateCx};
+use crate::pipeline::registry::{
+    check_body_limit, BuildCx, FieldProblem, RouteFeature, ValidateCx,
+};
 use crate::pipeline::Stage;
 
 impl RouteFeature for GraphqlConfig {
     fn validate(&self, at: &str, cx: &ValidateCx<'_>, out: &mut Vec<FieldProblem>) {
-        if self.max_body.0 == 0 {
-            out.push(FieldProblem::new(
-                format!("{at}.max_body"),
-                "must be greater than zero",
-            ));
-        } else if self.max_body.0 > cx.route.max_body.0 {
-            out.push(FieldProblem::new(
-                format!("{at}.max_body"),
-                format!(
-                    "larger than the route's max_body ({} bytes), which bounds every body read",
-                    cx.route.max_body.0
-                ),
-            ));
-        }
+        check_body_limit(at, self.max_body.0, cx.route, out);
         if cx.route.cache.is_some() {
             // The HTTP cache would key hashed GETs by URL and store GraphQL errors with them.
             out.push(FieldProblem::new(

@@ -17,7 +17,7 @@ use super::metrics::GraphqlMetrics;
 use super::operation::{analyse, Operation, OperationKind};
 use super::protocol::{parse_body, parse_query_string, sha256_hex, GraphqlRequest, Parsed};
 use crate::cache_headers::{
-    age_header_value, credential_bytes, directive_seconds, directives, has_directive, CacheStatus,
+    credential_bytes, directive_seconds, directives, has_directive, CacheStatus,
 };
 use crate::pipeline::{
     state_mut, state_ref, Answer, Completion, RequestCx, ResponseVerdict, Slot, Stage, StageError,
@@ -302,20 +302,7 @@ impl GraphqlStage {
 
     /// A stored result as the answer to a request.
     fn answer_from(entry: &StoredResponse) -> Option<Answer> {
-        let mut header = ResponseHeader::build(entry.status, Some(4)).ok()?;
-        for (name, value) in &entry.headers {
-            header.append_header(name.clone(), value.as_ref()).ok()?;
-        }
-        header
-            .insert_header("content-length", entry.body.len().to_string())
-            .ok()?;
-        header
-            .insert_header("age", age_header_value(entry.age(SystemTime::now())))
-            .ok()?;
-        Some(Answer {
-            header: Box::new(header),
-            body: entry.body.clone(),
-        })
+        Answer::from_stored(entry, &[])
     }
 
     /// Looks the result up; answers a fresh (or, within its window, stale) one.

@@ -39,6 +39,48 @@ pub struct Answer {
     pub body: Bytes,
 }
 
+impl Answer {
+    /// A JSON answer (an error in a protocol's own shape) with its length and `headers`.
+    pub fn json(status: u16, body: Bytes, headers: &[(&'static str, &str)]) -> Option<Answer> {
+        let mut header = ResponseHeader::build(status, Some(2 + headers.len())).ok()?;
+        header
+            .insert_header("content-type", "application/json")
+            .ok()?;
+        header
+            .insert_header("content-length", body.len().to_string())
+            .ok()?;
+        for (name, value) in headers {
+            header.insert_header(*name, *value).ok()?;
+        }
+        Some(Answer {
+            header: Box::new(header),
+            body,
+        })
+    }
+
+    /// A stored entry as the answer: its status and headers (less the `hidden` ones the
+    /// feature keeps for itself), its length and its `age`.
+    pub fn from_stored(entry: &crate::store::StoredResponse, hidden: &[&str]) -> Option<Answer> {
+        let mut header = ResponseHeader::build(entry.status, Some(entry.headers.len() + 2)).ok()?;
+        for (name, value) in &entry.headers {
+            if !hidden.contains(&name.as_str()) {
+                header.append_header(name.clone(), value.as_ref()).ok()?;
+            }
+        }
+        header
+            .insert_header("content-length", entry.body.len().to_string())
+            .ok()?;
+        let age = entry.age(SystemTime::now());
+        header
+            .insert_header("age", crate::cache_headers::age_header_value(age))
+            .ok()?;
+        Some(Answer {
+            header: Box::new(header),
+            body: entry.body.clone(),
+        })
+    }
+}
+
 /// What `on_request` decided.
 pub enum Verdict {
     /// Go on: the next stage, then the upstream.
@@ -297,6 +339,18 @@ pub trait Stage: Send + Sync + std::fmt::Debug {
 
     /// `server-timing` entries of this stage (e.g. `, cache;desc=hit`).
     fn server_timing(&self, _slot: &Slot, _out: &mut String) {}
+
+    /// Reshapes an upstream body chunk before the client (and `on_body_chunk`) sees it: a
+    /// stage that added something to the upstream request removes what that added to the
+    /// response (the LLM stage drops the usage event it asked for). A stage that changes the
+    /// body's length must also drop `content-length` in `on_response`. Runs in stage order.
+    fn filter_body_chunk(
+        &self,
+        _slot: &mut Slot,
+        _chunk: &mut Option<Bytes>,
+        _end_of_stream: bool,
+    ) {
+    }
 
     /// Each upstream body chunk on its way to the client (never held back).
     fn on_body_chunk(&self, _slot: &mut Slot, _chunk: Option<&Bytes>, _end_of_stream: bool) {}

@@ -86,6 +86,25 @@ impl FieldProblem {
     }
 }
 
+/// Checks a capability's own body limit (`{at}.max_body`): above zero and within the route's
+/// `max_body`, which bounds every body the proxy reads.
+pub fn check_body_limit(at: &str, limit: u64, route: &RouteConfig, out: &mut Vec<FieldProblem>) {
+    if limit == 0 {
+        out.push(FieldProblem::new(
+            format!("{at}.max_body"),
+            "must be greater than zero",
+        ));
+    } else if limit > route.max_body.0 {
+        out.push(FieldProblem::new(
+            format!("{at}.max_body"),
+            format!(
+                "larger than the route's max_body ({} bytes), which bounds every body read",
+                route.max_body.0
+            ),
+        ));
+    }
+}
+
 /// What validation may look at besides the section itself.
 pub struct ValidateCx<'a> {
     pub config: &'a Config,
@@ -133,6 +152,9 @@ pub fn route_features(route: &RouteConfig) -> Vec<(&'static str, &dyn RouteFeatu
     }
     if let Some(graphql) = &route.graphql {
         features.push(("graphql", graphql));
+    }
+    if let Some(llm) = &route.llm {
+        features.push(("llm", llm));
     }
     if let Some(cache) = &route.cache {
         features.push(("cache", cache));

@@ -685,6 +685,9 @@ impl ProxyHttp for Outrider {
         }
         let (stages, slots) = ctx.stages_and_slots();
         for (stage, slot) in stages.iter().zip(slots.iter_mut()) {
+            stage.filter_body_chunk(slot, body, end_of_stream);
+        }
+        for (stage, slot) in stages.iter().zip(slots.iter_mut()) {
             stage.on_body_chunk(slot, body.as_ref(), end_of_stream);
         }
         Ok(None)

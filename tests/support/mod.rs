@@ -59,6 +59,42 @@ pub fn client() -> reqwest::Client {
         .expect("client")
 }
 
+/// Serves HTTP/1.1 on `listener`, each request answered by `handle(state, request)`, until
+/// `shutdown` fires. Connections live in a set so that stopping the server also cuts them.
+pub fn serve<S, F, Fut>(
+    listener: tokio::net::TcpListener,
+    state: S,
+    mut shutdown: tokio::sync::oneshot::Receiver<()>,
+    handle: F,
+) where
+    S: Clone + Send + Sync + 'static,
+    F: Fn(S, Request<Incoming>) -> Fut + Copy + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<BoxBody>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            let (stream, _) = tokio::select! {
+                r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
+                _ = &mut shutdown => break,
+            };
+            // Fakes write a response in several writes: no Nagle delay between them.
+            let _ = stream.set_nodelay(true);
+            while connections.try_join_next().is_some() {}
+            let state = state.clone();
+            connections.spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(handle(state, req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+}
+
 /// A backend that echoes requests as JSON and offers a few behaviours by path:
 /// `/slow/{ms}`, `/status/{code}`, `/big/{bytes}`, `/chunked/{n}`, `/headers?name=value` (sets
 /// response headers from the query); everything else echoes. It counts hits per path.
@@ -79,7 +115,7 @@ impl Backend {
         let addr = listener.local_addr().expect("addr");
         let hits: HitCounts = Arc::default();
         let total = Arc::new(AtomicUsize::new(0));
-        let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let failing = Arc::new(AtomicBool::new(false));
         let state = (
             name.to_string(),
@@ -87,27 +123,7 @@ impl Backend {
             total.clone(),
             failing.clone(),
         );
-        tokio::spawn(async move {
-            // Connections live in this set so that stopping the backend also cuts them.
-            let mut connections = tokio::task::JoinSet::new();
-            loop {
-                let (stream, _) = tokio::select! {
-                    r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
-                    _ = &mut rx => break,
-                };
-                while connections.try_join_next().is_some() {}
-                let state = state.clone();
-                connections.spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
-                        let state = state.clone();
-                        async move { Ok::<_, Infallible>(backend_handle(state, req).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
+        serve(listener, state, rx, backend_handle);
         Backend {
             addr,
             name: name.to_string(),
