@@ -24,7 +24,7 @@ use pingora_core::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
     TimingDigest, UniqueID, UniqueIDType, ALPN,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use super::{CloseReason, ConnLimits, LimitMetrics};
@@ -80,6 +80,9 @@ enum Phase {
     Request,
     /// Answering a violated limit, then closing.
     Refusing(Refusal),
+    /// Half-closed after a request, discarding what the client still sends (see
+    /// `poll_shutdown`).
+    Lingering { discarded: usize },
     /// Closed by a limit without an answer: reads see the end of the stream.
     Closed,
 }
@@ -321,7 +324,7 @@ impl AsyncRead for GuardedStream {
         loop {
             match this.phase {
                 Phase::Request => return Pin::new(&mut this.inner).poll_read(cx, buf),
-                Phase::Closed => return Poll::Ready(Ok(())),
+                Phase::Closed | Phase::Lingering { .. } => return Poll::Ready(Ok(())),
                 Phase::Refusing(_) => return this.poll_refusing(cx),
                 Phase::Idle | Phase::Head { .. } => {}
             }
@@ -382,8 +385,40 @@ impl AsyncWrite for GuardedStream {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+    /// Half-closes, then (after a request) lingers: discards what the client still sends until
+    /// it closes, for at most [`LINGER`] and [`LINGER_BODY_BYTES`]. Closing a socket with unread
+    /// input resets it, and the reset can destroy our last answer before the client reads it:
+    /// a `413` to an upload still in flight, a shed POST. nginx's `lingering_close` does the
+    /// same. The client sees the end of the stream at once; only this connection's task waits.
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if matches!(this.phase, Phase::Request) {
+            match Pin::new(&mut this.inner).poll_shutdown(cx) {
+                Poll::Ready(Ok(())) => {}
+                other => return other,
+            }
+            this.phase = Phase::Lingering { discarded: 0 };
+            this.reset_deadline(LINGER);
+        }
+        let Phase::Lingering { discarded } = &mut this.phase else {
+            return Pin::new(&mut this.inner).poll_shutdown(cx);
+        };
+        let mut scratch = [0u8; 4096];
+        while *discarded <= LINGER_BODY_BYTES && !this.deadline.is_elapsed() {
+            let mut sink = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut sink) {
+                Poll::Ready(Ok(())) if !sink.filled().is_empty() => {
+                    *discarded += sink.filled().len();
+                }
+                Poll::Ready(_) => break,
+                Poll::Pending => match this.deadline.as_mut().poll(cx) {
+                    Poll::Ready(()) => break,
+                    Poll::Pending => return Poll::Pending,
+                },
+            }
+        }
+        this.phase = Phase::Closed;
+        Poll::Ready(Ok(()))
     }
 
     fn poll_write_vectored(
@@ -401,25 +436,9 @@ impl AsyncWrite for GuardedStream {
 
 #[async_trait]
 impl Shutdown for GuardedStream {
-    /// Half-closes, then (after a request) lingers: discards what the client still sends until
-    /// it closes, for at most [`LINGER`] and [`LINGER_BODY_BYTES`]. Closing a socket with unread
-    /// input resets it, and the reset can destroy our last answer before the client reads it:
-    /// a `413` to an upload still in flight, a shed POST. nginx's `lingering_close` does the
-    /// same. The client sees the end of the stream at once; only this task waits.
+    /// The same close as `AsyncWrite::poll_shutdown`, lingering included.
     async fn shutdown(&mut self) {
-        Shutdown::shutdown(&mut *self.inner).await;
-        if !matches!(self.phase, Phase::Request) {
-            return;
-        }
-        let until = Instant::now() + LINGER;
-        let mut scratch = [0u8; 4096];
-        let mut discarded = 0;
-        while discarded <= LINGER_BODY_BYTES {
-            match tokio::time::timeout_at(until, self.inner.read(&mut scratch)).await {
-                Ok(Ok(read)) if read > 0 => discarded += read,
-                _ => return,
-            }
-        }
+        let _ = tokio::io::AsyncWriteExt::shutdown(self).await;
     }
 }
 
