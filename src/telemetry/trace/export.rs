@@ -1,7 +1,7 @@
-//! Span export off the request path: finished spans go into a bounded buffer that one thread
-//! drains in batches to the OTLP exporter. A full buffer drops the span (counted), so a slow or
-//! absent collector never delays a request; the thread runs the exporter on its own small
-//! runtime, so gRPC and HTTP exporters work the same way.
+//! Span export off the request path: encoded spans go into a bounded buffer that one thread
+//! drains in batches to the collector, over OTLP/HTTP (protobuf) or OTLP/gRPC. A full buffer
+//! drops the span (counted), so a slow or absent collector never delays a request; the thread
+//! runs the transport on its own small runtime.
 //!
 //! Queuing a span is a lock and a push: the export thread is woken only when a full batch is
 //! waiting (or on flush), and otherwise wakes on its schedule. Waking it per span would cost a
@@ -12,12 +12,11 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig, WithTonicConfig};
-use opentelemetry_sdk::trace::{SpanData, SpanExporter as _};
-use opentelemetry_sdk::Resource;
+use bytes::{Buf, BufMut, Bytes};
 use parking_lot::{Condvar, Mutex};
 use prometheus::IntCounter;
 
+use super::otlp::{ExportPrefix, GRPC_EXPORT_PATH};
 use super::TraceError;
 use crate::config::schema::OtlpProtocol;
 
@@ -54,7 +53,8 @@ struct Shared {
 
 #[derive(Default)]
 struct Pending {
-    spans: Vec<SpanData>,
+    /// Encoded spans ([`super::otlp::SpanRecord::encode`]).
+    spans: Vec<Vec<u8>>,
     /// Callers waiting for everything queued before them to be exported.
     flushes: Vec<mpsc::Sender<()>>,
     /// The queue handle is gone: export what is left and end.
@@ -71,7 +71,7 @@ impl ExportQueue {
     /// Builds the exporter and starts its thread; fails when the endpoint cannot be used.
     pub fn start(
         settings: ExportSettings,
-        resource: Resource,
+        prefix: ExportPrefix,
         counters: ExportCounters,
     ) -> Result<ExportQueue, TraceError> {
         let shared = Arc::new(Shared {
@@ -96,24 +96,23 @@ impl ExportQueue {
                     }
                 };
                 // The gRPC channel is created inside the runtime it will run on.
-                let exporter = runtime.block_on(async { build_exporter(&settings) });
-                let mut exporter = match exporter {
-                    Ok(exporter) => exporter,
+                let transport = runtime.block_on(async { Transport::new(&settings) });
+                let mut transport = match transport {
+                    Ok(transport) => transport,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
                         return;
                     }
                 };
-                exporter.set_resource(&resource);
                 let _ = ready_tx.send(Ok(()));
                 run(
                     &runtime,
-                    &mut exporter,
+                    &mut transport,
+                    &prefix,
                     &thread_shared,
                     &settings,
                     &thread_counters,
                 );
-                let _ = exporter.shutdown();
             })
             .map_err(|e| TraceError::Runtime(e.to_string()))?;
         match ready_rx.recv() {
@@ -123,8 +122,8 @@ impl ExportQueue {
         }
     }
 
-    /// Queues a finished span; never blocks on the exporter.
-    pub fn send(&self, span: SpanData) {
+    /// Queues an encoded span; never blocks on the collector.
+    pub fn send(&self, span: Vec<u8>) {
         let mut pending = self.shared.pending.lock();
         if pending.spans.len() >= self.shared.max_queue {
             drop(pending);
@@ -155,56 +154,151 @@ impl Drop for ExportQueue {
     }
 }
 
-fn build_exporter(
-    settings: &ExportSettings,
-) -> Result<opentelemetry_otlp::SpanExporter, TraceError> {
-    let built = match settings.protocol {
-        OtlpProtocol::Http => {
-            let client = reqwest::Client::builder()
-                .timeout(settings.timeout)
-                .build()
-                .map_err(|e| TraceError::Exporter(e.to_string()))?;
-            opentelemetry_otlp::SpanExporter::builder()
-                .with_http()
-                .with_protocol(Protocol::HttpBinary)
-                .with_http_client(client)
-                .with_endpoint(settings.endpoint.clone())
-                .with_timeout(settings.timeout)
-                .with_headers(settings.headers.iter().cloned().collect())
-                .build()
+/// How an export reaches the collector.
+enum Transport {
+    Http {
+        client: reqwest::Client,
+        endpoint: String,
+        headers: reqwest::header::HeaderMap,
+    },
+    Grpc {
+        client: tonic::client::Grpc<tonic::transport::Channel>,
+        metadata: tonic::metadata::MetadataMap,
+    },
+}
+
+impl Transport {
+    fn new(settings: &ExportSettings) -> Result<Transport, TraceError> {
+        let mut headers = http::HeaderMap::new();
+        for (name, value) in &settings.headers {
+            let name = http::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| TraceError::Header(name.clone()))?;
+            let value = http::HeaderValue::from_str(value)
+                .map_err(|_| TraceError::Header(name.to_string()))?;
+            headers.insert(name, value);
         }
-        OtlpProtocol::Grpc => {
-            let mut headers = http::HeaderMap::new();
-            for (name, value) in &settings.headers {
-                let name = http::HeaderName::from_bytes(name.as_bytes())
-                    .map_err(|_| TraceError::Header(name.clone()))?;
-                let value = http::HeaderValue::from_str(value)
-                    .map_err(|_| TraceError::Header(name.to_string()))?;
-                headers.insert(name, value);
+        match settings.protocol {
+            OtlpProtocol::Http => {
+                let client = reqwest::Client::builder()
+                    .timeout(settings.timeout)
+                    .build()
+                    .map_err(|e| TraceError::Exporter(e.to_string()))?;
+                headers.insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/x-protobuf"),
+                );
+                Ok(Transport::Http {
+                    client,
+                    endpoint: settings.endpoint.clone(),
+                    headers,
+                })
             }
-            let metadata =
-                opentelemetry_otlp::tonic_types::metadata::MetadataMap::from_headers(headers);
-            opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(settings.endpoint.clone())
-                .with_timeout(settings.timeout)
-                .with_metadata(metadata)
-                .build()
+            OtlpProtocol::Grpc => {
+                let channel = tonic::transport::Endpoint::from_shared(settings.endpoint.clone())
+                    .map_err(|e| TraceError::Exporter(e.to_string()))?
+                    .timeout(settings.timeout)
+                    .connect_lazy();
+                Ok(Transport::Grpc {
+                    client: tonic::client::Grpc::new(channel),
+                    metadata: tonic::metadata::MetadataMap::from_headers(headers),
+                })
+            }
         }
-    };
-    built.map_err(|e| TraceError::Exporter(e.to_string()))
+    }
+
+    async fn export(&mut self, body: Vec<u8>) -> Result<(), String> {
+        match self {
+            Transport::Http {
+                client,
+                endpoint,
+                headers,
+            } => {
+                let response = client
+                    .post(endpoint.as_str())
+                    .headers(headers.clone())
+                    .body(body)
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if response.status().is_success() {
+                    Ok(())
+                } else {
+                    Err(format!("collector answered {}", response.status()))
+                }
+            }
+            Transport::Grpc { client, metadata } => {
+                client.ready().await.map_err(|e| e.to_string())?;
+                let mut request = tonic::Request::new(Bytes::from(body));
+                *request.metadata_mut() = metadata.clone();
+                let path = http::uri::PathAndQuery::from_static(GRPC_EXPORT_PATH);
+                client
+                    .unary(request, path, RawCodec)
+                    .await
+                    .map(|_| ())
+                    .map_err(|status| status.to_string())
+            }
+        }
+    }
+}
+
+/// A gRPC codec for a message that is already encoded; the answer (a partial-success
+/// report) is read and dropped.
+#[derive(Debug, Clone, Copy, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = ();
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Bytes,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = ();
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<()>, tonic::Status> {
+        src.advance(src.remaining());
+        Ok(Some(()))
+    }
 }
 
 /// The export thread: every `schedule_delay`, or as soon as a full batch or a flush is
 /// waiting, exports what is queued in batches of at most [`MAX_BATCH`], until the queue closes.
 fn run(
     runtime: &tokio::runtime::Runtime,
-    exporter: &mut opentelemetry_otlp::SpanExporter,
+    transport: &mut Transport,
+    prefix: &ExportPrefix,
     shared: &Shared,
     settings: &ExportSettings,
     counters: &ExportCounters,
 ) {
-    let mut spans: Vec<SpanData> = Vec::new();
+    let mut spans: Vec<Vec<u8>> = Vec::new();
     loop {
         let (flushes, closed) = {
             let mut pending = shared.pending.lock();
@@ -220,7 +314,14 @@ fn run(
         while !spans.is_empty() {
             let rest = spans.split_off(spans.len().min(MAX_BATCH));
             let batch = std::mem::replace(&mut spans, rest);
-            export_batch(runtime, exporter, batch, settings.timeout, counters);
+            export_batch(
+                runtime,
+                transport,
+                prefix,
+                &batch,
+                settings.timeout,
+                counters,
+            );
         }
         for done in flushes {
             let _ = done.send(());
@@ -233,14 +334,16 @@ fn run(
 
 fn export_batch(
     runtime: &tokio::runtime::Runtime,
-    exporter: &mut opentelemetry_otlp::SpanExporter,
-    batch: Vec<SpanData>,
+    transport: &mut Transport,
+    prefix: &ExportPrefix,
+    batch: &[Vec<u8>],
     timeout: Duration,
     counters: &ExportCounters,
 ) {
     let count = batch.len() as u64;
+    let body = prefix.request(batch);
     let outcome =
-        runtime.block_on(async { tokio::time::timeout(timeout, exporter.export(batch)).await });
+        runtime.block_on(async { tokio::time::timeout(timeout, transport.export(body)).await });
     match outcome {
         Ok(Ok(())) => counters.exported.inc_by(count),
         Ok(Err(e)) => {

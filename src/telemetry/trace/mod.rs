@@ -7,17 +7,12 @@
 
 pub mod context;
 pub mod export;
+pub mod otlp;
 
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use opentelemetry::trace::{
-    SpanContext, SpanId as OtelSpanId, SpanKind, Status, TraceFlags, TraceId as OtelTraceId,
-    TraceState,
-};
-use opentelemetry::{InstrumentationScope, KeyValue, Value};
-use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
+use opentelemetry::KeyValue;
 use opentelemetry_sdk::Resource;
 use pingora_http::RequestHeader;
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
@@ -26,6 +21,7 @@ use crate::config::schema::{OtlpConfig, OtlpProtocol, TelemetryConfig};
 use crate::pipeline::{NoteValue, SpanNotes};
 use context::{Parent, SpanId, TraceId};
 use export::{ExportCounters, ExportQueue, ExportSettings};
+use otlp::{Attr, EventRecord, ExportPrefix, SpanRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {
@@ -80,7 +76,6 @@ impl SamplerDefaults {
 pub struct Tracing {
     sampler: SamplerDefaults,
     export: Option<ExportQueue>,
-    scope: InstrumentationScope,
 }
 
 impl std::fmt::Debug for Tracing {
@@ -173,7 +168,6 @@ impl Tracing {
         Tracing {
             sampler: SamplerDefaults::from_env(None, None),
             export: None,
-            scope: scope(),
         }
     }
 
@@ -213,16 +207,13 @@ impl Tracing {
                 if telemetry.service_name.is_some() || !env_names_service {
                     resource = resource.with_service_name(telemetry.service_name());
                 }
-                let resource = resource.build();
-                Some(ExportQueue::start(settings, resource, counters)?)
+                let prefix =
+                    ExportPrefix::new(&resource.build(), "outrider", env!("CARGO_PKG_VERSION"));
+                Some(ExportQueue::start(settings, prefix, counters)?)
             }
             None => None,
         };
-        Ok(Tracing {
-            sampler,
-            export,
-            scope: scope(),
-        })
+        Ok(Tracing { sampler, export })
     }
 
     /// Starts a request's trace from its `traceparent`; `ratio` is the live YAML ratio.
@@ -255,7 +246,7 @@ impl Tracing {
         self.export.is_some()
     }
 
-    /// Builds and queues the request's spans (when sampled and exporting).
+    /// Encodes and queues the request's spans (when sampled and exporting).
     pub fn finish(&self, trace: &RequestTrace, facts: &RequestFacts<'_>, notes: SpanNotes) {
         let Some(export) = &self.export else {
             return;
@@ -264,155 +255,74 @@ impl Tracing {
             return;
         }
         let end = SystemTime::now();
-        let trace_id = OtelTraceId::from_bytes(trace.trace_id);
-        let server_id = OtelSpanId::from_bytes(trace.server_span);
-        let context = |span: SpanId| {
-            SpanContext::new(
-                trace_id,
-                OtelSpanId::from_bytes(span),
-                TraceFlags::SAMPLED,
-                false,
-                TraceState::NONE,
-            )
-        };
-        let mut attributes = vec![
-            KeyValue::new("http.request.method", facts.method.to_string()),
-            KeyValue::new("url.path", facts.path.to_string()),
-            KeyValue::new("outrider.route", facts.route.to_string()),
-        ];
+        if let Some(upstream) = &trace.upstream {
+            export.send(client_span(trace, upstream, facts, end));
+        }
+        let mut attributes: Vec<(&str, Attr<'_>)> = Vec::with_capacity(10 + notes.attributes.len());
+        attributes.extend([
+            ("http.request.method", Attr::Str(facts.method)),
+            ("url.path", Attr::Str(facts.path)),
+            ("outrider.route", Attr::Str(facts.route)),
+        ]);
         if let Some(template) = facts.http_route {
-            attributes.push(KeyValue::new("http.route", template.to_string()));
+            attributes.push(("http.route", Attr::Str(template)));
         }
         if facts.status != 0 {
-            attributes.push(KeyValue::new(
+            attributes.push((
                 "http.response.status_code",
-                i64::from(facts.status),
+                Attr::Int(i64::from(facts.status)),
             ));
         }
         if let Some(host) = facts.server_address {
-            attributes.push(KeyValue::new("server.address", host.to_string()));
+            attributes.push(("server.address", Attr::Str(host)));
         }
         if let Some(client) = &facts.client_address {
-            attributes.push(KeyValue::new("client.address", client.clone()));
+            attributes.push(("client.address", Attr::Str(client)));
         }
         if let Some(agent) = facts.user_agent {
-            attributes.push(KeyValue::new("user_agent.original", agent.to_string()));
+            attributes.push(("user_agent.original", Attr::Str(agent)));
         }
         if let Some(id) = facts.request_id {
-            attributes.push(KeyValue::new("outrider.request_id", id.to_string()));
+            attributes.push(("outrider.request_id", Attr::Str(id)));
         }
-        attributes.extend(
-            notes
-                .attributes
-                .into_iter()
-                .map(|(k, v)| KeyValue::new(k, to_value(v))),
-        );
-        let mut events = SpanEvents::default();
-        events.events = notes
+        attributes.extend(notes.attributes.iter().map(|(k, v)| (*k, attr(v))));
+        let event_attributes: Vec<Vec<(&str, Attr<'_>)>> = notes
             .events
-            .into_iter()
-            .map(|e| {
-                opentelemetry::trace::Event::new(
-                    e.name,
-                    e.at,
-                    e.attributes
-                        .into_iter()
-                        .map(|(k, v)| KeyValue::new(k, to_value(v)))
-                        .collect(),
-                    0,
-                )
+            .iter()
+            .map(|e| e.attributes.iter().map(|(k, v)| (*k, attr(v))).collect())
+            .collect();
+        let events: Vec<EventRecord<'_>> = notes
+            .events
+            .iter()
+            .zip(&event_attributes)
+            .map(|(e, attributes)| EventRecord {
+                name: e.name,
+                at_unix_nanos: unix_nanos(e.at),
+                attributes,
             })
             .collect();
         // Server spans are in error for 5xx only (OpenTelemetry HTTP conventions).
-        let status = if facts.status >= 500 || facts.status == 0 {
-            Status::error(format!("status {}", facts.status))
-        } else {
-            Status::Unset
+        let error =
+            (facts.status >= 500 || facts.status == 0).then(|| format!("status {}", facts.status));
+        let span = SpanRecord {
+            trace_id: trace.trace_id,
+            span_id: trace.server_span,
+            parent_span_id: trace.parent.map(|p| p.span_id),
+            parent_is_remote: trace.parent.is_some(),
+            name: &[facts.method, facts.route],
+            kind: otlp::KIND_SERVER,
+            start_unix_nanos: unix_nanos(trace.start),
+            end_unix_nanos: unix_nanos(end),
+            attributes: &attributes,
+            events: &events,
+            status_code: if error.is_some() {
+                otlp::STATUS_ERROR
+            } else {
+                otlp::STATUS_UNSET
+            },
+            status_message: error.as_deref().unwrap_or(""),
         };
-        if let Some(upstream) = &trace.upstream {
-            export.send(self.client_span(trace, upstream, facts, server_id, end));
-        }
-        export.send(SpanData {
-            span_context: context(trace.server_span),
-            parent_span_id: trace
-                .parent
-                .map(|p| OtelSpanId::from_bytes(p.span_id))
-                .unwrap_or(OtelSpanId::INVALID),
-            parent_span_is_remote: trace.parent.is_some(),
-            span_kind: SpanKind::Server,
-            name: Cow::Owned(format!("{} {}", facts.method, facts.route)),
-            start_time: trace.start,
-            end_time: end,
-            attributes,
-            dropped_attributes_count: 0,
-            events,
-            links: SpanLinks::default(),
-            status,
-            instrumentation_scope: self.scope.clone(),
-        });
-    }
-
-    fn client_span(
-        &self,
-        trace: &RequestTrace,
-        upstream: &UpstreamCall,
-        facts: &RequestFacts<'_>,
-        server_id: OtelSpanId,
-        end: SystemTime,
-    ) -> SpanData {
-        let mut attributes = vec![
-            KeyValue::new("http.request.method", facts.method.to_string()),
-            KeyValue::new("server.address", upstream.host.clone()),
-            KeyValue::new("server.port", i64::from(upstream.port)),
-            KeyValue::new("outrider.upstream", upstream.name.clone()),
-        ];
-        if let Some(status) = upstream.status {
-            attributes.push(KeyValue::new(
-                "http.response.status_code",
-                i64::from(status),
-            ));
-        }
-        let status = match (upstream.error, upstream.status) {
-            (Some(kind), _) => {
-                attributes.push(KeyValue::new("error.type", kind));
-                Status::error(kind)
-            }
-            (None, Some(code)) if code >= 400 => Status::error(format!("status {code}")),
-            _ => Status::Unset,
-        };
-        let mut events = SpanEvents::default();
-        events.events = upstream
-            .events
-            .iter()
-            .map(|(name, at, reused)| {
-                let attributes = match reused {
-                    Some(reused) => vec![KeyValue::new("outrider.connection.reused", *reused)],
-                    None => Vec::new(),
-                };
-                opentelemetry::trace::Event::new(*name, *at, attributes, 0)
-            })
-            .collect();
-        SpanData {
-            span_context: SpanContext::new(
-                OtelTraceId::from_bytes(trace.trace_id),
-                OtelSpanId::from_bytes(trace.client_span),
-                TraceFlags::SAMPLED,
-                false,
-                TraceState::NONE,
-            ),
-            parent_span_id: server_id,
-            parent_span_is_remote: false,
-            span_kind: SpanKind::Client,
-            name: Cow::Owned(facts.method.to_string()),
-            start_time: upstream.start,
-            end_time: upstream.end.unwrap_or(end),
-            attributes,
-            dropped_attributes_count: 0,
-            events,
-            links: SpanLinks::default(),
-            status,
-            instrumentation_scope: self.scope.clone(),
-        }
+        export.send(span.encode());
     }
 
     /// Exports what is queued, for at most `timeout` (shutdown).
@@ -425,18 +335,87 @@ impl Tracing {
     }
 }
 
-fn scope() -> InstrumentationScope {
-    InstrumentationScope::builder("outrider")
-        .with_version(env!("CARGO_PKG_VERSION"))
-        .build()
+/// The upstream call's client span, a child of the server span.
+fn client_span(
+    trace: &RequestTrace,
+    upstream: &UpstreamCall,
+    facts: &RequestFacts<'_>,
+    end: SystemTime,
+) -> Vec<u8> {
+    let mut attributes: Vec<(&str, Attr<'_>)> = vec![
+        ("http.request.method", Attr::Str(facts.method)),
+        ("server.address", Attr::Str(&upstream.host)),
+        ("server.port", Attr::Int(i64::from(upstream.port))),
+        ("outrider.upstream", Attr::Str(&upstream.name)),
+    ];
+    if let Some(status) = upstream.status {
+        attributes.push(("http.response.status_code", Attr::Int(i64::from(status))));
+    }
+    let status_text;
+    let status_message = match (upstream.error, upstream.status) {
+        (Some(kind), _) => {
+            attributes.push(("error.type", Attr::Str(kind)));
+            kind
+        }
+        (None, Some(code)) if code >= 400 => {
+            status_text = format!("status {code}");
+            status_text.as_str()
+        }
+        _ => "",
+    };
+    let reused: Vec<[(&str, Attr<'_>); 1]> = upstream
+        .events
+        .iter()
+        .map(|(_, _, reused)| {
+            [(
+                "outrider.connection.reused",
+                Attr::Bool(reused.unwrap_or(false)),
+            )]
+        })
+        .collect();
+    let events: Vec<EventRecord<'_>> = upstream
+        .events
+        .iter()
+        .zip(&reused)
+        .map(|((name, at, was_reused), attribute)| EventRecord {
+            name,
+            at_unix_nanos: unix_nanos(*at),
+            attributes: if was_reused.is_some() { attribute } else { &[] },
+        })
+        .collect();
+    SpanRecord {
+        trace_id: trace.trace_id,
+        span_id: trace.client_span,
+        parent_span_id: Some(trace.server_span),
+        parent_is_remote: false,
+        name: &[facts.method],
+        kind: otlp::KIND_CLIENT,
+        start_unix_nanos: unix_nanos(upstream.start),
+        end_unix_nanos: unix_nanos(upstream.end.unwrap_or(end)),
+        attributes: &attributes,
+        events: &events,
+        status_code: if status_message.is_empty() {
+            otlp::STATUS_UNSET
+        } else {
+            otlp::STATUS_ERROR
+        },
+        status_message,
+    }
+    .encode()
 }
 
-fn to_value(value: NoteValue) -> Value {
+fn unix_nanos(at: SystemTime) -> u64 {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn attr(value: &NoteValue) -> Attr<'_> {
     match value {
-        NoteValue::Str(s) => Value::String(s.into()),
-        NoteValue::Int(i) => Value::I64(i),
-        NoteValue::Float(f) => Value::F64(f),
-        NoteValue::Bool(b) => Value::Bool(b),
+        NoteValue::Str(s) => Attr::Str(s),
+        NoteValue::Int(i) => Attr::Int(*i),
+        NoteValue::Float(f) => Attr::Float(*f),
+        NoteValue::Bool(b) => Attr::Bool(*b),
     }
 }
 
