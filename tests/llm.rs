@@ -556,7 +556,7 @@ async fn anthropic_messages_streamed_and_not() {
     );
 
     // input 12 + output 6 per answer at $3/$15 per million: 0.000126 spent, the same saved.
-    let text = metric_eventually(
+    metric_eventually(
         &s.proxy,
         "outrider_llm_tokens_total",
         &[
@@ -567,20 +567,28 @@ async fn anthropic_messages_streamed_and_not() {
         12.0,
     )
     .await;
-    let spent = metric_value(
-        &text,
-        "outrider_llm_cost_usd_total",
-        &["route=\"messages\""],
+    // Each answer's cost is counted as its request completes, just after the client has it.
+    wait_for(
+        "3 answers' cost spent, 2 saved",
+        Duration::from_secs(10),
+        || async {
+            let text = s.proxy.admin_text("/metrics").await;
+            let spent = metric_value(
+                &text,
+                "outrider_llm_cost_usd_total",
+                &["route=\"messages\""],
+            )?;
+            let saved = metric_value(
+                &text,
+                "outrider_llm_cost_saved_usd_total",
+                &["route=\"messages\""],
+            )?;
+            let settled =
+                (spent - 3.0 * 0.000126).abs() < 1e-9 && (saved - 2.0 * 0.000126).abs() < 1e-9;
+            settled.then_some(())
+        },
     )
-    .unwrap();
-    let saved = metric_value(
-        &text,
-        "outrider_llm_cost_saved_usd_total",
-        &["route=\"messages\""],
-    )
-    .unwrap();
-    assert!((spent - 3.0 * 0.000126).abs() < 1e-9, "{spent}");
-    assert!((saved - 2.0 * 0.000126).abs() < 1e-9, "{saved}");
+    .await;
 }
 
 #[tokio::test]
