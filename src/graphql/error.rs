@@ -2,8 +2,6 @@
 //! has one) and an HTTP status, and is answered as a GraphQL response (`{"errors": [...]}`), so
 //! GraphQL clients read it like any other GraphQL error.
 
-use bytes::Bytes;
-use pingora_http::ResponseHeader;
 use serde_json::json;
 
 use crate::pipeline::Answer;
@@ -73,21 +71,12 @@ impl GraphqlError {
                 "extensions": { "code": self.code() },
             }]
         });
-        let body = Bytes::from(body.to_string());
-        let mut header = ResponseHeader::build(self.status(), Some(4)).ok()?;
-        header
-            .insert_header("content-type", "application/json")
-            .ok()?;
-        header
-            .insert_header("content-length", body.len().to_string())
-            .ok()?;
-        header.insert_header("cache-control", DONT_CACHE).ok()?;
-        if *self == GraphqlError::MutationOverGet {
-            header.insert_header("allow", "POST").ok()?;
-        }
-        Some(Answer {
-            header: Box::new(header),
-            body,
-        })
+        let allow = [("allow", "POST".to_owned())];
+        let headers: &[(&str, String)] = if *self == GraphqlError::MutationOverGet {
+            &allow
+        } else {
+            &[]
+        };
+        Answer::json(self.status(), &body, DONT_CACHE, headers)
     }
 }

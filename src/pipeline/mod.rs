@@ -39,6 +39,39 @@ pub struct Answer {
     pub body: Bytes,
 }
 
+impl Answer {
+    /// A JSON answer a stage gives itself (an error, an in-process result): `content-type`,
+    /// `content-length` and `cache-control` set, plus `headers`. `None` only for a header value
+    /// that cannot be sent.
+    pub fn json(
+        status: u16,
+        body: &serde_json::Value,
+        cache_control: &str,
+        headers: &[(&str, String)],
+    ) -> Option<Answer> {
+        let body = Bytes::from(body.to_string());
+        let mut header = ResponseHeader::build(status, Some(3 + headers.len())).ok()?;
+        header
+            .insert_header(http::header::CONTENT_TYPE, "application/json")
+            .ok()?;
+        header
+            .insert_header(http::header::CONTENT_LENGTH, body.len())
+            .ok()?;
+        header
+            .insert_header(http::header::CACHE_CONTROL, cache_control)
+            .ok()?;
+        for (name, value) in headers {
+            header
+                .insert_header(name.to_string(), value.as_str())
+                .ok()?;
+        }
+        Some(Answer {
+            header: Box::new(header),
+            body,
+        })
+    }
+}
+
 /// What `on_request` decided.
 pub enum Verdict {
     /// Go on: the next stage, then the upstream.
@@ -221,6 +254,11 @@ impl<'a> RequestCx<'a> {
             index,
             effects,
         }
+    }
+
+    /// The deadline an earlier stage set (from the request's arrival), if any.
+    pub fn deadline(&self) -> Option<Duration> {
+        self.effects.deadline
     }
 
     /// Time since the request arrived.

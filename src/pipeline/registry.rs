@@ -118,6 +118,10 @@ pub trait RouteFeature {
     fn watched_files(&self) -> Vec<String> {
         Vec::new()
     }
+    /// Whether the stage answers every request itself, so the route needs no upstream.
+    fn answers_without_upstream(&self) -> bool {
+        false
+    }
     /// The stage this section compiles to (once per config load).
     fn build(&self, cx: &BuildCx<'_>) -> Result<Arc<dyn Stage>, String>;
 }
@@ -142,7 +146,25 @@ pub fn route_features(route: &RouteConfig) -> Vec<(&'static str, &dyn RouteFeatu
     if let Some(slo) = &route.slo {
         features.push(("slo", slo));
     }
+    // Last: an in-process answer is still limited and shed by the SLO stage, and takes its
+    // deadline.
+    if let Some(inference) = &route.inference {
+        features.push(("inference", inference));
+    }
     features
+}
+
+/// Whether some stage of the route answers every request (so it may have no upstream).
+pub fn answers_without_upstream(route: &RouteConfig) -> bool {
+    route_features(route)
+        .iter()
+        .any(|(_, feature)| feature.answers_without_upstream())
+}
+
+/// Brings config-wide capability state in line with a config before its routes are built
+/// (the model registry loads the `models:` section). Runs once per (re)load.
+pub fn prepare(config: &Config, services: &Services) -> Result<(), String> {
+    crate::inference::prepare(config, services)
 }
 
 /// Every file the config's capability sections read (see [`RouteFeature::watched_files`]).
