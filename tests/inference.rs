@@ -964,3 +964,38 @@ routes:
         "the sample says what differs"
     );
 }
+
+#[tokio::test]
+async fn a_config_reload_loads_a_model_from_its_new_path_or_keeps_the_old_one() {
+    let app = RiskApp::start(0.0).await;
+    let proxy = Proxy::start(&config(&app.url(), &risk_model(), "", RISK_ROUTE)).await;
+    let old = model_version(&proxy).await.unwrap();
+    let bias0 = repo_path("tests/fixtures/inference/risk_bias0.onnx")
+        .display()
+        .to_string();
+    proxy.write_config(&config(&app.url(), &bias0, "", RISK_ROUTE));
+    let new = wait_for(
+        "the model of the new path",
+        Duration::from_secs(20),
+        || async { model_version(&proxy).await.filter(|v| *v != old) },
+    )
+    .await;
+    let row = [0.35, 2.0, 0.6, 0.4];
+    let (_, body) = predict(&proxy, "/api/predict/risk", json!(row)).await;
+    assert!(close(&body["risk"][0], reference(&row, 0.0, 0.0)), "{body}");
+    // A path that does not exist: the reload applies, the model keeps its version.
+    let missing = "/nonexistent/risk.onnx";
+    proxy.write_config(&config(&app.url(), missing, "", RISK_ROUTE));
+    let error = wait_for("the load problem", Duration::from_secs(20), || async {
+        let models = proxy.admin_json("/models").await;
+        models["models"]["risk"]["error"]
+            .as_str()
+            .map(str::to_owned)
+    })
+    .await;
+    assert!(error.starts_with("/nonexistent/risk.onnx: "), "{error}");
+    assert_eq!(model_version(&proxy).await, Some(new));
+    let (status, body) = predict(&proxy, "/api/predict/risk", json!(row)).await;
+    assert_eq!(status, 200);
+    assert!(close(&body["risk"][0], reference(&row, 0.0, 0.0)), "{body}");
+}

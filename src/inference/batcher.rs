@@ -64,7 +64,6 @@ pub struct Batcher {
     max_queue: usize,
     pub threads: usize,
     knobs: Arc<ArcSwap<Knobs>>,
-    metrics: Arc<ModelMetrics>,
 }
 
 impl std::fmt::Debug for Batcher {
@@ -92,10 +91,9 @@ impl Batcher {
             let queue = queue.clone();
             let knobs = knobs.clone();
             let metrics = metrics.clone();
-            let admitted = admitted.clone();
             std::thread::Builder::new()
                 .name(format!("outrider-infer-{name}-{i}"))
-                .spawn(move || work(&queue, &knobs, &metrics, &admitted))?;
+                .spawn(move || work(&queue, &knobs, &metrics))?;
         }
         Ok(Batcher {
             tx: Mutex::new(tx),
@@ -103,7 +101,6 @@ impl Batcher {
             max_queue,
             threads,
             knobs,
-            metrics,
         })
     }
 
@@ -136,7 +133,6 @@ impl Batcher {
             return Err(InferenceError::Overloaded(model.name.clone()));
         }
         let admitted = Admitted(self.admitted.clone());
-        self.metrics.queue_depth.set(self.depth() as i64);
         let (reply, rx) = oneshot::channel();
         let rows = inputs.first().map_or(1, NamedTensor::rows);
         let name = model.name.clone();
@@ -157,12 +153,7 @@ impl Batcher {
     }
 }
 
-fn work(
-    queue: &Mutex<Queue>,
-    knobs: &ArcSwap<Knobs>,
-    metrics: &ModelMetrics,
-    admitted: &AtomicUsize,
-) {
+fn work(queue: &Mutex<Queue>, knobs: &ArcSwap<Knobs>, metrics: &ModelMetrics) {
     loop {
         let jobs = {
             let mut queue = queue.lock();
@@ -198,9 +189,6 @@ fn work(
             jobs
         };
         run_jobs(jobs, metrics);
-        metrics
-            .queue_depth
-            .set(admitted.load(Ordering::Acquire) as i64);
     }
 }
 

@@ -2,7 +2,7 @@
 //! shadow comparisons, per route.
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
 };
 
 pub const REQUESTS_TOTAL: &str = "outrider_inference_requests_total";
@@ -90,7 +90,6 @@ pub struct ModelMetrics {
     pub batch_size: Histogram,
     pub queue_wait: Histogram,
     pub compute: Histogram,
-    pub queue_depth: IntGauge,
 }
 
 const TIME_BUCKETS: &[f64] = &[
@@ -163,7 +162,6 @@ impl InferenceMetrics {
             batch_size: self.batch_size.with_label_values(&[name]),
             queue_wait: self.queue_wait.with_label_values(&[name]),
             compute: self.compute.with_label_values(&[name]),
-            queue_depth: self.queue_depth.with_label_values(&[name]),
         }
     }
 }

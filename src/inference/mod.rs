@@ -202,6 +202,10 @@ impl AdminExtension for ModelsAdmin {
         self.registry.readiness()
     }
 
+    fn before_metrics(&self) {
+        self.registry.refresh_gauges();
+    }
+
     fn handle(
         &self,
         method: &Method,

@@ -75,7 +75,9 @@ impl ModelEntry {
     /// Loads the file now (at start, on reload, on change); keeps the serving version on failure.
     fn load(&self) {
         let config = self.config.read().clone();
-        *self.stamp.lock() = stamp(&config.path);
+        // Held for the whole load: a reload and the poller never load the same model at once.
+        let mut last = self.stamp.lock();
+        *last = stamp(&config.path);
         let result = read_model_file(Path::new(&config.path))
             .and_then(|bytes| LoadedModel::load(&self.name, &bytes, &config));
         match result {
@@ -202,49 +204,57 @@ impl ModelRegistry {
     /// Makes the registry match a config's `models:` section: new models are loaded, changed
     /// ones reloaded (a failed load keeps the serving version), removed ones dropped.
     pub fn apply(&self, models: &BTreeMap<String, ModelConfig>) -> Result<(), String> {
-        let mut entries = self.entries.write();
-        entries.retain(|name, _| {
-            let keep = models.contains_key(name);
-            if !keep {
-                self.metrics.loaded.with_label_values(&[name]).set(0);
-            }
-            keep
-        });
-        for (name, config) in models {
-            match entries.get(name) {
-                Some(entry) => {
-                    let old = entry.config.read().clone();
-                    if old == *config {
-                        continue;
+        // Files are read and compiled after the map's lock is released: requests look models
+        // up through it and must not wait for a load.
+        let mut to_load = Vec::new();
+        {
+            let mut entries = self.entries.write();
+            entries.retain(|name, _| {
+                let keep = models.contains_key(name);
+                if !keep {
+                    self.metrics.loaded.with_label_values(&[name]).set(0);
+                }
+                keep
+            });
+            for (name, config) in models {
+                match entries.get(name) {
+                    Some(entry) => {
+                        let old = entry.config.read().clone();
+                        if old == *config {
+                            continue;
+                        }
+                        *entry.config.write() = config.clone();
+                        if old.threads != config.threads || old.max_queue != config.max_queue {
+                            entry.batcher.store(Arc::new(self.batcher(name, config)?));
+                        } else {
+                            entry.batcher().set_knobs(knobs(config));
+                        }
+                        if old.path != config.path
+                            || old.inputs != config.inputs
+                            || old.outputs != config.outputs
+                            || old.batch.max_size != config.batch.max_size
+                        {
+                            to_load.push(entry.clone());
+                        }
                     }
-                    *entry.config.write() = config.clone();
-                    if old.threads != config.threads || old.max_queue != config.max_queue {
-                        entry.batcher.store(Arc::new(self.batcher(name, config)?));
-                    } else {
-                        entry.batcher().set_knobs(knobs(config));
-                    }
-                    if old.path != config.path
-                        || old.inputs != config.inputs
-                        || old.outputs != config.outputs
-                        || old.batch.max_size != config.batch.max_size
-                    {
-                        entry.load();
+                    None => {
+                        let entry = Arc::new(ModelEntry {
+                            name: name.clone(),
+                            config: RwLock::new(config.clone()),
+                            current: ArcSwapOption::empty(),
+                            error: RwLock::new(None),
+                            stamp: Mutex::new(None),
+                            batcher: ArcSwap::from_pointee(self.batcher(name, config)?),
+                            metrics: self.metrics.clone(),
+                        });
+                        to_load.push(entry.clone());
+                        entries.insert(name.clone(), entry);
                     }
                 }
-                None => {
-                    let entry = Arc::new(ModelEntry {
-                        name: name.clone(),
-                        config: RwLock::new(config.clone()),
-                        current: ArcSwapOption::empty(),
-                        error: RwLock::new(None),
-                        stamp: Mutex::new(None),
-                        batcher: ArcSwap::from_pointee(self.batcher(name, config)?),
-                        metrics: self.metrics.clone(),
-                    });
-                    entry.load();
-                    entries.insert(name.clone(), entry);
-                }
             }
+        }
+        for entry in to_load {
+            entry.load();
         }
         Ok(())
     }
@@ -292,6 +302,16 @@ impl ModelRegistry {
                 (format!("model:{name}"), status, serving.is_none())
             })
             .collect()
+    }
+
+    /// Sets the queue depth gauges (before a scrape: read, not tracked, so they never drift).
+    pub fn refresh_gauges(&self) {
+        for (name, entry) in self.entries.read().iter() {
+            self.metrics
+                .queue_depth
+                .with_label_values(&[name])
+                .set(entry.batcher().depth() as i64);
+        }
     }
 
     /// Whether every model has a serving version (OIP `/v2/health/ready`).
