@@ -2,7 +2,7 @@
 # End-to-end benchmarks with ../shared/bench/bench.sh (nginx, HAProxy, nginx proxy_cache and
 # Varnish measured in the same run, every proxy on its own CPU with one worker):
 #
-#   bash scripts/bench.sh [fast|app|redis|bare|tracing|graphql|overload]...      (default: fast bare)
+#   bash scripts/bench.sh [fast|app|redis|bare|tracing|graphql|overload|inference]...      (default: fast bare)
 #
 #   fast   outrider with L1 caching GET /hit/*, passing /pass/* through; nginx backend
 #   app    the same in front of the FastAPI backend (~20 ms per call)
@@ -19,6 +19,8 @@
 #   graphql  a GraphQL APQ hit from the response cache (hashed GET and hash-only POST) next to an
 #          L1 HTTP cache hit and the same query sent straight to the FastAPI example
 #          (scripts/bench-graphql.sh)
+#   inference  the FastAPI example's /api/predict/risk answered in-process (tract) next to the app
+#          itself (onnxruntime), single-row requests at 64 connections (scripts/bench-inference.sh)
 #
 # Env: BENCH (path to bench.sh, default ../shared/bench/bench.sh), DURATION, CONNS, REPS as bench.sh.
 set -euo pipefail
@@ -119,6 +121,10 @@ PY
     graphql)
       echo "### graphql: APQ + response-cache hits vs an L1 HTTP cache hit vs the app directly"
       DURATION=${DURATION:-8} CONNS=${CONNS:-64} bash scripts/bench-graphql.sh
+      ;;
+    inference)
+      echo "### inference: /api/predict/risk in-process (tract) vs the FastAPI app (onnxruntime)"
+      DURATION=${DURATION:-8} CONNS=${CONNS:-64} bash scripts/bench-inference.sh
       ;;
     overload)
       command -v nginx >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq nginx >/dev/null; }
