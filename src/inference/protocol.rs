@@ -409,3 +409,65 @@ pub fn numbers(value: &Value) -> Option<Vec<f64>> {
     let mut out = Vec::new();
     flatten(value, &mut out).then_some(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inference::config::ModelConfig;
+
+    fn model() -> LoadedModel {
+        let config: ModelConfig = serde_json::from_value(json!({ "path": "risk.onnx" })).unwrap();
+        let bytes = include_bytes!("../../examples/models/risk.onnx");
+        LoadedModel::load("risk", bytes, &config).unwrap()
+    }
+
+    #[test]
+    fn app_json_rows_become_one_tensor_and_outputs_one_value_per_row() {
+        let model = model();
+        let mapping = JsonMapping::default();
+        let flat = parse_json(br#"{"features": [1, 2, 3, 4]}"#, &mapping, &model).unwrap();
+        assert_eq!(flat[0].shape, vec![1, 4]);
+        let rows = parse_json(br#"{"features": [[1,2,3,4],[5,6,7,8]]}"#, &mapping, &model).unwrap();
+        assert_eq!(rows[0].shape, vec![2, 4]);
+        assert_eq!(
+            rows[0].data,
+            Data::F32(vec![1., 2., 3., 4., 5., 6., 7., 8.])
+        );
+        let outputs = model.run(check_inputs(&model, rows).unwrap()).unwrap();
+        let answer = json_response(&mapping, &model, &outputs);
+        assert_eq!(answer["risk"].as_array().unwrap().len(), 2);
+        let err = |body: &[u8]| parse_json(body, &mapping, &model).unwrap_err().to_string();
+        assert_eq!(
+            err(br#"{"features": [[1,2,3,4],[1]]}"#),
+            "row 1 has 1 values, expected 4"
+        );
+        assert_eq!(err(br#"{"x": 1}"#), "features: field required");
+        assert_eq!(
+            err(br#"{"features": [1,2,3,1e300]}"#),
+            "row 0 contains a non-finite value"
+        );
+    }
+
+    #[test]
+    fn oip_tensors_are_checked_against_the_signature() {
+        let model = model();
+        let request = parse_oip(
+            br#"{"id": 3, "inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [[1, 2, 3, 4]]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(request.id, Some(json!(3)));
+        assert!(check_inputs(&model, request.inputs).is_ok());
+        let bad = |body: &[u8]| {
+            parse_oip(body)
+                .and_then(|r| check_inputs(&model, r.inputs))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(bad(br#"{"inputs": [{"name": "features", "shape": [4], "datatype": "FP32", "data": [1,2,3,4]}]}"#)
+            .contains("has shape [4]"));
+        assert!(bad(br#"{"inputs": [{"name": "features", "shape": [1, 4], "datatype": "INT32", "data": [1.5,2,3,4]}]}"#)
+            .contains("must be integers"));
+        assert!(bad(br#"{"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [1,true,3,4]}]}"#)
+            .contains("only numbers"));
+    }
+}

@@ -101,9 +101,10 @@ impl Data {
         }
     }
 
-    /// Elements `start..end`.
+    /// Elements `start..end` (clamped: never panics).
     pub fn slice(&self, start: usize, end: usize) -> Data {
-        let range = start.min(self.len())..end.min(self.len());
+        let end = end.min(self.len());
+        let range = start.min(end)..end;
         match self {
             Data::F32(v) => Data::F32(v[range].to_vec()),
             Data::F64(v) => Data::F64(v[range].to_vec()),
@@ -194,6 +195,7 @@ mod tests {
         a.extend(&Data::F32(vec![3.5]));
         assert_eq!(a.slice(1, 3), Data::F32(vec![2.0, 3.5]));
         assert_eq!(a.slice(2, 9), Data::F32(vec![3.5]));
+        assert_eq!(a.slice(5, 1), Data::F32(vec![]));
         let t = NamedTensor {
             name: "risk".into(),
             shape: vec![3, 1],
