@@ -80,7 +80,10 @@ impl InferenceStage {
     fn refuse(&self, model: &str, e: InferenceError) -> Verdict {
         if e.falls_back() && self.fallback == Fallback::Upstream {
             self.count(model, "fallback");
-            tracing::warn!(route = %self.route, model, error = %e, "inference failed; the upstream answers");
+            // A missing model is already reported by its load; only failed runs are news.
+            if matches!(e, InferenceError::Compute(_)) {
+                tracing::warn!(route = %self.route, model, error = %e, "inference failed; the upstream answers");
+            }
             return Verdict::Continue;
         }
         self.count(model, e.outcome());
