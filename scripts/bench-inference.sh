@@ -6,11 +6,12 @@
 # Single-row requests at CONNS connections (no prediction cache: every request runs the model).
 # Prints req/s, p50/p99 latency and CPU per request of the process that answered (from
 # /proc/<pid>/stat before and after each run), and the ratios measured in this run.
-# Env: DURATION (s, default 8), CONNS (default 64).
+# Env: DURATION (s, default 8), CONNS (default 64), BATCH (the model's batch: map, default
+# "{ max_size: 32, max_wait: 1ms }").
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
-DURATION=${DURATION:-8} CONNS=${CONNS:-64}
+DURATION=${DURATION:-8} CONNS=${CONNS:-64} BATCH=${BATCH:-"{ max_size: 32, max_wait: 1ms }"}
 APP_PORT=18001 PORT=18100 ADMIN=18190
 W=$(mktemp -d -t outrider-inferbench.XXXXXX)
 PIDS=()
@@ -32,7 +33,7 @@ upstreams:
 telemetry: { access_log: off }
 shutdown: { grace_period: 1s }
 models:
-  risk: { path: $ROOT/examples/models/risk.onnx, batch: { max_size: 32, max_wait: 1ms }, threads: 1 }
+  risk: { path: $ROOT/examples/models/risk.onnx, batch: $BATCH, threads: 1 }
 routes:
   - name: risk
     match: { path: /api/predict/risk, methods: [POST] }
