@@ -273,7 +273,12 @@ async fn the_json_mapping_gives_onnxruntimes_answers() {
 #[tokio::test]
 async fn bad_input_gets_400_in_the_protocols_error_format() {
     let app = RiskApp::start(0.0).await;
-    let routes = format!("{RISK_ROUTE}    max_body: 1KiB\n");
+    let routes = RISK_ROUTE
+        .replace("max_rows: 16 }", "max_rows: 16 }\n      max_body: 700B")
+        .replace(
+            "inference: { protocol: oip }",
+            "max_body: 1KiB\n    inference: { protocol: oip, max_body: 700B }",
+        );
     let proxy = Proxy::start(&config(&app.url(), &risk_model(), "", &routes)).await;
     let cases: &[(&str, &str)] = &[
         (r#"{"rows": [[1,2,3,4]]}"#, "features: field required"),
@@ -374,11 +379,29 @@ async fn bad_input_gets_400_in_the_protocols_error_format() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 404);
-    // A body over the route's max_body is refused before any stage reads it.
-    let big = format!("{{\"features\": [{}]}}", vec!["0.5"; 600].join(","));
+    // A body over inference.max_body is bad input in the protocol's format; over the route's
+    // max_body the proxy refuses it (413) before any stage reads it.
+    let body = |n: usize| format!("{{\"features\": [{}]}}", vec!["0.5"; n].join(","));
+    for path in ["/api/predict/risk", "/v2/models/risk/infer"] {
+        let resp = client()
+            .post(proxy.url(path))
+            .body(body(200))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{path}");
+        let answer: Value = resp.json().await.unwrap();
+        let text = answer.to_string();
+        assert!(
+            text.contains("larger than inference.max_body (700 bytes)"),
+            "{text}"
+        );
+    }
+    let (_, answer) = predict(&proxy, "/api/predict/risk", json!(vec![0.5; 200])).await;
+    assert_eq!(answer["error"], "invalid_features");
     let resp = client()
         .post(proxy.url("/v2/models/risk/infer"))
-        .body(big)
+        .body(body(600))
         .send()
         .await
         .unwrap();

@@ -26,20 +26,7 @@ use crate::pipeline::Stage;
 
 impl RouteFeature for GraphqlConfig {
     fn validate(&self, at: &str, cx: &ValidateCx<'_>, out: &mut Vec<FieldProblem>) {
-        if self.max_body.0 == 0 {
-            out.push(FieldProblem::new(
-                format!("{at}.max_body"),
-                "must be greater than zero",
-            ));
-        } else if self.max_body.0 > cx.route.max_body.0 {
-            out.push(FieldProblem::new(
-                format!("{at}.max_body"),
-                format!(
-                    "larger than the route's max_body ({} bytes), which bounds every body read",
-                    cx.route.max_body.0
-                ),
-            ));
-        }
+        cx.check_max_body(&format!("{at}.max_body"), self.max_body, out);
         if cx.route.cache.is_some() {
             // The HTTP cache would key hashed GETs by URL and store GraphQL errors with them.
             out.push(FieldProblem::new(

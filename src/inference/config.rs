@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::units::HumanDuration;
+use crate::config::units::{ByteSize, HumanDuration};
 
 /// One model of the `models:` section (name → this).
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
@@ -166,6 +166,14 @@ pub struct InferenceConfig {
     /// The field mapping of `protocol: json`.
     #[serde(default)]
     pub json: JsonMapping,
+    /// Largest request body; a larger one is bad input (400 in the protocol's error format).
+    /// At most the route's `max_body`, past which the proxy answers 413 before reading it.
+    #[serde(default = "default_max_body")]
+    pub max_body: ByteSize,
+}
+
+fn default_max_body() -> ByteSize {
+    ByteSize(1024 * 1024)
 }
 
 fn default_tolerance() -> f64 {

@@ -157,6 +157,7 @@ impl RouteFeature for InferenceConfig {
                 "must be a non-negative number",
             ));
         }
+        cx.check_max_body(&format!("{at}.max_body"), self.max_body, out);
         if self.json.max_rows == 0 {
             out.push(FieldProblem::new(
                 format!("{at}.json.max_rows"),
@@ -279,6 +280,14 @@ mod tests {
             "{p}"
         );
         assert!(p.contains("models.risk.threads: must be 1 to 64"), "{p}");
+        let p = problems(
+            risk,
+            "    upstream: app\n    max_body: 1KiB\n    inference: { model: risk, max_body: 2KiB }\n",
+        );
+        assert!(
+            p.contains("routes[0].inference.max_body: larger than the route's max_body"),
+            "{p}"
+        );
         let p = problems(
             risk,
             "    upstream: app\n    inference: { model: risk, protocol: grpc }\n",

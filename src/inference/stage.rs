@@ -442,7 +442,18 @@ impl Stage for InferenceStage {
     }
 
     async fn on_request(&self, cx: &mut RequestCx<'_>) -> Result<Verdict, StageError> {
+        let limit = self.config.max_body.0;
+        let too_large = cx.body.is_some_and(|b| b.len() as u64 > limit);
+        if too_large && !self.config.shadow {
+            let label = self.config.model.clone().unwrap_or_default();
+            let e = InferenceError::BadInput(format!(
+                "the request body is larger than inference.max_body ({limit} bytes)"
+            ));
+            return Ok(self.refuse(&label, e));
+        }
         match (self.config.protocol, self.config.model.clone()) {
+            // The app answers what the model may not read.
+            (Protocol::Json, Some(_)) if self.config.shadow && too_large => Ok(Verdict::Continue),
             (Protocol::Oip, _) => Ok(self.on_oip(cx).await),
             (Protocol::Json, Some(name)) if self.config.shadow => {
                 self.start_shadow(cx, &name);

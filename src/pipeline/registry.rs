@@ -93,6 +93,29 @@ pub struct ValidateCx<'a> {
     pub route: &'a RouteConfig,
 }
 
+impl ValidateCx<'_> {
+    /// A stage's own body limit: greater than zero and at most the route's `max_body`, which
+    /// bounds every body read (past it the proxy answers 413).
+    pub fn check_max_body(
+        &self,
+        path: &str,
+        limit: crate::config::units::ByteSize,
+        out: &mut Vec<FieldProblem>,
+    ) {
+        if limit.0 == 0 {
+            out.push(FieldProblem::new(path, "must be greater than zero"));
+        } else if limit.0 > self.route.max_body.0 {
+            out.push(FieldProblem::new(
+                path,
+                format!(
+                    "larger than the route's max_body ({} bytes), which bounds every body read",
+                    self.route.max_body.0
+                ),
+            ));
+        }
+    }
+}
+
 /// What building a stage may use.
 pub struct BuildCx<'a> {
     pub config: &'a Config,
