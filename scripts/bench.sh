@@ -2,7 +2,7 @@
 # End-to-end benchmarks with ../shared/bench/bench.sh (nginx, HAProxy, nginx proxy_cache and
 # Varnish measured in the same run, every proxy on its own CPU with one worker):
 #
-#   bash scripts/bench.sh [fast|app|redis|bare|tracing|graphql|llm|overload]...  (default: fast bare)
+#   bash scripts/bench.sh [fast|app|redis|bare|tracing|graphql|llm|overload|inference]...  (default: fast bare)
 #
 #   fast   outrider with L1 caching GET /hit/*, passing /pass/* through; nginx backend
 #   app    the same in front of the FastAPI backend (~20 ms per call)
@@ -25,6 +25,8 @@
 #          (scripts/bench-graphql.sh)
 #   llm    an LLM chat-completion cache hit next to LiteLLM's proxy with its in-memory cache (when
 #          installed apart, see scripts/bench-llm.sh) and the fake provider directly
+#   inference  the FastAPI example's /api/predict/risk answered in-process (tract) next to the app
+#          itself (onnxruntime), single-row requests at 64 connections (scripts/bench-inference.sh)
 #
 # Env: BENCH (path to bench.sh, default ../shared/bench/bench.sh), DURATION, CONNS, REPS as bench.sh.
 set -euo pipefail
@@ -179,6 +181,10 @@ PY
     llm)
       echo "### llm: a chat-completion cache hit vs LiteLLM's proxy cache vs the provider directly"
       DURATION=${DURATION:-8} CONNS=${CONNS:-64} bash scripts/bench-llm.sh
+      ;;
+    inference)
+      echo "### inference: /api/predict/risk in-process (tract) vs the FastAPI app (onnxruntime)"
+      DURATION=${DURATION:-8} CONNS=${CONNS:-64} bash scripts/bench-inference.sh
       ;;
     overload)
       command -v nginx >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq nginx >/dev/null; }

@@ -7,6 +7,7 @@ pub mod cache;
 pub mod cache_headers;
 pub mod config;
 pub mod graphql;
+pub mod inference;
 pub mod limits;
 pub mod llm;
 pub mod pipeline;

@@ -129,6 +129,7 @@ pub fn run(path: Option<PathBuf>) -> Result<(), StartError> {
         metrics.registry.clone(),
         slo.clone(),
     ));
+    let models = crate::inference::registry(&services).map_err(StartError::Compile)?;
     let active =
         ActiveConfig::compile(config, 1, &services, admin_token).map_err(StartError::Compile)?;
     let live = LiveConfig::new(active, path.clone(), text, services);
@@ -138,6 +139,7 @@ pub fn run(path: Option<PathBuf>) -> Result<(), StartError> {
     let extensions: Vec<Arc<dyn AdminExtension>> = vec![
         Arc::new(admin::cache::CacheAdmin::new(store.clone())),
         Arc::new(crate::slo::admin::SloAdmin::new(slo.clone())),
+        Arc::new(crate::inference::ModelsAdmin::new(models)),
     ];
     let admin_listener = background
         .block_on(tokio::net::TcpListener::bind(&admin_listen))

@@ -239,6 +239,13 @@ fn check_messages_are_stable() {
         ),
         ("zero max_body", BASE.replace("upstream: app", "upstream: app\n    max_body: 0")),
         (
+            "models and inference routes",
+            format!(
+                "{}  - name: infer\n    match: {{ path: /i }}\n    inference: {{ model: nope, shadow: true, fallback: upstream }}\n  - name: noup\n    match: {{ path: /n }}\nmodels:\n  risk: {{ path: \"\", threads: 0, batch: {{ max_size: 0 }}, cache: {{ ttl: 0s }}, inputs: {{ x: {{ type: float32, shape: [0] }} }} }}\n",
+                BASE
+            ),
+        ),
+        (
             "upstream_by_header: unknown upstream, cache not keyed on the header",
             BASE.replace(
                 "upstream: app",

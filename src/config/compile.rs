@@ -32,13 +32,23 @@ pub struct Route {
     matcher: PathMatcher,
     /// Bit per method (see [`method_bit`]); 0 means any method.
     methods: u16,
-    pub upstream: Arc<Upstream>,
+    /// `None` for a route whose stages answer every request.
+    pub upstream: Option<Arc<Upstream>>,
     /// The capabilities this route enables, in the order their hooks run.
     pub stages: Vec<Arc<dyn Stage>>,
     /// Bound on a request body read for a stage.
     pub max_body: usize,
     /// The path template this route matches (`/graphql`, `/api/items*`), for `http.route`.
     pub http_route: Arc<str>,
+}
+
+impl Route {
+    /// The upstream's per-operation timeout (the default one for a route without upstream).
+    pub fn upstream_timeout(&self) -> Duration {
+        self.upstream
+            .as_ref()
+            .map_or(Duration::from_secs(30), |u| u.timeout)
+    }
 }
 
 #[derive(Debug)]
@@ -76,12 +86,18 @@ impl ActiveConfig {
                 }),
             );
         }
+        crate::pipeline::registry::prepare(&config, services)?;
         let mut routes = Vec::with_capacity(config.routes.len());
         for r in &config.routes {
-            let upstream = upstreams
-                .get(&r.upstream)
-                .cloned()
-                .ok_or_else(|| format!("route {} names a missing upstream", r.name))?;
+            let upstream = match &r.upstream {
+                Some(name) => Some(
+                    upstreams
+                        .get(name)
+                        .cloned()
+                        .ok_or_else(|| format!("route {} names a missing upstream", r.name))?,
+                ),
+                None => None,
+            };
             let (matcher, http_route) = match (&r.matcher.path, &r.matcher.path_prefix) {
                 (Some(p), _) => (PathMatcher::Exact(p.clone()), p.clone()),
                 (None, Some(p)) => (PathMatcher::Prefix(p.clone()), format!("{p}*")),

@@ -515,6 +515,11 @@ fn validate(parsed: &Parsed, spans: &SpanMap, problems: &mut Vec<Problem>) {
             problems.push(spans.problem(path, message));
         }
     }
+    if !failed("models") {
+        for p in crate::inference::validate_models(&config.models) {
+            problems.push(spans.problem(&p.path, format!("{}: {}", p.path, p.message)));
+        }
+    }
     if config.threads > 1024 {
         problems.push(spans.problem("threads", "threads: at most 1024"));
     }
@@ -586,20 +591,29 @@ fn validate(parsed: &Parsed, spans: &SpanMap, problems: &mut Vec<Problem>) {
                 format!("{base}.name: duplicate route name {:?}", route.name),
             ));
         }
-        if !config.upstreams.contains_key(&route.upstream) && !failed("upstreams") {
-            let known: Vec<&str> = config.upstreams.keys().map(String::as_str).collect();
-            problems.push(spans.problem(
-                &format!("{base}.upstream"),
-                format!(
-                    "{base}.upstream: no upstream named {:?} (defined: {})",
-                    route.upstream,
-                    if known.is_empty() {
-                        "none".to_string()
-                    } else {
-                        known.join(", ")
-                    }
-                ),
-            ));
+        match &route.upstream {
+            None if !crate::pipeline::registry::answers_without_upstream(route) => {
+                problems.push(spans.problem(
+                    &base,
+                    format!("{base}.upstream: required (only a route whose stages answer every request, such as inference with fallback: error, may leave it out)"),
+                ));
+            }
+            Some(upstream) if !config.upstreams.contains_key(upstream) && !failed("upstreams") => {
+                let known: Vec<&str> = config.upstreams.keys().map(String::as_str).collect();
+                problems.push(spans.problem(
+                    &format!("{base}.upstream"),
+                    format!(
+                        "{base}.upstream: no upstream named {:?} (defined: {})",
+                        upstream,
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                ));
+            }
+            _ => {}
         }
         let m = &route.matcher;
         match (&m.path, &m.path_prefix) {

@@ -32,6 +32,9 @@ pub struct Config {
     pub limits: crate::limits::LimitsConfig,
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// ONNX models answered in-process by routes with `inference:` (name → model).
+    #[serde(default)]
+    pub models: BTreeMap<String, crate::inference::ModelConfig>,
 }
 
 fn default_listen() -> String {
@@ -336,7 +339,10 @@ pub struct RouteConfig {
     pub name: String,
     #[serde(rename = "match")]
     pub matcher: MatchConfig,
-    pub upstream: String,
+    /// The named upstream requests go to. Only a route whose stages answer every request
+    /// themselves (e.g. `inference:` with `fallback: error`) may leave it out.
+    #[serde(default)]
+    pub upstream: Option<String>,
     /// Largest request body a stage that reads bodies accepts; larger ones get 413.
     #[serde(default = "default_max_body")]
     pub max_body: ByteSize,
@@ -359,6 +365,9 @@ pub struct RouteConfig {
     /// cost metrics (see `llm`).
     #[serde(default)]
     pub llm: Option<crate::llm::LlmConfig>,
+    /// Answer in-process with an ONNX model of the `models:` section (see `inference`).
+    #[serde(default)]
+    pub inference: Option<crate::inference::InferenceConfig>,
 }
 
 fn default_max_body() -> ByteSize {

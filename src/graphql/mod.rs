@@ -21,14 +21,12 @@ pub use stage::GraphqlStage;
 
 use std::sync::Arc;
 
-use crate::pipeline::registry::{
-    check_body_limit, BuildCx, FieldProblem, RouteFeature, ValidateCx,
-};
+use crate::pipeline::registry::{BuildCx, FieldProblem, RouteFeature, ValidateCx};
 use crate::pipeline::Stage;
 
 impl RouteFeature for GraphqlConfig {
     fn validate(&self, at: &str, cx: &ValidateCx<'_>, out: &mut Vec<FieldProblem>) {
-        check_body_limit(at, self.max_body.0, cx.route, out);
+        cx.check_max_body(&format!("{at}.max_body"), self.max_body, out);
         if cx.route.cache.is_some() {
             // The HTTP cache would key hashed GETs by URL and store GraphQL errors with them.
             out.push(FieldProblem::new(

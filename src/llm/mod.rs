@@ -19,14 +19,12 @@ pub use stage::{LlmStage, RULE_HEADER};
 
 use std::sync::Arc;
 
-use crate::pipeline::registry::{
-    check_body_limit, BuildCx, FieldProblem, RouteFeature, ValidateCx,
-};
+use crate::pipeline::registry::{BuildCx, FieldProblem, RouteFeature, ValidateCx};
 use crate::pipeline::Stage;
 
 impl RouteFeature for LlmConfig {
     fn validate(&self, at: &str, cx: &ValidateCx<'_>, out: &mut Vec<FieldProblem>) {
-        check_body_limit(at, self.max_body.0, cx.route, out);
+        cx.check_max_body(&format!("{at}.max_body"), self.max_body, out);
         if cx.route.cache.is_some() {
             // The HTTP cache keys by URL: every prompt to one endpoint would share an entry.
             out.push(FieldProblem::new(

@@ -79,6 +79,28 @@ impl Answer {
             body: entry.body.clone(),
         })
     }
+
+    /// A JSON value as the answer (an error, an in-process result), with `cache-control` and
+    /// `headers`. `None` only for a header value that cannot be sent.
+    pub fn json_value(
+        status: u16,
+        body: &serde_json::Value,
+        cache_control: &str,
+        headers: &[(&str, String)],
+    ) -> Option<Answer> {
+        let mut answer = Answer::json(
+            status,
+            Bytes::from(body.to_string()),
+            &[("cache-control", cache_control)],
+        )?;
+        for (name, value) in headers {
+            answer
+                .header
+                .insert_header(name.to_string(), value.as_str())
+                .ok()?;
+        }
+        Some(answer)
+    }
 }
 
 /// What `on_request` decided.
@@ -263,6 +285,11 @@ impl<'a> RequestCx<'a> {
             index,
             effects,
         }
+    }
+
+    /// The deadline an earlier stage set (from the request's arrival), if any.
+    pub fn deadline(&self) -> Option<Duration> {
+        self.effects.deadline
     }
 
     /// Time since the request arrived.

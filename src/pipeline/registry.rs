@@ -86,30 +86,34 @@ impl FieldProblem {
     }
 }
 
-/// Checks a capability's own body limit (`{at}.max_body`): above zero and within the route's
-/// `max_body`, which bounds every body the proxy reads.
-pub fn check_body_limit(at: &str, limit: u64, route: &RouteConfig, out: &mut Vec<FieldProblem>) {
-    if limit == 0 {
-        out.push(FieldProblem::new(
-            format!("{at}.max_body"),
-            "must be greater than zero",
-        ));
-    } else if limit > route.max_body.0 {
-        out.push(FieldProblem::new(
-            format!("{at}.max_body"),
-            format!(
-                "larger than the route's max_body ({} bytes), which bounds every body read",
-                route.max_body.0
-            ),
-        ));
-    }
-}
-
 /// What validation may look at besides the section itself.
 pub struct ValidateCx<'a> {
     pub config: &'a Config,
     /// The route the section belongs to (its other sections included).
     pub route: &'a RouteConfig,
+}
+
+impl ValidateCx<'_> {
+    /// A stage's own body limit: greater than zero and at most the route's `max_body`, which
+    /// bounds every body read (past it the proxy answers 413).
+    pub fn check_max_body(
+        &self,
+        path: &str,
+        limit: crate::config::units::ByteSize,
+        out: &mut Vec<FieldProblem>,
+    ) {
+        if limit.0 == 0 {
+            out.push(FieldProblem::new(path, "must be greater than zero"));
+        } else if limit.0 > self.route.max_body.0 {
+            out.push(FieldProblem::new(
+                path,
+                format!(
+                    "larger than the route's max_body ({} bytes), which bounds every body read",
+                    self.route.max_body.0
+                ),
+            ));
+        }
+    }
 }
 
 /// What building a stage may use.
@@ -136,6 +140,10 @@ pub trait RouteFeature {
     /// an edit to one reloads the config like an edit to the config file does.
     fn watched_files(&self) -> Vec<String> {
         Vec::new()
+    }
+    /// Whether the stage answers every request itself, so the route needs no upstream.
+    fn answers_without_upstream(&self) -> bool {
+        false
     }
     /// The stage this section compiles to (once per config load).
     fn build(&self, cx: &BuildCx<'_>) -> Result<Arc<dyn Stage>, String>;
@@ -164,7 +172,25 @@ pub fn route_features(route: &RouteConfig) -> Vec<(&'static str, &dyn RouteFeatu
     if let Some(slo) = &route.slo {
         features.push(("slo", slo));
     }
+    // Last: an in-process answer is still limited and shed by the SLO stage, and takes its
+    // deadline.
+    if let Some(inference) = &route.inference {
+        features.push(("inference", inference));
+    }
     features
+}
+
+/// Whether some stage of the route answers every request (so it may have no upstream).
+pub fn answers_without_upstream(route: &RouteConfig) -> bool {
+    route_features(route)
+        .iter()
+        .any(|(_, feature)| feature.answers_without_upstream())
+}
+
+/// Brings config-wide capability state in line with a config before its routes are built
+/// (the model registry loads the `models:` section). Runs once per (re)load.
+pub fn prepare(config: &Config, services: &Services) -> Result<(), String> {
+    crate::inference::prepare(config, services)
 }
 
 /// Every file the config's capability sections read (see [`RouteFeature::watched_files`]).

@@ -112,7 +112,7 @@ impl Ctx {
     pub fn upstream(&self) -> Option<Arc<crate::config::Upstream>> {
         match (&self.effects.upstream, &self.config) {
             (Some(name), Some(config)) => config.upstreams.get(name).cloned(),
-            (None, _) => self.route().map(|r| r.upstream.clone()),
+            (None, _) => self.route().and_then(|r| r.upstream.clone()),
             _ => None,
         }
     }

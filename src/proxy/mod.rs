@@ -146,7 +146,7 @@ impl Outrider {
             None
         };
         ctx.buffered_len = body.as_ref().map(Bytes::len);
-        let timeout = route.upstream.timeout;
+        let timeout = route.upstream_timeout();
         let route_name: &str = &route.name;
         let client_ip = session
             .client_addr()
@@ -310,7 +310,7 @@ impl Outrider {
                     return Ok(false);
                 };
                 let stages = route.stages.clone();
-                let timeout = route.upstream.timeout;
+                let timeout = route.upstream_timeout();
                 let route_name = route.name.to_string();
                 ctx.metrics = Some(self.metrics.route(&route_name));
                 ctx.config = Some(work.config);

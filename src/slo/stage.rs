@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use pingora_http::ResponseHeader;
 
 use super::config::{percentile, LimitKey, SloConfig};
@@ -148,7 +147,7 @@ impl RouteFeature for SloConfig {
             .routes
             .iter()
             .find(|r| r.name == route)
-            .map(|r| r.upstream.clone())
+            .and_then(|r| r.upstream.clone())
             .unwrap_or_default();
         let priority = enforce.map(|e| (e.priority, registry.priority_waits(&upstream)));
         Ok(Arc::new(SloStage {
@@ -196,33 +195,15 @@ struct SloState {
     rate_remaining: Option<u32>,
 }
 
-/// A JSON answer outrider gives itself.
+/// A JSON error outrider gives itself.
 fn json_answer(
     status: u16,
     code: &str,
     message: &str,
     headers: &[(&str, String)],
 ) -> Option<Answer> {
-    let body = serde_json::json!({ "error": code, "message": message }).to_string();
-    let mut header = ResponseHeader::build(status, Some(4 + headers.len())).ok()?;
-    header
-        .insert_header(http::header::CONTENT_TYPE, "application/json")
-        .ok()?;
-    header
-        .insert_header(http::header::CONTENT_LENGTH, body.len())
-        .ok()?;
-    header
-        .insert_header(http::header::CACHE_CONTROL, "no-store")
-        .ok()?;
-    for (name, value) in headers {
-        header
-            .insert_header(name.to_string(), value.as_str())
-            .ok()?;
-    }
-    Some(Answer {
-        header: Box::new(header),
-        body: Bytes::from(body),
-    })
+    let body = serde_json::json!({ "error": code, "message": message });
+    Answer::json_value(status, &body, "no-store", headers)
 }
 
 /// Whole seconds to wait, never 0 (a `Retry-After: 0` invites an immediate retry storm).

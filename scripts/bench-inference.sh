@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Inference bench (called by `bash scripts/bench.sh inference`, or directly after a release
+# build): the FastAPI example's /api/predict/risk (onnxruntime, no simulated delay, one uvicorn
+# worker) on CPU 0 with the load generator, and outrider (release, one proxy thread, the model's
+# compute thread) alone on CPU 1 answering the same route in-process with the same risk.onnx.
+# Single-row requests at CONNS connections (no prediction cache: every request runs the model).
+# Prints req/s, p50/p99 latency and CPU per request of the process that answered (from
+# /proc/<pid>/stat before and after each run), and the ratios measured in this run.
+# Env: DURATION (s, default 8), CONNS (default 64), BATCH (the model's batch: map, default
+# "{ max_size: 32, max_wait: 1ms }").
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$(pwd)
+DURATION=${DURATION:-8} CONNS=${CONNS:-64} BATCH=${BATCH:-"{ max_size: 32, max_wait: 1ms }"}
+APP_PORT=18001 PORT=18100 ADMIN=18190
+W=$(mktemp -d -t outrider-inferbench.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]:-}"; do [[ -n $p ]] && kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
+trap cleanup EXIT
+command -v wrk >/dev/null || { echo "wrk is needed (apt-get install wrk)" >&2; exit 1; }
+
+wait_port() { for _ in $(seq 1 300); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "nothing at $1" >&2; exit 1; }
+
+(cd examples/fastapi-backend && APP_DELAY_MS=0 exec taskset -c 0 python3 -m uvicorn app:app \
+  --host 127.0.0.1 --port $APP_PORT --no-access-log --log-level warning) &
+APP_PID=$!; PIDS+=("$APP_PID")
+cat >"$W/outrider.yaml" <<YAML
+listen: 127.0.0.1:$PORT
+threads: 1
+admin: { listen: 127.0.0.1:$ADMIN }
+upstreams:
+  app: { url: "http://127.0.0.1:$APP_PORT", timeout: 30s }
+telemetry: { access_log: off }
+shutdown: { grace_period: 1s }
+models:
+  risk: { path: $ROOT/examples/models/risk.onnx, batch: $BATCH, threads: 1 }
+routes:
+  - name: risk
+    match: { path: /api/predict/risk, methods: [POST] }
+    upstream: app
+    inference:
+      model: risk
+      fallback: error
+      json: { extra: { model: risk, model_version: 1 }, error_code: invalid_features }
+YAML
+taskset -c 1 "$ROOT/target/release/outrider" run --config "$W/outrider.yaml" >"$W/outrider.log" 2>&1 &
+SUT_PID=$!; PIDS+=("$SUT_PID")
+wait_port "http://127.0.0.1:$APP_PORT/healthz"
+wait_port "http://127.0.0.1:$ADMIN/ready"
+
+BODY='{"features": [0.35, 2.0, 0.6, 0.4]}'
+post() { curl -fsS -H 'content-type: application/json' --data "$BODY" "$1"; }
+# Same answer from both (within 1e-5), and the in-process one never reached the app.
+python3 - "$(post "http://127.0.0.1:$PORT/api/predict/risk")" "$(post "http://127.0.0.1:$APP_PORT/api/predict/risk")" <<'PY'
+import json, sys
+ours, theirs = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+assert ours.keys() == theirs.keys(), (ours, theirs)
+assert all(abs(a - b) <= 1e-5 for a, b in zip(ours["risk"], theirs["risk"])), (ours, theirs)
+print(f"# same answer: in-process {ours['risk']} app {theirs['risk']}")
+PY
+
+python3 -c 'import json,sys; print("wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.body = " + json.dumps(sys.argv[1]))' "$BODY" >"$W/post.lua"
+
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+HZ=$(getconf CLK_TCK)
+measure() { # name pid url -> prints a row, leaves "rps p99_ms cpu_us" in $W/name
+  local name=$1 pid=$2 url=$3 before after out reqs rps p50 p99 cpu
+  before=$(ticks "$pid")
+  out=$(taskset -c 0 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -s "$W/post.lua" "$url")
+  after=$(ticks "$pid")
+  reqs=$(awk '/requests in/ {print $1}' <<<"$out")
+  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
+  p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+  if grep -q "Non-2xx" <<<"$out"; then echo "$name: non-2xx answers" >&2; grep "Non-2xx" <<<"$out" >&2; fi
+  cpu=$(python3 -c "print(round(($after - $before) / $HZ * 1e6 / max(1, $reqs), 2))")
+  printf '| %s | %s | %s | %s | %s |\n' "$name" "$rps" "$p50" "$p99" "$cpu"
+  echo "$rps $p99 $cpu" >"$W/$name"
+}
+
+echo "| scenario | req/s | p50 | p99 | CPU µs/req (answering process) |"
+echo "|---|---|---|---|---|"
+measure in-process "$SUT_PID" "http://127.0.0.1:$PORT/api/predict/risk"
+measure app-direct "$APP_PID" "http://127.0.0.1:$APP_PORT/api/predict/risk"
+read -r ours_rps ours_p99 ours_cpu <"$W/in-process"
+read -r app_rps _ app_cpu <"$W/app-direct"
+python3 - "$ours_rps" "$app_rps" "$ours_cpu" "$app_cpu" "$ours_p99" <<'PY'
+import sys
+ours, app, ours_cpu, app_cpu, p99 = sys.argv[1:]
+print(f"# throughput in-process / app: {float(ours) / float(app):.1f}x (target >= 10x); "
+      f"CPU per request app / in-process: {float(app_cpu) / max(float(ours_cpu), 1e-9):.1f}x; "
+      f"in-process p99 {p99} (target <= 5ms)")
+PY
+curl -fsS "http://127.0.0.1:$ADMIN/metrics" | awk '/^outrider_inference_batch_size_(sum|count)/ {v[$1]=$2} END {for (k in v) printf "# %s %s\n", k, v[k]}'

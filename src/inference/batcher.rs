@@ -1,0 +1,321 @@
+//! Micro-batching on a bounded pool of compute threads, off the proxy's async workers.
+//!
+//! A request's rows are queued as one job with a oneshot for its answer. Each compute thread in
+//! turn takes the queue and collects jobs until `max_size` rows are waiting or `max_wait` has
+//! passed since the first was queued, then releases the queue (the next thread collects while
+//! this one computes), runs the rows as one tensor and hands every job its own rows back.
+//! Admission is bounded by the number of jobs waiting or running (`max_queue`); past it a job is
+//! refused at once (`overloaded`). A job whose deadline passed is answered without running.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+use super::error::InferenceError;
+use super::metrics::ModelMetrics;
+use super::model::LoadedModel;
+use super::tensor::{Data, NamedTensor};
+
+/// What a job gets back: its own outputs, or why not.
+pub type Reply = Result<Vec<NamedTensor>, InferenceError>;
+
+/// Batching knobs, changeable by a reload without restarting the threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Knobs {
+    pub max_size: usize,
+    pub max_wait: Duration,
+}
+
+struct Job {
+    model: Arc<LoadedModel>,
+    /// In the model's input order, rows first.
+    inputs: Vec<NamedTensor>,
+    rows: usize,
+    queued: Instant,
+    deadline: Instant,
+    reply: oneshot::Sender<Reply>,
+    _admitted: Admitted,
+}
+
+/// One admitted job; gives its place back when the job is answered or dropped.
+struct Admitted(Arc<AtomicUsize>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+struct Queue {
+    rx: Receiver<Job>,
+    /// A job that did not fit the previous batch; it starts the next one.
+    carry: Option<Job>,
+}
+
+/// One model's queue and compute threads. Dropping it ends the threads once the queue is empty.
+pub struct Batcher {
+    tx: Mutex<Sender<Job>>,
+    admitted: Arc<AtomicUsize>,
+    max_queue: usize,
+    pub threads: usize,
+    knobs: Arc<ArcSwap<Knobs>>,
+}
+
+impl std::fmt::Debug for Batcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batcher")
+            .field("threads", &self.threads)
+            .field("max_queue", &self.max_queue)
+            .finish()
+    }
+}
+
+impl Batcher {
+    pub fn start(
+        name: &str,
+        threads: usize,
+        max_queue: usize,
+        knobs: Knobs,
+        metrics: Arc<ModelMetrics>,
+    ) -> Result<Batcher, std::io::Error> {
+        let (tx, rx) = mpsc::channel();
+        let queue = Arc::new(Mutex::new(Queue { rx, carry: None }));
+        let knobs = Arc::new(ArcSwap::from_pointee(knobs));
+        let admitted = Arc::new(AtomicUsize::new(0));
+        for i in 0..threads.max(1) {
+            let queue = queue.clone();
+            let knobs = knobs.clone();
+            let metrics = metrics.clone();
+            std::thread::Builder::new()
+                .name(format!("outrider-infer-{name}-{i}"))
+                .spawn(move || work(&queue, &knobs, &metrics))?;
+        }
+        Ok(Batcher {
+            tx: Mutex::new(tx),
+            admitted,
+            max_queue,
+            threads,
+            knobs,
+        })
+    }
+
+    pub fn set_knobs(&self, knobs: Knobs) {
+        self.knobs.store(Arc::new(knobs));
+    }
+
+    pub fn max_queue(&self) -> usize {
+        self.max_queue
+    }
+
+    /// Jobs waiting or running now.
+    pub fn depth(&self) -> usize {
+        self.admitted.load(Ordering::Acquire)
+    }
+
+    /// Queues `inputs` (rows first) for `model`; the receiver gets the answer.
+    pub fn submit(
+        &self,
+        model: Arc<LoadedModel>,
+        inputs: Vec<NamedTensor>,
+        deadline: Instant,
+    ) -> Result<oneshot::Receiver<Reply>, InferenceError> {
+        let taken = self
+            .admitted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_queue).then_some(n + 1)
+            });
+        if taken.is_err() {
+            return Err(InferenceError::Overloaded(model.name.clone()));
+        }
+        let admitted = Admitted(self.admitted.clone());
+        let (reply, rx) = oneshot::channel();
+        let rows = inputs.first().map_or(1, NamedTensor::rows);
+        let name = model.name.clone();
+        let job = Job {
+            model,
+            inputs,
+            rows,
+            queued: Instant::now(),
+            deadline,
+            reply,
+            _admitted: admitted,
+        };
+        self.tx
+            .lock()
+            .send(job)
+            .map_err(|_| InferenceError::Unavailable(name))?;
+        Ok(rx)
+    }
+}
+
+fn work(queue: &Mutex<Queue>, knobs: &ArcSwap<Knobs>, metrics: &ModelMetrics) {
+    loop {
+        let jobs = {
+            let mut queue = queue.lock();
+            let first = match queue.carry.take() {
+                Some(job) => job,
+                None => match queue.rx.recv() {
+                    Ok(job) => job,
+                    // The batcher was dropped (model removed or its threads changed).
+                    Err(_) => return,
+                },
+            };
+            let knobs = **knobs.load();
+            let until = first.queued + knobs.max_wait;
+            let mut rows = first.rows;
+            let mut jobs = vec![first];
+            while rows < knobs.max_size {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match queue.rx.recv_timeout(left) {
+                    Ok(job) if rows + job.rows > knobs.max_size => {
+                        queue.carry = Some(job);
+                        break;
+                    }
+                    Ok(job) => {
+                        rows += job.rows;
+                        jobs.push(job);
+                    }
+                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            jobs
+        };
+        run_jobs(jobs, metrics);
+    }
+}
+
+/// Runs collected jobs: those past their deadline are answered at once, the rest in one run
+/// per model version (a swap may fall between two jobs of a batch).
+fn run_jobs(jobs: Vec<Job>, metrics: &ModelMetrics) {
+    let now = Instant::now();
+    let mut live = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        metrics
+            .queue_wait
+            .observe(now.saturating_duration_since(job.queued).as_secs_f64());
+        if now >= job.deadline || job.reply.is_closed() {
+            let _ = job.reply.send(Err(InferenceError::Deadline));
+        } else {
+            live.push(job);
+        }
+    }
+    while let Some(first) = live.first() {
+        let model = first.model.clone();
+        let (same, rest): (Vec<Job>, Vec<Job>) = live
+            .into_iter()
+            .partition(|j| Arc::ptr_eq(&j.model, &model));
+        live = rest;
+        run_batch(&model, same, metrics);
+    }
+}
+
+fn run_batch(model: &LoadedModel, jobs: Vec<Job>, metrics: &ModelMetrics) {
+    let rows: usize = jobs.iter().map(|j| j.rows).sum();
+    metrics.batch_size.observe(rows as f64);
+    let started = Instant::now();
+    let inputs = if jobs.len() == 1 {
+        jobs.first().map(|j| j.inputs.clone()).unwrap_or_default()
+    } else {
+        concat_inputs(&jobs, rows)
+    };
+    // A model that panics on some input must not take the compute thread with it.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.run(inputs)))
+        .unwrap_or_else(|_| Err(InferenceError::Compute("the model panicked".to_owned())));
+    metrics.compute.observe(started.elapsed().as_secs_f64());
+    match result {
+        Err(e) => {
+            for job in jobs {
+                let _ = job.reply.send(Err(e.clone()));
+            }
+        }
+        Ok(outputs) => {
+            let mut offset = 0;
+            for job in jobs {
+                let mine = split_rows(&outputs, offset, job.rows, rows);
+                offset += job.rows;
+                let _ = job.reply.send(mine);
+            }
+        }
+    }
+}
+
+/// Every input of every job, joined along the batch dimension.
+fn concat_inputs(jobs: &[Job], rows: usize) -> Vec<NamedTensor> {
+    let Some(first) = jobs.first() else {
+        return Vec::new();
+    };
+    first
+        .inputs
+        .iter()
+        .enumerate()
+        .map(|(i, template)| {
+            let mut data = Data::empty(template.data.dtype());
+            for job in jobs {
+                if let Some(t) = job.inputs.get(i) {
+                    data.extend(&t.data);
+                }
+            }
+            let mut shape = template.shape.clone();
+            if let Some(d) = shape.first_mut() {
+                *d = rows;
+            }
+            NamedTensor {
+                name: template.name.clone(),
+                shape,
+                data,
+            }
+        })
+        .collect()
+}
+
+/// Rows `offset..offset + count` of every output of a batch of `total` rows.
+fn split_rows(outputs: &[NamedTensor], offset: usize, count: usize, total: usize) -> Reply {
+    outputs
+        .iter()
+        .map(|out| {
+            if out.rows() != total {
+                return Err(InferenceError::Compute(format!(
+                    "output {:?} has {} rows for {total} input rows",
+                    out.name,
+                    out.rows()
+                )));
+            }
+            let per_row = out.row_len();
+            let mut shape = out.shape.clone();
+            if let Some(d) = shape.first_mut() {
+                *d = count;
+            }
+            Ok(NamedTensor {
+                name: out.name.clone(),
+                shape,
+                data: out.data.slice(offset * per_row, (offset + count) * per_row),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_rows_gives_each_caller_its_own_rows() {
+        let out = NamedTensor {
+            name: "y".into(),
+            shape: vec![3, 2],
+            data: Data::F32(vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]),
+        };
+        let mine = split_rows(std::slice::from_ref(&out), 1, 2, 3).unwrap();
+        assert_eq!(mine[0].shape, vec![2, 2]);
+        assert_eq!(mine[0].data, Data::F32(vec![2.0, 3.0, 4.0, 5.0]));
+        assert!(split_rows(&[out], 0, 1, 4).is_err());
+    }
+}
