@@ -144,11 +144,7 @@ pub fn export_settings(
     Some(ExportSettings {
         endpoint,
         protocol,
-        headers: otlp
-            .headers
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
+        headers: export_headers(otlp, env),
         timeout,
         max_queue: otlp.max_queue,
         schedule_delay: env("OTEL_BSP_SCHEDULE_DELAY")
@@ -156,6 +152,63 @@ pub fn export_settings(
             .map(Duration::from_millis)
             .unwrap_or(Duration::from_secs(1)),
     })
+}
+
+/// The headers sent with every export: `OTEL_EXPORTER_OTLP_HEADERS`, then the trace-specific
+/// `OTEL_EXPORTER_OTLP_TRACES_HEADERS`, then YAML, each overriding a name set before it
+/// (names compared case-insensitively). The variables hold `name=value` pairs separated by
+/// commas, values percent-encoded, as the OTLP exporter spec says; a malformed pair is skipped.
+fn export_headers(
+    otlp: &OtlpConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Vec<(String, String)> {
+    let mut headers: Vec<(String, String)> = Vec::new();
+    let mut set = |name: &str, value: String| {
+        let name = name.trim().to_ascii_lowercase();
+        headers.retain(|(n, _)| *n != name);
+        headers.push((name, value));
+    };
+    for variable in [
+        "OTEL_EXPORTER_OTLP_HEADERS",
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+    ] {
+        for pair in env(variable).unwrap_or_default().split(',') {
+            if let Some((name, value)) = pair.split_once('=') {
+                if !name.trim().is_empty() {
+                    set(name, percent_decode(value.trim()));
+                }
+            }
+        }
+    }
+    for (name, value) in &otlp.headers {
+        set(name, value.clone());
+    }
+    headers
+}
+
+/// `%XX` escapes decoded; anything else (a stray `%`) kept as it is.
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn process_env(name: &str) -> Option<String> {
@@ -543,6 +596,31 @@ mod tests {
                 .find(|(k, _)| *k == name)
                 .map(|(_, v)| v.to_string())
         }
+    }
+
+    #[test]
+    fn export_headers_merge_the_environment_and_yaml() {
+        let mut otlp = OtlpConfig::default();
+        let env = env_of(&[
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "api-key=general, X-Team = a%20b%2Cc ,broken, =nameless",
+            ),
+            ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "API-KEY=traces"),
+        ]);
+        assert_eq!(
+            export_headers(&otlp, &env),
+            vec![
+                ("x-team".to_string(), "a b,c".to_string()),
+                ("api-key".to_string(), "traces".to_string()),
+            ]
+        );
+        otlp.headers.insert("x-team".into(), "yaml".into());
+        let headers = export_headers(&otlp, &env);
+        assert!(headers.contains(&("x-team".to_string(), "yaml".to_string())));
+        assert_eq!(headers.len(), 2);
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz%41"), "%zzA");
     }
 
     #[test]
