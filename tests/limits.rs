@@ -446,7 +446,7 @@ routes:
         let mut s = connect(port);
         // Refused from its Content-Length while the client is still sending: outrider keeps
         // reading (and discarding) until the client is done, so its answer is not reset away.
-        let size = 4 * 1024 * 1024;
+        let size = 12 * 1024 * 1024;
         s.write_all(
             format!("POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: {size}\r\n\r\n")
                 .as_bytes(),
@@ -462,7 +462,7 @@ routes:
     .await;
     // A client that stops at a failed write never reads the answer (hyper reports the broken
     // pipe): every byte must have been accepted.
-    assert_eq!(sent, 4 * 1024 * 1024, "{answer:?}");
+    assert_eq!(sent, 12 * 1024 * 1024, "{answer:?}");
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer:?}");
     assert!(answer.contains("payload_too_large"), "{answer}");
     assert_eq!(app.total_hits(), 0);

@@ -49,12 +49,18 @@ struct State {
 }
 
 impl State {
-    /// How long the `position`-th waiter can expect to wait: a slot frees every
-    /// mean hold / limit on average. `None` until a slot has been given back once.
+    /// How long the `position`-th waiter (from 1) can expect to wait: a slot frees every
+    /// mean hold / limit on average, and the first one about half a hold from now (the requests
+    /// in flight are partway through). `None` for the first waiter, whose wait depends on how
+    /// far along the requests in flight are (not tracked), and until a slot has been given
+    /// back once.
     fn expected_wait(&self, position: usize) -> Option<Duration> {
+        if position < 2 {
+            return None;
+        }
         let slots = self.limit.floor().max(1.0);
         self.mean_hold
-            .map(|hold| hold.mul_f64(position as f64 / slots))
+            .map(|hold| hold.mul_f64((position as f64 - 0.5) / slots))
     }
 }
 
@@ -195,8 +201,9 @@ impl Limiter {
 
     fn release(self: &Arc<Self>, sample: Option<Sample>, held: Duration) {
         let mut s = self.state.lock();
+        // One outlier (a long stream, a timeout) moves the mean by at most 60 %.
         s.mean_hold = Some(match s.mean_hold {
-            Some(mean) => mean.mul_f64(0.8) + held.mul_f64(0.2),
+            Some(mean) => mean.mul_f64(0.8) + held.min(mean * 4).mul_f64(0.2),
             None => held,
         });
         let busy = s.in_flight;
@@ -314,23 +321,32 @@ mod tests {
         // Slots have been held 100 ms each.
         limiter.state.lock().mean_hold = Some(Duration::from_millis(100));
         let held = limiter.acquire(Duration::ZERO).await.unwrap();
-        // Willing to wait 10 ms for a turn ~100 ms away: refused without waiting.
+        let queue = |wait: Duration| {
+            let limiter = limiter.clone();
+            tokio::spawn(async move { limiter.acquire(wait).await })
+        };
+        // The first waiter always queues: the slot may free any moment.
+        let first = queue(Duration::from_secs(30));
+        while limiter.snapshot().2 == 0 {
+            tokio::task::yield_now().await;
+        }
+        // The second would wait ~150 ms; willing to wait 10 ms: refused without waiting.
         let refused = limiter.acquire(Duration::from_millis(10)).now_or_never();
         assert_eq!(
             refused.map(|r| r.err()),
             Some(Some(Rejection::WouldTimeOut))
         );
-        assert_eq!(limiter.snapshot(), (1, 1, 0));
-        // Willing to wait long enough: queued.
-        let waiting = {
-            let limiter = limiter.clone();
-            tokio::spawn(async move { limiter.acquire(Duration::from_secs(30)).await })
-        };
-        while limiter.snapshot().2 == 0 {
+        assert_eq!(limiter.snapshot(), (1, 1, 1));
+        // Willing to wait long enough: queued behind the first.
+        let second = queue(Duration::from_secs(30));
+        while limiter.snapshot().2 < 2 {
             tokio::task::yield_now().await;
         }
         drop(held);
-        assert!(waiting.await.unwrap().unwrap().1);
+        let (first_permit, queued) = first.await.unwrap().unwrap();
+        assert!(queued);
+        drop(first_permit);
+        assert!(second.await.unwrap().unwrap().1);
     }
 
     #[test]
@@ -346,6 +362,13 @@ mod tests {
         assert_eq!(
             limiter.state.lock().mean_hold,
             Some(Duration::from_millis(120))
+        );
+        // An outlier counts as at most 4x the mean: 0.8 x 120 + 0.2 x 480.
+        limiter.state.lock().in_flight = 1;
+        limiter.release(None, Duration::from_secs(30));
+        assert_eq!(
+            limiter.state.lock().mean_hold,
+            Some(Duration::from_millis(192))
         );
     }
 

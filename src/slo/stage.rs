@@ -286,6 +286,11 @@ impl Stage for SloStage {
             if deadline_left.is_some_and(|left| left.is_zero()) {
                 self.registry
                     .decision(&self.route, decisions::DEADLINE_EXCEEDED);
+                self.registry.admission_waited(
+                    &self.route,
+                    decisions::DEADLINE_EXCEEDED,
+                    Duration::ZERO,
+                );
                 return Err(StageError {
                     status: 504,
                     code: "deadline_exceeded",

@@ -22,6 +22,8 @@ use crate::config::schema::OtlpProtocol;
 
 /// Spans sent in one export call at most.
 const MAX_BATCH: usize = 512;
+/// `OTEL_BSP_SCHEDULE_DELAY=0` would have the export thread spin.
+const MIN_SCHEDULE_DELAY: Duration = Duration::from_millis(5);
 
 /// Where and how to export, resolved from YAML and the `OTEL_*` environment.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,6 +51,10 @@ struct Shared {
     pending: Mutex<Pending>,
     wake: Condvar,
     max_queue: usize,
+    /// Queued spans that wake the export thread before its schedule: a full batch, or half
+    /// the queue when the queue is smaller than a batch (so a small queue does not fill up
+    /// between ticks).
+    wake_at: usize,
 }
 
 #[derive(Default)]
@@ -78,6 +84,7 @@ impl ExportQueue {
             pending: Mutex::new(Pending::default()),
             wake: Condvar::new(),
             max_queue: settings.max_queue.max(1),
+            wake_at: MAX_BATCH.min(settings.max_queue / 2).max(1),
         });
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread_counters = counters.clone();
@@ -131,7 +138,7 @@ impl ExportQueue {
             return;
         }
         pending.spans.push(span);
-        let batch_ready = pending.spans.len() == MAX_BATCH;
+        let batch_ready = pending.spans.len() == self.shared.wake_at;
         drop(pending);
         if batch_ready {
             self.shared.wake.notify_one();
@@ -220,10 +227,13 @@ impl Transport {
                     .send()
                     .await
                     .map_err(|e| e.to_string())?;
-                if response.status().is_success() {
+                let status = response.status();
+                // Read the (small) answer so the connection can carry the next export.
+                let _ = response.bytes().await;
+                if status.is_success() {
                     Ok(())
                 } else {
-                    Err(format!("collector answered {}", response.status()))
+                    Err(format!("collector answered {status}"))
                 }
             }
             Transport::Grpc { client, metadata } => {
@@ -302,8 +312,11 @@ fn run(
     loop {
         let (flushes, closed) = {
             let mut pending = shared.pending.lock();
-            let due = Instant::now() + settings.schedule_delay;
-            while pending.spans.len() < MAX_BATCH && pending.flushes.is_empty() && !pending.closed {
+            let due = Instant::now() + settings.schedule_delay.max(MIN_SCHEDULE_DELAY);
+            while pending.spans.len() < shared.wake_at
+                && pending.flushes.is_empty()
+                && !pending.closed
+            {
                 if shared.wake.wait_until(&mut pending, due).timed_out() {
                     break;
                 }
