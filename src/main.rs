@@ -60,7 +60,9 @@ fn main() -> ExitCode {
             Ok((cfg, _)) => {
                 // Build the stages too, as `run` would, so nothing valid-looking fails at start.
                 if let Err(message) = outrider::server::compile_check(&cfg) {
-                    eprintln!("{}: {message}", config.display());
+                    for line in message.lines() {
+                        eprintln!("{}: {line}", config.display());
+                    }
                     return ExitCode::from(1);
                 }
                 println!(

@@ -83,7 +83,29 @@ pub fn compile_check(config: &Config) -> Result<(), String> {
     let services = Services::in_memory().map_err(|e| e.to_string())?;
     // `admin.token_file` names a file of the running environment (a Secret mount); `check` does
     // not read it, `run` does (at start and on reload).
-    ActiveConfig::compile(config.clone(), 1, &services, None).map(|_| ())
+    ActiveConfig::compile(config.clone(), 1, &services, None)?;
+    check_models(config)
+}
+
+/// Loads every model of `models:` as `run` would, so a missing, unloadable or mismatched model
+/// file fails the check rather than leaving the started proxy unready.
+fn check_models(config: &Config) -> Result<(), String> {
+    use crate::inference::model::{read_model_file, LoadedModel};
+    let problems: Vec<String> = config
+        .models
+        .iter()
+        .filter_map(|(name, model)| {
+            read_model_file(std::path::Path::new(&model.path))
+                .and_then(|bytes| LoadedModel::load(name, &bytes, model))
+                .err()
+                .map(|reason| format!("models.{name}: {}: {reason}", model.path))
+        })
+        .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("\n"))
+    }
 }
 
 /// Runs the proxy until SIGTERM/SIGINT and a drain; returns when the process should exit 0.

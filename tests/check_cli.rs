@@ -380,3 +380,28 @@ fn bad_slo_sections() {
     ));
     assert!(ok, "{stderr}");
 }
+
+/// `check` loads every model file as `run` would: a missing file, a file that is not ONNX, or a
+/// model whose tensors differ from what the config declares fails the check instead of leaving
+/// the started proxy unready.
+#[test]
+fn model_files_are_loaded_by_check() {
+    let model = |path: &str, features: &str| {
+        format!(
+            "{BASE}models:\n  risk:\n    path: {path}\n    inputs: {{ features: {{ type: float32, shape: {features} }} }}\n"
+        )
+    };
+    let real = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/models/risk.onnx");
+    let (ok, _, stderr) = check(&model(real, "[-1, 4]"));
+    assert!(ok, "{stderr}");
+    assert_fails(
+        &model("/nonexistent/risk.onnx", "[-1, 4]"),
+        &["models.risk: /nonexistent/risk.onnx: "],
+    );
+    let not_onnx = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+    assert_fails(
+        &model(not_onnx, "[-1, 4]"),
+        &["models.risk: ", "not a loadable ONNX model"],
+    );
+    assert_fails(&model(real, "[-1, 5]"), &["models.risk: ", "features"]);
+}
