@@ -411,6 +411,11 @@ async fn bad_input_gets_graphql_errors_with_stable_codes() {
     let too_big = post_raw(p, "/graphql", huge, &[]).await;
     assert_eq!(too_big.status, 400);
     assert_eq!(too_big.code(), Some("GRAPHQL_REQUEST_TOO_LARGE"));
+    // Over the route's max_body (4 MiB) the proxy refuses before reading, in GraphQL's shape.
+    let huger = json!({"query": format!("{{ a }} #{}", "x".repeat(5 << 20))}).to_string();
+    let too_big = post_raw(p, "/graphql", huger, &[]).await;
+    assert_eq!(too_big.status, 400);
+    assert_eq!(too_big.code(), Some("GRAPHQL_REQUEST_TOO_LARGE"));
     // Malformed GET parameters.
     let bad_get = get(
         p,

@@ -379,8 +379,8 @@ async fn bad_input_gets_400_in_the_protocols_error_format() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 404);
-    // A body over inference.max_body is bad input in the protocol's format; over the route's
-    // max_body the proxy refuses it (413) before any stage reads it.
+    // A body over inference.max_body is bad input in the protocol's format; so is one over the
+    // route's max_body, which the proxy refuses before reading it.
     let body = |n: usize| format!("{{\"features\": [{}]}}", vec!["0.5"; n].join(","));
     for path in ["/api/predict/risk", "/v2/models/risk/infer"] {
         let resp = client()
@@ -405,7 +405,14 @@ async fn bad_input_gets_400_in_the_protocols_error_format() {
         .send()
         .await
         .unwrap();
-    assert_eq!(resp.status(), 413);
+    assert_eq!(resp.status(), 400);
+    let answer: Value = resp.json().await.unwrap();
+    assert!(
+        answer["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("larger than max_body (1024 bytes)")),
+        "{answer}"
+    );
     assert_eq!(app.hits(), 0);
     // Still serving after all of that.
     let (status, _) = predict(&proxy, "/api/predict/risk", json!([0.1, 0.2, 0.3, 0.4])).await;

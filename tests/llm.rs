@@ -753,6 +753,15 @@ async fn bad_input_gets_the_providers_error_shape_and_goes_nowhere() {
     assert_eq!(e["error"]["type"], "invalid_request_error");
     let r = send(&s.proxy, "/v1/messages", &anthropic, "{").await;
     assert_eq!((r.status, r.json()["type"].clone()), (400, json!("error")));
+    // Over the route's max_body (4 MiB by default) the proxy refuses before reading, and still
+    // in the provider's shape.
+    let r = send(&s.proxy, "/v1/messages", &anthropic, &"x".repeat(5 << 20)).await;
+    assert_eq!(r.status, 413);
+    assert_eq!(r.json()["type"], "error");
+    assert_eq!(r.json()["error"]["type"], "request_too_large");
+    let r = send(&s.proxy, openai, &h, &"x".repeat(5 << 20)).await;
+    assert_eq!(r.status, 413);
+    assert_eq!(r.json()["error"]["code"], "request_too_large");
     assert_eq!(s.fake.calls(), 0, "nothing was forwarded");
     assert_eq!(s.redis.cli(&["dbsize"]).trim(), "0", "nothing was stored");
 }

@@ -25,7 +25,7 @@ pub enum GraphqlError {
     InvalidJson(String),
     #[error("{0}")]
     InvalidRequest(String),
-    #[error("GraphQL request body larger than graphql.max_body ({limit} bytes)")]
+    #[error("GraphQL request body larger than max_body ({limit} bytes)")]
     TooLarge { limit: usize },
     #[error("Mutations can only be sent over HTTP POST")]
     MutationOverGet,

@@ -585,6 +585,10 @@ impl Stage for GraphqlStage {
         req.method == http::Method::POST
     }
 
+    fn body_too_large(&self, _req: &RequestHeader, limit: usize) -> Option<Answer> {
+        GraphqlError::TooLarge { limit }.answer()
+    }
+
     async fn on_request(&self, cx: &mut RequestCx<'_>) -> Result<Verdict, StageError> {
         let mut state = GraphqlState::default();
         let decided = self.decide(cx, &mut state).await;

@@ -18,7 +18,7 @@ use super::model::LoadedModel;
 use super::protocol;
 use super::registry::{ModelEntry, ModelRegistry};
 use super::tensor::NamedTensor;
-use crate::pipeline::{state_mut, Completion, RequestCx, Slot, Stage, StageError, Verdict};
+use crate::pipeline::{state_mut, Answer, Completion, RequestCx, Slot, Stage, StageError, Verdict};
 use crate::store::{CacheKey, Store, StoredResponse};
 
 /// Store namespace of cached predictions.
@@ -439,6 +439,15 @@ impl Stage for InferenceStage {
 
     fn wants_body(&self, req: &RequestHeader) -> bool {
         req.method == http::Method::POST
+    }
+
+    fn body_too_large(&self, _req: &RequestHeader, limit: usize) -> Option<Answer> {
+        let label = self.config.model.clone().unwrap_or_default();
+        self.count(&label, "bad_input");
+        InferenceError::BadInput(format!(
+            "the request body is larger than max_body ({limit} bytes)"
+        ))
+        .answer(self.config.protocol, &self.config.json.error_code)
     }
 
     async fn on_request(&self, cx: &mut RequestCx<'_>) -> Result<Verdict, StageError> {

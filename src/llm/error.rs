@@ -14,7 +14,7 @@ pub enum LlmError {
     InvalidJson(String),
     #[error("{0}")]
     InvalidRequest(String),
-    #[error("request body larger than llm.max_body ({limit} bytes)")]
+    #[error("request body larger than max_body ({limit} bytes)")]
     TooLarge { limit: usize },
 }
 

@@ -507,6 +507,10 @@ impl Stage for LlmStage {
         req.method == http::Method::POST
     }
 
+    fn body_too_large(&self, _req: &RequestHeader, limit: usize) -> Option<Answer> {
+        LlmError::TooLarge { limit }.answer(self.provider())
+    }
+
     async fn on_request(&self, cx: &mut RequestCx<'_>) -> Result<Verdict, StageError> {
         let Some(body) = cx.body.cloned() else {
             return Ok(Verdict::Continue);

@@ -387,6 +387,12 @@ pub trait Stage: Send + Sync + std::fmt::Debug {
         None
     }
 
+    /// The proxy refuses a body over the route's `max_body` (before any `on_request`): a stage
+    /// that speaks a protocol answers in that protocol's error shape, so clients parse it.
+    fn body_too_large(&self, _req: &RequestHeader, _limit: usize) -> Option<Answer> {
+        None
+    }
+
     /// The request is over (metrics, logs).
     fn on_complete(&self, _slot: &mut Slot, _done: &Completion<'_>) {}
 

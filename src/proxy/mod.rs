@@ -127,6 +127,13 @@ impl Outrider {
                 Err(body::BodyError::TooLarge { limit }) => {
                     // The rest of the body stays unread: the connection cannot be reused.
                     session.set_keepalive(None);
+                    let spoken = stages
+                        .iter()
+                        .find_map(|stage| stage.body_too_large(session.req_header(), limit));
+                    if let Some(answer) = spoken {
+                        respond::write_answer(session, ctx, answer).await?;
+                        return Ok(true);
+                    }
                     let message =
                         format!("request body larger than this route's max_body ({limit} bytes)");
                     respond::json_error(
