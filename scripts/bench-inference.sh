@@ -19,7 +19,8 @@ cleanup() { for p in "${PIDS[@]:-}"; do [[ -n $p ]] && kill "$p" 2>/dev/null || 
 trap cleanup EXIT
 command -v wrk >/dev/null || { echo "wrk is needed (apt-get install wrk)" >&2; exit 1; }
 
-wait_port() { for _ in $(seq 1 300); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "nothing at $1" >&2; exit 1; }
+# shellcheck source=scripts/bench-lib.sh
+source "$ROOT/scripts/bench-lib.sh"
 
 (cd examples/fastapi-backend && APP_DELAY_MS=0 exec taskset -c 0 python3 -m uvicorn app:app \
   --host 127.0.0.1 --port $APP_PORT --no-access-log --log-level warning) &
@@ -59,29 +60,12 @@ assert all(abs(a - b) <= 1e-5 for a, b in zip(ours["risk"], theirs["risk"])), (o
 print(f"# same answer: in-process {ours['risk']} app {theirs['risk']}")
 PY
 
-python3 -c 'import json,sys; print("wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.body = " + json.dumps(sys.argv[1]))' "$BODY" >"$W/post.lua"
-
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-HZ=$(getconf CLK_TCK)
-measure() { # name pid url -> prints a row, leaves "rps p99_ms cpu_us" in $W/name
-  local name=$1 pid=$2 url=$3 before after out reqs rps p50 p99 cpu
-  before=$(ticks "$pid")
-  out=$(taskset -c 0 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -s "$W/post.lua" "$url")
-  after=$(ticks "$pid")
-  reqs=$(awk '/requests in/ {print $1}' <<<"$out")
-  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
-  p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
-  p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
-  if grep -q "Non-2xx" <<<"$out"; then echo "$name: non-2xx answers" >&2; grep "Non-2xx" <<<"$out" >&2; fi
-  cpu=$(python3 -c "print(round(($after - $before) / $HZ * 1e6 / max(1, $reqs), 2))")
-  printf '| %s | %s | %s | %s | %s |\n' "$name" "$rps" "$p50" "$p99" "$cpu"
-  echo "$rps $p99 $cpu" >"$W/$name"
-}
+lua_post "$BODY" >"$W/post.lua"
 
 echo "| scenario | req/s | p50 | p99 | CPU µs/req (answering process) |"
 echo "|---|---|---|---|---|"
-measure in-process "$SUT_PID" "http://127.0.0.1:$PORT/api/predict/risk"
-measure app-direct "$APP_PID" "http://127.0.0.1:$APP_PORT/api/predict/risk"
+measure in-process "$SUT_PID" "http://127.0.0.1:$PORT/api/predict/risk" "$W/post.lua"
+measure app-direct "$APP_PID" "http://127.0.0.1:$APP_PORT/api/predict/risk" "$W/post.lua"
 read -r ours_rps ours_p99 ours_cpu <"$W/in-process"
 read -r app_rps _ app_cpu <"$W/app-direct"
 python3 - "$ours_rps" "$app_rps" "$ours_cpu" "$app_cpu" "$ours_p99" <<'PY'

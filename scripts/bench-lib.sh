@@ -19,9 +19,10 @@ ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 HZ=$(getconf CLK_TCK)
 
 # One wrk run on CPU 0 against url; prints a table row: req/s, p50, p99 and the CPU per request
-# of the process that answered (from /proc/<pid>/stat before and after).
+# of the process that answered (from /proc/<pid>/stat before and after). With $W set, also leaves
+# "req/s p99 cpu_us" in $W/<name> for the script's ratios.
 measure() { # name pid url [lua]
-  local name=$1 pid=$2 url=$3 script=${4:-} before after out reqs rps p50 p99
+  local name=$1 pid=$2 url=$3 script=${4:-} before after out reqs rps p50 p99 cpu
   before=$(ticks "$pid")
   out=$(taskset -c 0 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency ${script:+-s "$script"} "$url")
   after=$(ticks "$pid")
@@ -30,6 +31,7 @@ measure() { # name pid url [lua]
   p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
   p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
   if grep -q "Non-2xx" <<<"$out"; then echo "$name: non-2xx answers" >&2; grep "Non-2xx" <<<"$out" >&2; fi
-  printf '| %s | %s | %s | %s | %.2f |\n' "$name" "$rps" "$p50" "$p99" \
-    "$(python3 -c "print(($after - $before) / $HZ * 1e6 / max(1, $reqs))")"
+  cpu=$(python3 -c "print(round(($after - $before) / $HZ * 1e6 / max(1, $reqs), 2))")
+  printf '| %s | %s | %s | %s | %s |\n' "$name" "$rps" "$p50" "$p99" "$cpu"
+  if [[ -n ${W:-} ]]; then echo "$rps $p99 $cpu" >"$W/$name"; fi
 }

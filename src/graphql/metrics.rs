@@ -2,10 +2,9 @@
 //! and operation names are those of the manifest or the first [`MAX_NAMES`] seen, the rest
 //! `other`.
 
-use std::collections::HashSet;
-
-use parking_lot::RwLock;
 use prometheus::{IntCounterVec, Opts, Registry};
+
+use crate::telemetry::metrics::{register, BoundedLabels};
 
 pub const APQ_TOTAL: &str = "outrider_graphql_apq_total";
 pub const RESPONSE_CACHE_TOTAL: &str = "outrider_graphql_response_cache_total";
@@ -45,7 +44,7 @@ pub struct GraphqlMetrics {
     pub response_cache: IntCounterVec,
     pub operations: IntCounterVec,
     pub safelist: IntCounterVec,
-    names: RwLock<HashSet<String>>,
+    names: BoundedLabels,
 }
 
 impl std::fmt::Debug for GraphqlMetrics {
@@ -57,9 +56,7 @@ impl std::fmt::Debug for GraphqlMetrics {
 impl GraphqlMetrics {
     pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-            registry.register(Box::new(c.clone()))?;
-            Ok::<_, prometheus::Error>(c)
+            register(registry, IntCounterVec::new(Opts::new(name, help), labels)?)
         };
         Ok(GraphqlMetrics {
             apq: counter(APQ_TOTAL, METRICS[0].2, &["route", "outcome"])?,
@@ -70,28 +67,17 @@ impl GraphqlMetrics {
                 &["route", "operation", "type"],
             )?,
             safelist: counter(SAFELIST_TOTAL, METRICS[3].2, &["route", "result"])?,
-            names: RwLock::new(HashSet::new()),
+            // Names are GraphQL names (`[_A-Za-z][_0-9A-Za-z]*`); a longer one is not worth a series.
+            names: BoundedLabels::new(MAX_NAMES, 64),
         })
     }
 
     /// The label for an operation name: itself when known (`listed`, e.g. from the manifest)
     /// or among the first [`MAX_NAMES`] seen, else `other`.
     pub fn name_label<'a>(&self, name: Option<&'a str>, listed: bool) -> &'a str {
-        let Some(name) = name else {
-            return "anonymous";
-        };
-        // Names are GraphQL names (`[_A-Za-z][_0-9A-Za-z]*`); anything longer is not worth a series.
-        if name.len() > 64 {
-            return "other";
+        match name {
+            Some(name) => self.names.label(name, listed),
+            None => "anonymous",
         }
-        if listed || self.names.read().contains(name) {
-            return name;
-        }
-        let mut names = self.names.write();
-        if names.len() < MAX_NAMES {
-            names.insert(name.to_owned());
-            return name;
-        }
-        "other"
     }
 }

@@ -5,6 +5,8 @@ use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
 };
 
+use crate::telemetry::metrics::register as reg;
+
 pub const REQUESTS_TOTAL: &str = "outrider_inference_requests_total";
 pub const BATCH_SIZE: &str = "outrider_inference_batch_size";
 pub const QUEUE_WAIT: &str = "outrider_inference_queue_wait_seconds";
@@ -98,13 +100,6 @@ const TIME_BUCKETS: &[f64] = &[
 
 impl InferenceMetrics {
     pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
-        fn reg<C: prometheus::core::Collector + Clone + 'static>(
-            registry: &Registry,
-            c: C,
-        ) -> Result<C, prometheus::Error> {
-            registry.register(Box::new(c.clone()))?;
-            Ok(c)
-        }
         let help = |name: &str| {
             METRICS
                 .iter()

@@ -2,10 +2,9 @@
 //! directions are fixed sets, and models are those named in the route's routing and pricing
 //! or the first [`MAX_MODELS`] seen, the rest `other`.
 
-use std::collections::HashSet;
-
-use parking_lot::RwLock;
 use prometheus::{CounterVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+
+use crate::telemetry::metrics::{register as reg, BoundedLabels};
 
 pub const REQUESTS_TOTAL: &str = "outrider_llm_requests_total";
 pub const TOKENS_TOTAL: &str = "outrider_llm_tokens_total";
@@ -70,7 +69,7 @@ pub struct LlmMetrics {
     pub ttft: HistogramVec,
     pub duration: HistogramVec,
     pub routing: IntCounterVec,
-    models: RwLock<HashSet<String>>,
+    models: BoundedLabels,
 }
 
 impl std::fmt::Debug for LlmMetrics {
@@ -81,13 +80,6 @@ impl std::fmt::Debug for LlmMetrics {
 
 impl LlmMetrics {
     pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
-        fn reg<C: prometheus::core::Collector + Clone + 'static>(
-            registry: &Registry,
-            c: C,
-        ) -> Result<C, prometheus::Error> {
-            registry.register(Box::new(c.clone()))?;
-            Ok(c)
-        }
         let histogram = |name: &str, help: &str| {
             HistogramVec::new(
                 HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()),
@@ -126,24 +118,13 @@ impl LlmMetrics {
                 registry,
                 IntCounterVec::new(Opts::new(ROUTING_TOTAL, METRICS[6].2), &["route", "rule"])?,
             )?,
-            models: RwLock::new(HashSet::new()),
+            models: BoundedLabels::new(MAX_MODELS, 100),
         })
     }
 
     /// The label for a model: itself when the config names it (`known`) or it is among the
     /// first [`MAX_MODELS`] seen, else `other`.
     pub fn model_label<'a>(&self, model: &'a str, known: bool) -> &'a str {
-        if known || self.models.read().contains(model) {
-            return model;
-        }
-        if model.len() > 100 {
-            return "other";
-        }
-        let mut models = self.models.write();
-        if models.len() < MAX_MODELS {
-            models.insert(model.to_owned());
-            return model;
-        }
-        "other"
+        self.models.label(model, known)
     }
 }

@@ -312,3 +312,64 @@ pub fn status_class(status: u16) -> &'static str {
         _ => "5xx",
     }
 }
+
+/// Registers a collector and hands it back, so a feature's metrics struct is one expression.
+pub fn register<C: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    collector: C,
+) -> Result<C, prometheus::Error> {
+    registry.register(Box::new(collector.clone()))?;
+    Ok(collector)
+}
+
+/// Label values that come from traffic (model or operation names) kept to a bounded set: what the
+/// config names, then the first `max` distinct values seen; the rest count as `other`, so a
+/// client inventing names cannot explode the series.
+#[derive(Debug)]
+pub struct BoundedLabels {
+    seen: RwLock<std::collections::HashSet<String>>,
+    max: usize,
+    max_len: usize,
+}
+
+impl BoundedLabels {
+    pub fn new(max: usize, max_len: usize) -> BoundedLabels {
+        BoundedLabels {
+            seen: RwLock::new(std::collections::HashSet::new()),
+            max,
+            max_len,
+        }
+    }
+
+    /// `value` itself when `known` (named by the config) or admitted, else `other`.
+    pub fn label<'a>(&self, value: &'a str, known: bool) -> &'a str {
+        if known || self.seen.read().contains(value) {
+            return value;
+        }
+        if value.len() > self.max_len {
+            return "other";
+        }
+        let mut seen = self.seen.write();
+        if seen.len() < self.max {
+            seen.insert(value.to_owned());
+            return value;
+        }
+        "other"
+    }
+}
+
+#[cfg(test)]
+mod bounded_label_tests {
+    use super::BoundedLabels;
+
+    #[test]
+    fn known_values_always_pass_and_the_rest_stop_at_the_bound() {
+        let labels = BoundedLabels::new(2, 8);
+        assert_eq!(labels.label("a", false), "a");
+        assert_eq!(labels.label("b", false), "b");
+        assert_eq!(labels.label("c", false), "other");
+        assert_eq!(labels.label("a", false), "a", "admitted values stay");
+        assert_eq!(labels.label("from-config", true), "from-config");
+        assert_eq!(labels.label("much-too-long", false), "other");
+    }
+}
