@@ -104,6 +104,10 @@ struct Capture {
     body: BytesMut,
     /// The body's bytes against `cache.max_inflight_bytes`; given back when the capture ends.
     reservation: Reservation,
+    /// Others may wait on this fill: the body goes to this client only once it is complete,
+    /// so the upstream is read at its own speed, not at this client's (nginx's
+    /// `proxy_buffering`), and a slow first client delays no one but itself.
+    hold: bool,
 }
 
 /// A stale entry to refresh as background work (see [`RequestCx::spawn_background`]).
@@ -177,6 +181,12 @@ fn conditions(
 
 /// The buffer's bytes without the slack a growing buffer keeps: L1 is bounded by body length,
 /// so a body held in a much larger allocation would overrun the bound.
+fn is_event_stream(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
+}
+
 fn exact_bytes(body: BytesMut) -> Bytes {
     if body.capacity() > body.len() + body.len() / 8 + 4096 {
         Bytes::copy_from_slice(&body)
@@ -239,15 +249,17 @@ impl HttpCache {
     }
 
     /// Stores the captured response and hands it to the requests waiting on this key.
-    fn finish_capture(&self, state: &mut CacheState) {
+    /// Stores the captured response and releases those waiting on it; returns its body.
+    fn finish_capture(&self, state: &mut CacheState) -> Option<Bytes> {
         let (Some(capture), Some(key)) = (state.capture.take(), state.key.as_ref()) else {
-            return;
+            return None;
         };
         let retention = policy::retention(capture.ttl, &capture.headers, &self.policy);
+        let body = exact_bytes(capture.body);
         let entry = StoredResponse {
             status: capture.status,
             headers: capture.headers,
-            body: exact_bytes(capture.body),
+            body: body.clone(),
             stored_at: SystemTime::now(),
             ttl: capture.ttl,
             retention,
@@ -258,6 +270,31 @@ impl HttpCache {
         if let Some(leader) = state.leader.take() {
             leader.complete(stored);
         }
+        Some(body)
+    }
+
+    /// Adds a chunk to the capture, or gives the capture up (`false`) when it would pass
+    /// `cache.max_entry_size` or `cache.max_inflight_bytes`.
+    fn grow_capture(&self, capture: &mut Capture, chunk: &Bytes) -> bool {
+        let max = self.store.settings().max_entry_size;
+        if max > 0 && capture.body.len() + chunk.len() > max {
+            tracing::debug!("response grew past cache.max_entry_size; not stored");
+            return false;
+        }
+        // A body of unknown length reserves as it grows.
+        let beyond = (capture.body.len() + chunk.len()).saturating_sub(capture.reservation.bytes());
+        if beyond > 0 && !self.store.grow_inflight(&mut capture.reservation, beyond) {
+            tracing::debug!("cache.max_inflight_bytes reached; not stored");
+            return false;
+        }
+        capture.body.extend_from_slice(chunk);
+        true
+    }
+
+    fn abandon_capture(state: &mut CacheState) {
+        state.capture = None;
+        state.leader.take();
+        state.status.set_stored(false);
     }
 
     /// RFC 9111 §4.3.4: a 304's headers replace the stored ones of the same name (a new
@@ -557,11 +594,13 @@ impl Stage for HttpCache {
                     ttl,
                     body: BytesMut::with_capacity(content_length.unwrap_or(0)),
                     reservation,
+                    // An event stream is read as it comes; holding it would break it.
+                    hold: state.leader.is_some() && !is_event_stream(&resp.headers),
                 });
                 state.status.set_stored(true);
                 // Pingora calls no body filter for a response that ends with its header.
                 if status == 204 || content_length == Some(0) {
-                    self.finish_capture(state);
+                    let _ = self.finish_capture(state);
                 }
             }
             Ok(_) => {
@@ -625,36 +664,44 @@ impl Stage for HttpCache {
         }
     }
 
+    fn filter_body_chunk(&self, slot: &mut Slot, chunk: &mut Option<Bytes>, end_of_stream: bool) {
+        let Some(state) = state_mut::<CacheState>(slot) else {
+            return;
+        };
+        let Some(capture) = state.capture.as_mut().filter(|c| c.hold) else {
+            return;
+        };
+        if let Some(data) = chunk.take() {
+            if !self.grow_capture(capture, &data) {
+                // Given up: the client gets what was held and streams from here on.
+                let mut held = std::mem::take(&mut capture.body);
+                held.extend_from_slice(&data);
+                *chunk = Some(held.freeze());
+                Self::abandon_capture(state);
+                return;
+            }
+        }
+        if end_of_stream {
+            *chunk = self.finish_capture(state);
+        }
+    }
+
     fn on_body_chunk(&self, slot: &mut Slot, chunk: Option<&Bytes>, end_of_stream: bool) {
         let Some(state) = state_mut::<CacheState>(slot) else {
             return;
         };
-        let Some(capture) = state.capture.as_mut() else {
+        // A held capture is filled by `filter_body_chunk`.
+        let Some(capture) = state.capture.as_mut().filter(|c| !c.hold) else {
             return;
         };
         if let Some(chunk) = chunk {
-            let max = self.store.settings().max_entry_size;
-            if max > 0 && capture.body.len() + chunk.len() > max {
-                tracing::debug!("response grew past cache.max_entry_size; not stored");
-                state.capture = None;
-                state.leader.take();
-                state.status.set_stored(false);
+            if !self.grow_capture(capture, chunk) {
+                Self::abandon_capture(state);
                 return;
             }
-            // A body of unknown length reserves as it grows.
-            let beyond =
-                (capture.body.len() + chunk.len()).saturating_sub(capture.reservation.bytes());
-            if beyond > 0 && !self.store.grow_inflight(&mut capture.reservation, beyond) {
-                tracing::debug!("cache.max_inflight_bytes reached; not stored");
-                state.capture = None;
-                state.leader.take();
-                state.status.set_stored(false);
-                return;
-            }
-            capture.body.extend_from_slice(chunk);
         }
         if end_of_stream {
-            self.finish_capture(state);
+            let _ = self.finish_capture(state);
         }
     }
 
@@ -741,6 +788,14 @@ mod tests {
         resp
     }
 
+    /// One upstream chunk through the stage as the proxy runs it; what the client is sent.
+    fn body_chunk(stage: &HttpCache, slot: &mut Slot, data: Vec<u8>, eos: bool) -> Option<Bytes> {
+        let mut chunk = Some(Bytes::from(data));
+        stage.filter_body_chunk(slot, &mut chunk, eos);
+        stage.on_body_chunk(slot, chunk.as_ref(), eos);
+        chunk
+    }
+
     fn status(stage: &HttpCache, slot: &Slot) -> String {
         let mut resp = ResponseHeader::build(200, None).unwrap();
         stage.on_response(slot, &mut resp);
@@ -760,14 +815,24 @@ mod tests {
         stage.on_upstream_response(&mut b, &ok_with_length(Some(600)));
         assert_eq!(status(&stage, &a), "outrider; fwd=miss; stored");
         assert_eq!(status(&stage, &b), "outrider; fwd=miss");
-        stage.on_body_chunk(&mut a, Some(&Bytes::from(vec![b'a'; 600])), true);
+        let sent = body_chunk(&stage, &mut a, vec![b'a'; 300], false);
+        assert_eq!(sent, None, "a leader's body is held until it is complete");
+        let sent = body_chunk(&stage, &mut a, vec![b'a'; 300], true);
+        assert_eq!(sent.map(|b| b.len()), Some(600), "then sent whole");
         assert!(store.lookup_l1(&stage.key(&get("/a"), None)).is_some());
         // The finished capture gave its bytes back.
         let mut c = miss(&stage, get("/c")).await;
         stage.on_upstream_response(&mut c, &ok_with_length(None));
         // A body of unknown length reserves as it grows, and stops being captured at the bound.
-        stage.on_body_chunk(&mut c, Some(&Bytes::from(vec![b'c'; 900])), false);
-        stage.on_body_chunk(&mut c, Some(&Bytes::from(vec![b'c'; 200])), true);
+        assert_eq!(body_chunk(&stage, &mut c, vec![b'c'; 900], false), None);
+        let sent = body_chunk(&stage, &mut c, vec![b'c'; 200], false);
+        assert_eq!(
+            sent.map(|b| b.len()),
+            Some(1100),
+            "a capture given up releases what it held"
+        );
+        let sent = body_chunk(&stage, &mut c, vec![b'c'; 50], true);
+        assert_eq!(sent.map(|b| b.len()), Some(50), "and streams from then on");
         assert_eq!(status(&stage, &c), "outrider; fwd=miss");
         assert!(store.lookup_l1(&stage.key(&get("/c"), None)).is_none());
         assert_eq!(store.stats()["single_flight"]["in_flight"], 0);
