@@ -122,7 +122,7 @@ impl RouteFeature for SloConfig {
                     LimiterSpec {
                         max: e.max_concurrency.unwrap_or(DEFAULT_ADAPTIVE_CEILING),
                         adaptive: e.adaptive,
-                        target: tightest,
+                        target: tightest.map(|t| adaptive_target(t, e.queue_timeout.get())),
                         queue_size: e.queue_size,
                     },
                 )
@@ -446,5 +446,26 @@ impl Stage for SloStage {
             }
             self.registry.record(objective, good);
         }
+    }
+}
+
+/// The upstream latency the adaptive limit aims for: an admitted request may first have waited
+/// up to `queue_timeout` for its slot, so the upstream must answer that much inside the
+/// objective for the whole request to meet it (but the aim never drops below half of it).
+fn adaptive_target(objective: Duration, queue_timeout: Duration) -> Duration {
+    objective.saturating_sub(queue_timeout).max(objective / 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::adaptive_target;
+    use std::time::Duration;
+
+    #[test]
+    fn the_adaptive_aim_leaves_room_for_the_queue_wait() {
+        let ms = Duration::from_millis;
+        assert_eq!(adaptive_target(ms(60), ms(20)), ms(40));
+        assert_eq!(adaptive_target(ms(60), ms(50)), ms(30), "never below half");
+        assert_eq!(adaptive_target(ms(60), Duration::ZERO), ms(60));
     }
 }
