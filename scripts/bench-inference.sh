@@ -76,3 +76,12 @@ print(f"# throughput in-process / app: {float(ours) / float(app):.1f}x (target >
       f"in-process p99 {p99} (target <= 5ms)")
 PY
 curl -fsS "http://127.0.0.1:$ADMIN/metrics" | awk '/^outrider_inference_batch_size_(sum|count)/ {v[$1]=$2} END {for (k in v) printf "# %s %s\n", k, v[k]}'
+
+# The p99 target at a load the throughput target names: 10x the app's throughput offered open-loop
+# over CONNS connections (a closed loop at CONNS connections only measures its own queue: p50 is
+# CONNS / req/s by Little's law).
+echo
+echo "| open loop | rate asked/s | req/s | p50 | p99 | p99.9 | failed |"
+echo "|---|---|---|---|---|---|---|"
+rate_latency in-process-at-10x-app "http://127.0.0.1:$PORT/api/predict/risk" \
+  "$(python3 -c "print(int(float('$app_rps') * 10))")" "$BODY"

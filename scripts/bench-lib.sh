@@ -35,3 +35,27 @@ measure() { # name pid url [lua]
   printf '| %s | %s | %s | %s | %s |\n' "$name" "$rps" "$p50" "$p99" "$cpu"
   if [[ -n ${W:-} ]]; then echo "$rps $p99 $cpu" >"$W/$name"; fi
 }
+
+# Open-loop latency: requests sent on a fixed schedule (RATE a second over CONNS connections,
+# corrected for coordinated omission) by oha on CPU 0, so the tail is the server's, not the
+# queue a closed loop builds. Prints a row: rate asked, req/s got, p50, p99, p99.9, non-2xx.
+# Needs oha (`cargo install oha`); without it, says so and prints nothing.
+rate_latency() { # name url rate [json-body [header...]]
+  local name=$1 url=$2 rate=$3 body=${4:-} oha args=()
+  oha=$(command -v oha || echo "${OHA:-/work/tools/bin/oha}")
+  if [[ ! -x $oha ]]; then echo "(oha not installed: open-loop latency of $name not measured)" >&2; return 0; fi
+  if [[ -n $body ]]; then args+=(-m POST -H "content-type: application/json" -d "$body"); fi
+  for h in "${@:5}"; do args+=(-H "$h"); done
+  taskset -c 0 "$oha" -z "${DURATION}s" -c "$CONNS" -q "$rate" --latency-correction --no-tui \
+    --output-format json "${args[@]}" "$url" >"${W:-/tmp}/oha-$name.json"
+  python3 - "$name" "$rate" "${W:-/tmp}/oha-$name.json" <<'PY'
+import json, sys
+name, rate, path = sys.argv[1:]
+r = json.load(open(path))
+p = r["latencyPercentiles"]
+ok = sum(v for k, v in r.get("statusCodeDistribution", {}).items() if k.startswith("2"))
+total = sum(r.get("statusCodeDistribution", {}).values()) + sum(r.get("errorDistribution", {}).values())
+ms = lambda v: f"{v * 1000:.2f} ms" if v is not None else "-"
+print(f"| {name} | {rate} | {r['summary']['requestsPerSec']:.0f} | {ms(p.get('p50'))} | {ms(p.get('p99'))} | {ms(p.get('p99.9'))} | {total - ok} |")
+PY
+}

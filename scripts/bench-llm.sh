@@ -12,7 +12,7 @@
 # LiteLLM is not a dependency of this repository; install it apart, e.g.
 #   python3 -m venv /tmp/litellm-venv && /tmp/litellm-venv/bin/pip install litellm
 # and point LITELLM at its `litellm` executable (default /tmp/litellm-venv/bin/litellm).
-# Env: DURATION (s, default 8), CONNS (default 64), LITELLM, OUTRIDER (the binary, default
+# Env: DURATION (s, default 8), CONNS (default 64), RATE (open-loop req/s, default 2000), LITELLM, OUTRIDER (the binary, default
 # target/release/outrider).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -122,3 +122,11 @@ else
   echo "(LiteLLM not found at $LITELLM: not measured)" >&2
 fi
 measure provider "$PROVIDER_PID" "http://127.0.0.1:$PROVIDER_PORT/v1/chat/completions" "$W/chat.lua"
+
+# The hit's tail at a steady load (RATE a second, open loop; the closed loop above measures its
+# own queue: p50 is CONNS / req/s).
+echo
+echo "| open loop | rate asked/s | req/s | p50 | p99 | p99.9 | failed |"
+echo "|---|---|---|---|---|---|---|"
+rate_latency outrider-hit "http://127.0.0.1:$PORT/v1/chat/completions" "${RATE:-2000}" "$BODY" \
+  "authorization: Bearer $KEY"

@@ -9,7 +9,8 @@
 # Scenarios: baseline redis-kill redis-pause backend-kill origin-close reloads sigterm
 #            slow-drip big-heads soak
 # Env: DURATION (seconds of load per scenario, default 10), CONNS (default 32),
-#      SOAK_SECONDS (default 60; 1800 for the 30-minute soak), OUTRIDER_BIN (a built binary
+#      SOAK_SECONDS (default 60; 1800 for the 30-minute soak; its RSS "before" is taken after a
+#      warm-up of a tenth of it), OUTRIDER_BIN (a built binary
 #      to use instead of building target/release/outrider).
 # Needs wrk, nginx, redis-server (installed from Debian when missing).
 set -euo pipefail
@@ -202,7 +203,19 @@ while time.time() < end:
     [t.start() for t in ts]; [t.join() for t in ts]
 EOF
       sleep 1; load /pass/1 "$DURATION"; wait $f || true ;;
-    soak) load /api/items/1 "$SOAK_SECONDS" ;;
+    soak) # 10 000 cached keys (1 s TTL: refreshed all the time) and pass-through paths; RSS is
+          # sampled after a warm-up (a tenth of the run) and at the end: growth <= 5 % is the aim.
+      cat >"$W/soak.lua" <<'EOF'
+request = function()
+  local n = math.random(1, 10000)
+  if n % 4 == 0 then return wrk.format("GET", "/pass/" .. n) end
+  return wrk.format("GET", "/api/items/" .. n)
+end
+EOF
+      warm=$(( SOAK_SECONDS / 10 > 0 ? SOAK_SECONDS / 10 : 1 ))
+      wrk -t2 -c"$CONNS" -d"${warm}s" -s "$W/soak.lua" "http://127.0.0.1:$PORT" >/dev/null 2>&1 || true
+      before=$(rss_mb "$OUTRIDER_PID")
+      wrk -t2 -c"$CONNS" -d"$(( SOAK_SECONDS - warm ))s" --latency -s "$W/soak.lua" "http://127.0.0.1:$PORT" >"$W/wrk.txt" 2>&1 || true ;;
     *) echo "unknown scenario $scenario" >&2; exit 2 ;;
   esac
   after=$(rss_mb "$OUTRIDER_PID")
