@@ -165,6 +165,18 @@ async fn get(proxy: &Proxy, path: &str) -> (u16, String) {
     (status, cache)
 }
 
+/// `POST /cache/purge` of every `/echo/items/` entry; the report.
+async fn purge_items(proxy: &Proxy) -> serde_json::Value {
+    let purge = client()
+        .post(proxy.admin("/cache/purge"))
+        .json(&serde_json::json!({ "path_prefix": "/echo/items/" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(purge.status(), 200);
+    purge.json().await.unwrap()
+}
+
 async fn wait_redis_up(proxy: &Proxy) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while proxy.admin_json("/ready").await["checks"]["redis"]["status"] != "up" {
@@ -225,14 +237,7 @@ async fn cluster_shares_entries_and_purges_reach_the_other_replica() {
     // Purge on A: every master is scanned, and B's L1 copies go too.
     wait_subscribed(&b).await;
     let before = applied(&b).await;
-    let purge = client()
-        .post(a.admin("/cache/purge"))
-        .json(&serde_json::json!({ "path_prefix": "/echo/items/" }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(purge.status(), 200);
-    let report: serde_json::Value = purge.json().await.unwrap();
+    let report = purge_items(&a).await;
     assert_eq!(report["purged"]["l2"], 12, "{report}");
     assert_eq!(report["purged"]["broadcast"], true, "{report}");
     assert_eq!(cluster.keys_per_node("outrider:").iter().sum::<usize>(), 0);
@@ -292,10 +297,12 @@ async fn killed_cluster_node_under_load_fails_no_request() {
         workers.push(tokio::spawn(async move {
             for i in 0..total / 10 {
                 let p = &paths[(w * 7 + i) % paths.len()];
-                let ok = matches!(
-                    client().get(proxy.url(p)).send().await,
-                    Ok(r) if r.status() == 200
-                );
+                let resp = client()
+                    .get(proxy.url(p))
+                    .header("host", "api.internal")
+                    .send()
+                    .await;
+                let ok = matches!(resp, Ok(r) if r.status() == 200);
                 if !ok {
                     failed.fetch_add(1, Ordering::SeqCst);
                 }
@@ -313,15 +320,37 @@ async fn killed_cluster_node_under_load_fails_no_request() {
     }
     assert_eq!(sent.load(Ordering::SeqCst), total);
     assert_eq!(failed.load(Ordering::SeqCst), 0, "no request may fail");
-    // Keys on the surviving masters are still served from the cluster.
-    let m = proxy.metrics().await;
-    let l2_hits = metric_value(
-        &m,
-        "outrider_cache_requests_total",
-        &["route=\"items\"", "tier=\"l2\"", "outcome=\"hit\""],
+    // The dead master's breaker is open, by name; the other masters still serve their keys
+    // from L2 (L1 is off): a full round over the keys hits exactly the ones that survive.
+    let dead = format!("127.0.0.1:{}", cluster.nodes[1].0);
+    let ready = proxy.admin_json("/ready").await;
+    let reason = ready["checks"]["redis"]["reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(reason.contains(&dead), "{ready}");
+    let surviving = cluster.keys_per_node("outrider:").iter().sum::<usize>();
+    assert!(surviving > 0 && surviving < paths.len(), "{surviving}");
+    let l2_hits = |m: &str| {
+        metric_value(
+            m,
+            "outrider_cache_requests_total",
+            &["route=\"items\"", "tier=\"l2\"", "outcome=\"hit\""],
+        )
+        .unwrap_or(0.0)
+    };
+    wait_for(
+        "the surviving keys hit L2",
+        Duration::from_secs(10),
+        || async {
+            let before = l2_hits(&proxy.metrics().await);
+            for p in &paths {
+                assert_eq!(get(&proxy, p).await.0, 200);
+            }
+            let round = l2_hits(&proxy.metrics().await) - before;
+            (round as usize == surviving).then_some(())
+        },
     )
-    .unwrap_or(0.0);
-    assert!(l2_hits > 0.0, "{m}");
+    .await;
 }
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files.
@@ -467,4 +496,54 @@ async fn tls_redis_with_private_ca_is_shared_and_a_wrong_ca_degrades() {
     })
     .await;
     assert!(app.hits("/echo/items/wrong-ca") >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purges_without_the_channel_still_clear_redis_and_a_resubscribed_replica_starts_over() {
+    let redis = support::Redis::start();
+    let app = Backend::start("app").await;
+    let url = format!("url: \"{}\"", redis.url());
+    let a = Proxy::start(&config(&app.url(), &url, "64MiB")).await;
+    let b = Proxy::start(&config(&app.url(), &url, "64MiB")).await;
+    for p in [&a, &b] {
+        wait_redis_up(p).await;
+        wait_subscribed(p).await;
+    }
+    assert_eq!(get(&a, "/echo/items/p").await, (200, "MISS".into()));
+    wait_for("A's write", Duration::from_secs(10), || async {
+        (!redis
+            .cli(&["--scan", "--pattern", "outrider:*"])
+            .trim()
+            .is_empty())
+        .then_some(())
+    })
+    .await;
+    assert_eq!(get(&b, "/echo/items/p").await, (200, "HIT".into()));
+
+    // Take pub/sub away (ACL: no channels; the subscribers are disconnected); keys still work.
+    redis.cli(&["ACL", "SETUSER", "default", "resetchannels"]);
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    support::metric_eventually(&b, "outrider_cache_invalidation_subscribed", &[], 0.0).await;
+    let ready = b.admin_json("/ready").await;
+    assert_eq!(ready["checks"]["redis"]["invalidation"], "down", "{ready}");
+    let report = purge_items(&a).await;
+    assert_eq!(report["purged"]["l2"], 1, "{report}");
+    assert_eq!(report["purged"]["l1"], 1, "{report}");
+    assert_eq!(report["purged"]["broadcast"], false, "{report}");
+    assert_eq!(
+        metric_value(
+            &a.metrics().await,
+            "outrider_cache_invalidations_total",
+            &["result=\"publish_failed\""]
+        ),
+        Some(1.0)
+    );
+    // B's L1 copy outlives the purge while it cannot hear it (documented).
+    assert_eq!(get(&b, "/echo/items/p").await, (200, "HIT".into()));
+
+    // Back: B resubscribes and starts its L1 over, so the purge is not missed for long.
+    redis.cli(&["ACL", "SETUSER", "default", "allchannels"]);
+    wait_subscribed(&b).await;
+    support::metric_eventually(&b, "outrider_cache_l1_entries", &[], 0.0).await;
+    assert_eq!(get(&b, "/echo/items/p").await, (200, "MISS".into()));
 }

@@ -66,6 +66,13 @@ pub(crate) fn instance_id() -> String {
     format!("{:016x}{:08x}", fastrand::u64(..), std::process::id())
 }
 
+/// A subscriber's proof that its subscription works: Redis reports a refused SUBSCRIBE (an ACL
+/// without the channel) only in-band, where the client does not surface it.
+#[derive(Debug, Serialize, Deserialize)]
+struct Probe {
+    probe: String,
+}
+
 /// What the subscriber does with a message: drop the matching L1 entries.
 pub(crate) type Apply = Arc<dyn Fn(KeyFilter) + Send + Sync>;
 
@@ -74,6 +81,8 @@ pub(crate) type Apply = Arc<dyn Fn(KeyFilter) + Send + Sync>;
 pub(crate) enum Received {
     Apply(KeyFilter, Duration),
     Own,
+    /// Some subscriber's probe (this one's is told apart by its exact payload).
+    Probe,
     Malformed,
 }
 
@@ -88,8 +97,54 @@ pub(crate) fn classify(payload: &[u8], me: &str) -> Received {
                 _ => Received::Apply(m.filter, lag),
             }
         }
+        Err(_) if serde_json::from_slice::<Probe>(payload).is_ok() => Received::Probe,
         Err(_) => Received::Malformed,
     }
+}
+
+/// Applies one received message.
+fn handle(payload: &[u8], me: &str, apply: &Apply, metrics: &CacheMetrics) {
+    match classify(payload, me) {
+        Received::Apply(filter, lag) => {
+            metrics.invalidation_lag.observe(lag.as_secs_f64());
+            metrics.invalidations.applied.inc();
+            apply(filter);
+        }
+        Received::Own | Received::Probe => {}
+        Received::Malformed => {
+            metrics.invalidations.malformed.inc();
+            tracing::debug!("ignored a malformed invalidation message");
+        }
+    }
+}
+
+/// Publishes a probe through `client` and waits for it on `stream`, applying whatever else
+/// arrives meanwhile; true once the probe came back.
+async fn prove(
+    client: &redis::Client,
+    stream: &mut redis::aio::PubSubStream,
+    channel: &str,
+    me: &str,
+    apply: &Apply,
+    metrics: &CacheMetrics,
+) -> redis::RedisResult<bool> {
+    let probe = serde_json::to_string(&Probe {
+        probe: format!("{me}-{:016x}", fastrand::u64(..)),
+    })
+    .unwrap_or_default();
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    redis::cmd("PUBLISH")
+        .arg(channel)
+        .arg(&probe)
+        .query_async::<i64>(&mut conn)
+        .await?;
+    while let Some(msg) = stream.next().await {
+        if msg.get_payload_bytes() == probe.as_bytes() {
+            return Ok(true);
+        }
+        handle(msg.get_payload_bytes(), me, apply, metrics);
+    }
+    Ok(false)
 }
 
 /// Subscribes for as long as the store lives (the task ends with the Redis runtime), moving
@@ -106,19 +161,22 @@ pub(crate) async fn listen(
     let mut lost = false;
     let mut logged = false;
     for client in clients.iter().cycle() {
-        let pubsub = tokio::time::timeout(connect_timeout, async {
+        let subscribed = tokio::time::timeout(connect_timeout, async {
             let mut ps = client.get_async_pubsub().await?;
             ps.subscribe(&channel).await?;
-            Ok::<_, redis::RedisError>(ps)
+            let (sink, mut stream) = ps.split();
+            let proven = prove(client, &mut stream, &channel, &me, &apply, &metrics).await?;
+            Ok::<_, redis::RedisError>(proven.then_some((sink, stream)))
         })
         .await;
-        let ps = match pubsub {
-            Ok(Ok(ps)) => ps,
+        let (mut sink, mut stream) = match subscribed {
+            Ok(Ok(Some(pair))) => pair,
             failed => {
                 if !logged {
                     let error = match failed {
                         Ok(Err(e)) => e.to_string(),
-                        _ => "timed out".into(),
+                        Ok(Ok(_)) => "the subscription ended at once".into(),
+                        Err(_) => "no answer (or the subscription was refused)".into(),
                     };
                     tracing::warn!(%channel, %error, "cannot subscribe to the invalidation channel; purges reach Redis and this replica only until it can (retrying)");
                     logged = true;
@@ -138,23 +196,11 @@ pub(crate) async fn listen(
         } else {
             tracing::info!(%channel, "subscribed to the invalidation channel");
         }
-        let (mut sink, mut stream) = ps.split();
         loop {
             tokio::select! {
                 msg = stream.next() => {
                     let Some(msg) = msg else { break };
-                    match classify(msg.get_payload_bytes(), &me) {
-                        Received::Apply(filter, lag) => {
-                            metrics.invalidation_lag.observe(lag.as_secs_f64());
-                            metrics.invalidations.applied.inc();
-                            apply(filter);
-                        }
-                        Received::Own => {}
-                        Received::Malformed => {
-                            metrics.invalidations.malformed.inc();
-                            tracing::debug!("ignored a malformed invalidation message");
-                        }
-                    }
+                    handle(msg.get_payload_bytes(), &me, &apply, &metrics);
                 }
                 () = tokio::time::sleep(PING_EVERY) => {
                     let alive = tokio::time::timeout(connect_timeout, sink.ping::<redis::Value>()).await;
@@ -208,6 +254,7 @@ mod tests {
 
     #[test]
     fn rejects_what_it_cannot_trust() {
+        assert_eq!(classify(br#"{"probe":"x-1"}"#, "b"), Received::Probe);
         for bad in [
             "not json",
             r#"{"v":2,"from":"x","sent_ms":0,"scope":"all"}"#,

@@ -25,13 +25,16 @@ use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{ClientTlsConfig, TlsCertificates};
 use tokio::sync::oneshot;
 
-use super::breaker::{Admission, Breaker, BreakerSettings, BreakerState};
+use super::breaker::{Admission, BreakerSettings, BreakerState};
 use super::budget::InflightBudget;
 use super::metrics::{CacheMetrics, RedisErrorKind};
+use super::nodes::{Breakers, SharedBreaker, SlotRange};
 use super::{CacheError, StoredResponse};
 
 /// Background writes beyond this are dropped: a slow Redis must not grow memory without bound.
 const MAX_PENDING_WRITES: usize = 4096;
+/// How often a cluster's slot map (for the per-node breakers) is read again.
+const TOPOLOGY_EVERY: Duration = Duration::from_secs(5);
 /// SCAN batch hint and UNLINK batch size for purges.
 const PURGE_BATCH: usize = 500;
 /// Minimum spacing of repeated warnings (decode failures, connect failures).
@@ -253,7 +256,8 @@ struct Inner {
     reconnecting: AtomicBool,
     url: String,
     rt: tokio::runtime::Handle,
-    breaker: Mutex<Breaker>,
+    /// One breaker per cluster master (see `nodes`), or one for a single server.
+    breakers: Breakers,
     metrics: CacheMetrics,
     pending_writes: AtomicUsize,
     /// Encoded values waiting for Redis count against the store's in-flight bound.
@@ -373,7 +377,21 @@ impl KeyFilter {
 fn classify(e: &redis::RedisError) -> RedisErrorKind {
     if e.is_timeout() {
         RedisErrorKind::Timeout
-    } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+    } else if e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        // A cluster answering for a master it cannot reach: that node is down for its slots.
+        // (The client follows redirects itself; one that reaches us could not be followed.)
+        || matches!(
+            e.kind(),
+            redis::ErrorKind::ClusterConnectionNotFound
+                | redis::ErrorKind::Moved
+                | redis::ErrorKind::Ask
+                | redis::ErrorKind::ClusterDown
+                | redis::ErrorKind::MasterDown
+                | redis::ErrorKind::TryAgain
+        )
+    {
         RedisErrorKind::Connection
     } else {
         RedisErrorKind::Protocol
@@ -441,7 +459,7 @@ impl L2 {
             reconnecting: AtomicBool::new(true),
             url: url.clone(),
             rt: handle.clone(),
-            breaker: Mutex::new(Breaker::new(breaker)),
+            breakers: Breakers::new(breaker),
             metrics,
             pending_writes: AtomicUsize::new(0),
             inflight,
@@ -471,13 +489,21 @@ impl L2 {
                 reason: "connecting".into(),
             };
         }
-        match lock(&self.inner.breaker).state() {
+        let state = self.inner.breakers.worst();
+        let nodes = self.inner.breakers.troubled_nodes();
+        // On a cluster, name the masters: the others are serving normally.
+        let on = if nodes.is_empty() {
+            String::new()
+        } else {
+            format!(" for node(s) {}", nodes.join(", "))
+        };
+        match state {
             BreakerState::Closed => RedisState::Up,
             BreakerState::HalfOpen => RedisState::Degraded {
-                reason: "circuit half-open (probing)".into(),
+                reason: format!("circuit half-open (probing){on}"),
             },
             BreakerState::Open => RedisState::Degraded {
-                reason: "circuit open after repeated failures".into(),
+                reason: format!("circuit open after repeated failures{on}"),
             },
         }
     }
@@ -486,16 +512,15 @@ impl L2 {
         if self.inner.conn.load().is_none() {
             BreakerState::Open
         } else {
-            lock(&self.inner.breaker).state()
+            self.inner.breakers.worst()
         }
     }
 
     pub(crate) async fn get(&self, key: &str) -> L2Get {
         let inner = &self.inner;
-        let Some(conn) = inner.admit() else {
+        let Some((mut conn, breaker)) = inner.admit(key) else {
             return L2Get::Skipped;
         };
-        let mut conn = conn.clone();
         let started = Instant::now();
         let res = tokio::time::timeout(
             inner.timeout,
@@ -508,7 +533,7 @@ impl L2 {
             .metrics
             .get_duration
             .observe(started.elapsed().as_secs_f64());
-        match inner.settle(res) {
+        match inner.settle(&breaker, res) {
             Some(Some(bytes)) => match StoredResponse::decode_bytes(bytes) {
                 Ok(entry) => L2Get::Hit(entry),
                 Err(e) => {
@@ -537,8 +562,9 @@ impl L2 {
         args: &[i64],
     ) -> Option<Vec<i64>> {
         let inner = &self.inner;
-        let mut conn = inner.admit()?;
-        let mut invocation = script.key(format!("{}{key}", inner.prefix));
+        let full_key = format!("{}{key}", inner.prefix);
+        let (mut conn, breaker) = inner.admit(&full_key)?;
+        let mut invocation = script.key(full_key);
         for arg in args {
             invocation.arg(*arg);
         }
@@ -547,7 +573,7 @@ impl L2 {
             invocation.invoke_async::<Vec<i64>>(&mut conn),
         )
         .await;
-        inner.settle(res)
+        inner.settle(&breaker, res)
     }
 
     /// Queues a SET in the background; the caller never waits for Redis.
@@ -569,8 +595,7 @@ impl L2 {
             return;
         }
         self.rt.spawn(async move {
-            if let Some(conn) = inner.admit() {
-                let mut conn = conn.clone();
+            if let Some((mut conn, breaker)) = inner.admit(&key) {
                 // Encoding here keeps the copy of the body off the request's path.
                 let value = entry.encode();
                 drop(entry);
@@ -589,7 +614,7 @@ impl L2 {
                     .metrics
                     .set_duration
                     .observe(started.elapsed().as_secs_f64());
-                inner.settle(res);
+                inner.settle(&breaker, res);
             }
             drop(reservation);
             inner.pending_writes.fetch_sub(1, Ordering::Relaxed);
@@ -666,38 +691,75 @@ pub(crate) fn connect_timeout(timeout: Duration) -> Duration {
     (timeout * 4).max(Duration::from_secs(2))
 }
 
-/// The masters of a cluster as `CLUSTER SLOTS` lists them, each once.
-async fn masters(
+/// `CLUSTER SLOTS` as (first slot, last slot, master `host:port`) ranges.
+async fn slot_ranges(
     conn: &mut ClusterConnection,
     timeout: Duration,
-) -> Result<Vec<(String, u16)>, CacheError> {
+) -> Result<Vec<SlotRange>, CacheError> {
     let reply = run(
         timeout,
         conn.route_command(
             redis::cmd("CLUSTER").arg("SLOTS"),
-            RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary),
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
         ),
     )
     .await?;
     let bad = |what: &str| CacheError::Redis(format!("unexpected CLUSTER SLOTS reply: {what}"));
     let ranges: Vec<Vec<redis::Value>> =
         redis::from_redis_value(&reply).map_err(|e| bad(&e.to_string()))?;
-    let mut out: Vec<(String, u16)> = Vec::new();
+    let mut out = Vec::with_capacity(ranges.len());
     for range in ranges {
-        let master = range.get(2).ok_or_else(|| bad("range without a master"))?;
-        let (host, port): (String, u16) = match redis::from_redis_value::<Vec<redis::Value>>(master)
-        {
-            Ok(node) if node.len() >= 2 => (
-                redis::from_redis_value(&node[0]).map_err(|e| bad(&e.to_string()))?,
-                redis::from_redis_value(&node[1]).map_err(|e| bad(&e.to_string()))?,
-            ),
-            _ => return Err(bad("master without host and port")),
+        let [first, last, master, ..] = range.as_slice() else {
+            return Err(bad("range without a master"));
         };
-        if !out.iter().any(|(h, p)| *h == host && *p == port) {
-            out.push((host, port));
+        let node: Vec<redis::Value> =
+            redis::from_redis_value(master).map_err(|e| bad(&e.to_string()))?;
+        let [host, port, ..] = node.as_slice() else {
+            return Err(bad("master without host and port"));
+        };
+        let field = |v: &redis::Value| bad(&format!("{v:?}"));
+        let first: u16 = redis::from_redis_value(first).map_err(|_| field(first))?;
+        let last: u16 = redis::from_redis_value(last).map_err(|_| field(last))?;
+        let host: String = redis::from_redis_value(host).map_err(|_| field(host))?;
+        let port: u16 = redis::from_redis_value(port).map_err(|_| field(port))?;
+        out.push((first, last, format!("{host}:{port}")));
+    }
+    Ok(out)
+}
+
+/// The masters of a cluster, each once.
+async fn masters(
+    conn: &mut ClusterConnection,
+    timeout: Duration,
+) -> Result<Vec<(String, u16)>, CacheError> {
+    let mut out: Vec<(String, u16)> = Vec::new();
+    for (_, _, addr) in slot_ranges(conn, timeout).await? {
+        let parsed = addr
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)));
+        if let Some(node) = parsed {
+            if !out.contains(&node) {
+                out.push(node);
+            }
         }
     }
     Ok(out)
+}
+
+/// Keeps the per-node breakers' slot map current for as long as the tier lives.
+async fn watch_topology(inner: Arc<Inner>) {
+    let timeout = inner.timeout.max(Duration::from_secs(1));
+    loop {
+        if let Some(conn) = inner.conn.load_full() {
+            if let Conn::Cluster(mut c) = Conn::clone(&conn) {
+                match slot_ranges(&mut c, timeout).await {
+                    Ok(ranges) => inner.breakers.set_topology(&ranges),
+                    Err(e) => tracing::debug!(error = %e, "cluster slot map not refreshed"),
+                }
+            }
+        }
+        tokio::time::sleep(TOPOLOGY_EVERY).await;
+    }
 }
 
 /// SCANs one server (`None`: the single server) and unlinks what the filter selects.
@@ -781,14 +843,23 @@ async fn unlink(conn: &mut Conn, timeout: Duration, keys: &[Vec<u8>]) -> Result<
 }
 
 impl Inner {
-    /// The connection if the breaker lets this operation through.
-    fn admit(&self) -> Option<Conn> {
+    /// The connection if the breaker of `key`'s node lets this operation through, with that
+    /// breaker for [`Inner::settle`].
+    fn admit(&self, key: &str) -> Option<(Conn, SharedBreaker)> {
         let conn = Conn::clone(self.conn.load().as_ref()?);
-        let mut b = lock(&self.breaker);
+        let breaker = self.breakers.for_key(key);
+        let mut b = lock(&breaker);
+        let before = b.state();
         let admission = b.admit(Instant::now());
-        self.metrics.breaker_state.set(b.state().gauge());
+        let changed = b.state() != before;
+        drop(b);
+        if changed {
+            self.metrics
+                .breaker_state
+                .set(self.breakers.worst().gauge());
+        }
         match admission {
-            Admission::Allowed | Admission::Probe => Some(conn),
+            Admission::Allowed | Admission::Probe => Some((conn, breaker)),
             Admission::Rejected => None,
         }
     }
@@ -804,6 +875,7 @@ impl Inner {
     /// Feeds the outcome to the breaker and metrics; `None` means the operation failed.
     fn settle<T>(
         self: &Arc<Self>,
+        breaker: &SharedBreaker,
         res: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
     ) -> Option<T> {
         let outcome = match res {
@@ -814,7 +886,7 @@ impl Inner {
             }
             Err(_) => Err(RedisErrorKind::Timeout),
         };
-        let mut b = lock(&self.breaker);
+        let mut b = lock(breaker);
         let before = b.state();
         let mut timed_out = false;
         let out = match outcome {
@@ -845,13 +917,19 @@ impl Inner {
             }
         };
         let after = b.state();
-        self.metrics.breaker_state.set(after.gauge());
         drop(b);
         if before != after {
+            self.metrics
+                .breaker_state
+                .set(self.breakers.worst().gauge());
             match after {
                 BreakerState::Open => {
-                    tracing::warn!("redis circuit opened; serving from L1 and upstream only");
-                    if timed_out {
+                    tracing::warn!(
+                        nodes = ?self.breakers.troubled_nodes(),
+                        "redis circuit opened; serving from L1 and upstream only (on a cluster: the keys of the nodes listed)"
+                    );
+                    // A cluster connection replaces broken node connections itself.
+                    if timed_out && matches!(self.client, Client::Single(_)) {
                         self.reconnect();
                     }
                 }
@@ -901,9 +979,14 @@ async fn connect_loop(inner: Arc<Inner>, url: String) {
                 let first = inner.conn.swap(Some(Arc::new(conn))).is_none();
                 inner.reconnecting.store(false, Ordering::SeqCst);
                 if first {
-                    let mut b = lock(&inner.breaker);
-                    b.on_success();
-                    inner.metrics.breaker_state.set(b.state().gauge());
+                    lock(inner.breakers.whole()).on_success();
+                    inner
+                        .metrics
+                        .breaker_state
+                        .set(inner.breakers.worst().gauge());
+                    if matches!(inner.client, Client::Cluster { .. }) {
+                        inner.rt.spawn(watch_topology(Arc::clone(&inner)));
+                    }
                 }
                 tracing::info!(redis = %url, "redis L2 connected");
                 return;

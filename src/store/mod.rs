@@ -21,6 +21,7 @@ mod key;
 mod l1;
 mod l2;
 pub mod metrics;
+mod nodes;
 
 #[cfg(test)]
 mod redis_tests;
