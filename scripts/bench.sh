@@ -2,7 +2,7 @@
 # End-to-end benchmarks with ../shared/bench/bench.sh (nginx, HAProxy, nginx proxy_cache and
 # Varnish measured in the same run, every proxy on its own CPU with one worker):
 #
-#   bash scripts/bench.sh [fast|app|redis|bare|tracing|graphql|llm|overload|inference]...  (default: fast bare)
+#   bash scripts/bench.sh [fast|app|redis|bare|tracing|graphql|llm|overload|inference|scale]...  (default: fast bare)
 #
 #   fast   outrider with L1 caching GET /hit/*, passing /pass/* through; nginx backend
 #   app    the same in front of the FastAPI backend (~20 ms per call)
@@ -25,6 +25,8 @@
 #          (scripts/bench-graphql.sh)
 #   llm    an LLM chat-completion cache hit next to LiteLLM's proxy with its in-memory cache (when
 #          installed apart, see scripts/bench-llm.sh) and the fake provider directly
+#   scale  L2-only hits (L1 off) against one Redis server and a 3-master Redis Cluster in the same
+#          run, their ratio, and Redis memory per cached entry (scripts/bench-scale.sh)
 #   inference  the FastAPI example's /api/predict/risk answered in-process (tract) next to the app
 #          itself (onnxruntime), single-row requests at 64 connections (scripts/bench-inference.sh)
 #
@@ -173,6 +175,10 @@ PY
       echo "ratio1 spans exported: $exported, dropped: $dropped"
       for variant in off ratio0 ratio1; do kill "${TPID[$variant]}" 2>/dev/null || true; done
       kill "$SINK_PID" "$BE_PID" 2>/dev/null || true
+      ;;
+    scale)
+      echo "### scale: L2-only hits, one Redis server vs a 3-master cluster; Redis memory per entry"
+      DURATION=${DURATION:-8} CONNS=${CONNS:-32} bash scripts/bench-scale.sh
       ;;
     graphql)
       echo "### graphql: APQ + response-cache hits vs an L1 HTTP cache hit vs the app directly"

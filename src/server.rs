@@ -17,7 +17,7 @@ use crate::config::{self, ActiveConfig, Config, ConfigError, LiveConfig, ReloadO
 use crate::limits::{ConnectionLimits, LimitMetrics, RequestBoundary};
 use crate::pipeline::registry::Services;
 use crate::proxy::{Lifecycle, Outrider};
-use crate::store::{CacheError, CacheSettings, Store};
+use crate::store::{CacheError, CacheSettings, RedisEndpoint, RedisTls, Store};
 use crate::telemetry::trace::{TraceError, Tracing};
 use crate::telemetry::{logging, metrics::MetricsError, Metrics};
 
@@ -47,7 +47,15 @@ fn cache_settings(config: &Config) -> CacheSettings {
     let redis = &config.cache.redis;
     CacheSettings {
         memory_max_bytes: config.cache.memory.max_size.0,
-        redis_url: (!redis.url.trim().is_empty()).then(|| redis.url.clone()),
+        redis: RedisEndpoint {
+            url: (!redis.url.trim().is_empty()).then(|| redis.url.clone()),
+            cluster_nodes: redis.cluster_nodes.clone(),
+            tls: redis.tls.as_ref().map(|t| RedisTls {
+                ca_file: t.ca_file.as_ref().map(PathBuf::from),
+                cert_file: t.cert_file.as_ref().map(PathBuf::from),
+                key_file: t.key_file.as_ref().map(PathBuf::from),
+            }),
+        },
         redis_key_prefix: redis.key_prefix.clone(),
         redis_timeout: redis.timeout.get(),
         max_entry_size: config.cache.max_entry_size.0 as usize,

@@ -59,11 +59,20 @@ fn purge_target(body: &[u8]) -> Result<PurgeTarget, String> {
 impl AdminExtension for CacheAdmin {
     fn readiness(&self) -> Vec<(String, Value, bool)> {
         // Redis is an optimisation: its state is reported but never blocks readiness.
-        let redis = match self.cache.redis_state() {
+        let mut redis = match self.cache.redis_state() {
             RedisState::Disabled => json!({ "status": "disabled" }),
             RedisState::Up => json!({ "status": "up" }),
             RedisState::Degraded { reason } => json!({ "status": "degraded", "reason": reason }),
         };
+        // Whether other replicas' purges reach this L1 (see docs/scale-out.md).
+        if let (Some(subscribed), Some(obj)) =
+            (self.cache.invalidation_subscribed(), redis.as_object_mut())
+        {
+            obj.insert(
+                "invalidation".into(),
+                json!(if subscribed { "subscribed" } else { "down" }),
+            );
+        }
         vec![("redis".to_string(), redis, false)]
     }
 

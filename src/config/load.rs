@@ -552,6 +552,9 @@ fn validate(parsed: &Parsed, spans: &SpanMap, problems: &mut Vec<Problem>) {
             ));
         }
     }
+    for (path, message) in redis_endpoint_problems(redis) {
+        problems.push(spans.problem(&path, message));
+    }
     if redis.timeout.get().is_zero() {
         problems.push(spans.problem(
             "cache.redis.timeout",
@@ -771,6 +774,75 @@ fn validate_otlp(otlp: &super::schema::OtlpConfig, spans: &SpanMap, problems: &m
     }
 }
 
+/// `cluster_nodes` against `url`, and `tls` against the URL schemes; (path, message) pairs.
+fn redis_endpoint_problems(redis: &super::schema::RedisConfig) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let nodes = &redis.cluster_nodes;
+    if !nodes.is_empty() && !redis.url.trim().is_empty() {
+        out.push((
+            "cache.redis.cluster_nodes".to_owned(),
+            "cache.redis.cluster_nodes: give cache.redis.url (one server) or cluster_nodes (a Redis Cluster), not both".to_owned(),
+        ));
+    }
+    for (i, node) in nodes.iter().enumerate() {
+        let valid = redis::Client::open(node.trim())
+            .map_err(|e| e.to_string())
+            .and_then(|c| match c.get_connection_info().addr {
+                redis::ConnectionAddr::Unix(_) => {
+                    Err("a cluster node must be host:port, not a unix socket".to_owned())
+                }
+                _ => Ok(()),
+            });
+        if let Err(e) = valid {
+            out.push((
+                format!("cache.redis.cluster_nodes.{i}"),
+                format!("cache.redis.cluster_nodes[{i}]: not a valid node URL (redis://host:port or rediss://host:port): {e}"),
+            ));
+        }
+    }
+    let tls_scheme = |u: &str| u.trim_start().to_ascii_lowercase().starts_with("rediss://");
+    if nodes.iter().any(|n| tls_scheme(n)) && !nodes.iter().all(|n| tls_scheme(n)) {
+        out.push((
+            "cache.redis.cluster_nodes".to_owned(),
+            "cache.redis.cluster_nodes: mix of redis:// and rediss://; use one scheme for every node".to_owned(),
+        ));
+    }
+    if let Some(tls) = &redis.tls {
+        let urls: Vec<&str> = if nodes.is_empty() {
+            vec![redis.url.as_str()]
+        } else {
+            nodes.iter().map(String::as_str).collect()
+        };
+        if !urls.iter().all(|u| tls_scheme(u)) {
+            out.push((
+                "cache.redis.tls".to_owned(),
+                "cache.redis.tls: needs rediss:// URLs (cache.redis.url or every cluster node)"
+                    .to_owned(),
+            ));
+        }
+        if tls.cert_file.is_some() != tls.key_file.is_some() {
+            out.push((
+                "cache.redis.tls".to_owned(),
+                "cache.redis.tls: cert_file and key_file go together (mutual TLS needs both)"
+                    .to_owned(),
+            ));
+        }
+        for (key, file) in [
+            ("ca_file", &tls.ca_file),
+            ("cert_file", &tls.cert_file),
+            ("key_file", &tls.key_file),
+        ] {
+            if file.as_deref().is_some_and(|f| f.trim().is_empty()) {
+                out.push((
+                    format!("cache.redis.tls.{key}"),
+                    format!("cache.redis.tls.{key}: must not be empty (leave it out instead)"),
+                ));
+            }
+        }
+    }
+    out
+}
+
 /// A DNS name as it appears in a `Host` header, without port: dot-separated labels of letters,
 /// digits, `-` and `_`.
 fn is_host_name(host: &str) -> bool {
@@ -842,6 +914,28 @@ mod tests {
                 "t.yaml:11:20: limits.max_header_size: must be between 1KiB and 1MiB (got 2MiB)",
             ]
         );
+    }
+
+    #[test]
+    fn redis_cluster_and_tls_are_checked() {
+        let ok = format!(
+            "{GOOD}cache:\n  redis:\n    cluster_nodes: [\"rediss://10.0.0.1:6379\", \"rediss://10.0.0.2:6379\"]\n    tls: {{ ca_file: /etc/ca.pem }}\n"
+        );
+        assert_eq!(problems(&ok), Vec::<String>::new());
+        let both = format!(
+            "{GOOD}cache:\n  redis:\n    url: redis://a:6379\n    cluster_nodes: [\"redis://b:6379\", \"rediss://c:6379\", \"nope://\"]\n    tls: {{ cert_file: /c.pem }}\n"
+        );
+        let p = problems(&both);
+        for want in [
+            "cache.redis.cluster_nodes: give cache.redis.url (one server) or cluster_nodes",
+            "cache.redis.cluster_nodes[2]: not a valid node URL",
+            "cache.redis.cluster_nodes: mix of redis:// and rediss://",
+            "cache.redis.tls: needs rediss:// URLs",
+            "cache.redis.tls: cert_file and key_file go together",
+        ] {
+            assert!(p.iter().any(|l| l.contains(want)), "{want}: {p:?}");
+        }
+        assert!(p.iter().all(|l| l.starts_with("t.yaml:")), "{p:?}");
     }
 
     #[test]

@@ -181,9 +181,17 @@ fn default_memory_max() -> ByteSize {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// Empty means no L2: the cache is in-process only.
+    /// One Redis server, `redis://` or `rediss://` (TLS). Empty (and no `cluster_nodes`) means
+    /// no L2: the cache is in-process only.
     #[serde(default)]
     pub url: String,
+    /// Seed nodes of a Redis Cluster (`redis://host:port` or `rediss://…`, all alike); the rest
+    /// of the cluster is discovered. Give this or `url`, not both.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cluster_nodes: Vec<String>,
+    /// Certificates for `rediss://`: a private CA and, for mutual TLS, a client certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<RedisTlsConfig>,
     #[serde(default = "default_key_prefix")]
     pub key_prefix: String,
     /// Upper bound on what one Redis call may add to a request.
@@ -191,10 +199,28 @@ pub struct RedisConfig {
     pub timeout: HumanDuration,
 }
 
+/// PEM files for TLS to Redis, read at start.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RedisTlsConfig {
+    /// CA certificate(s) that signed the Redis server's certificate; replaces the built-in web
+    /// roots. Unset: the web roots (for managed Redis with a public certificate).
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// Client certificate chain for mutual TLS; needs `key_file`.
+    #[serde(default)]
+    pub cert_file: Option<String>,
+    /// Private key of `cert_file`.
+    #[serde(default)]
+    pub key_file: Option<String>,
+}
+
 impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: String::new(),
+            cluster_nodes: Vec::new(),
+            tls: None,
             key_prefix: default_key_prefix(),
             timeout: default_redis_timeout(),
         }

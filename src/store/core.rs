@@ -10,9 +10,10 @@ use serde_json::{json, Value};
 use super::breaker::{BreakerSettings, BreakerState};
 use super::budget::{InflightBudget, Reservation};
 use super::flight::{Flight, Flights, RevalidationGuard, Revalidations};
+use super::invalidate::{self, Message};
 use super::key::parse_hex32;
 use super::l1::L1;
-use super::l2::{KeyFilter, L2Get, RedisState, L2};
+use super::l2::{KeyFilter, L2Get, RedisEndpoint, RedisState, L2};
 use super::metrics::CacheMetrics;
 use super::{CacheError, CacheKey, StoredResponse};
 
@@ -21,8 +22,9 @@ use super::{CacheError, CacheKey, StoredResponse};
 pub struct CacheSettings {
     /// L1 budget in bytes; 0 disables L1 (Redis-only, e.g. to measure L2).
     pub memory_max_bytes: u64,
-    /// `redis://` or `rediss://` (password in the URL works); `None` means L1 only.
-    pub redis_url: Option<String>,
+    /// `redis://` or `rediss://` (password in the URL works), or cluster seed nodes, with TLS
+    /// files; nothing configured means L1 only.
+    pub redis: RedisEndpoint,
     pub redis_key_prefix: String,
     /// The most any request waits on Redis.
     pub redis_timeout: Duration,
@@ -36,7 +38,7 @@ impl Default for CacheSettings {
     fn default() -> Self {
         CacheSettings {
             memory_max_bytes: 256 * 1024 * 1024,
-            redis_url: None,
+            redis: RedisEndpoint::default(),
             redis_key_prefix: "outrider:".into(),
             redis_timeout: Duration::from_millis(50),
             max_entry_size: 8 * 1024 * 1024,
@@ -121,6 +123,8 @@ pub struct PurgeReport {
     /// `None` when Redis is disabled or could not be purged (see `l2_error`).
     pub l2: Option<u64>,
     pub l2_error: Option<String>,
+    /// Whether the purge was published to the other replicas (`None` without Redis).
+    pub broadcast: Option<bool>,
 }
 
 /// The two-tier cache. Share it as `Arc<Store>`; every method takes `&self`.
@@ -135,6 +139,8 @@ pub struct Store {
     uncacheable: moka::sync::Cache<[u8; 32], ()>,
     metrics: CacheMetrics,
     inflight: Arc<InflightBudget>,
+    /// Tells this replica's purge broadcasts from other replicas'.
+    instance: String,
 }
 
 /// How long a key stays marked uncacheable after a response that could not be stored.
@@ -172,13 +178,13 @@ impl Store {
     ) -> Result<Arc<Self>, CacheError> {
         let l1 = (settings.memory_max_bytes > 0).then(|| L1::new(settings.memory_max_bytes));
         let inflight = InflightBudget::new(settings.max_inflight_bytes);
-        let l2 = match settings.redis_url.as_deref().map(str::trim) {
-            None | Some("") => {
+        let l2 = match settings.redis.is_configured() {
+            false => {
                 metrics.breaker_state.set(0);
                 None
             }
-            Some(url) => Some(L2::new(
-                url,
+            true => Some(L2::new(
+                &settings.redis,
                 settings.redis_key_prefix.clone(),
                 settings.redis_timeout,
                 options.breaker,
@@ -186,7 +192,7 @@ impl Store {
                 Arc::clone(&inflight),
             )?),
         };
-        Ok(Arc::new(Store {
+        let store = Arc::new(Store {
             settings,
             l1,
             l2,
@@ -198,7 +204,37 @@ impl Store {
                 .build(),
             metrics,
             inflight,
-        }))
+            instance: invalidate::instance_id(),
+        });
+        store.subscribe_invalidations();
+        Ok(store)
+    }
+
+    /// Starts applying other replicas' purges to this L1. The task holds the store weakly: it
+    /// ends with the store's Redis runtime and never keeps the store alive.
+    fn subscribe_invalidations(self: &Arc<Self>) {
+        let Some(l2) = &self.l2 else {
+            return;
+        };
+        let weak = Arc::downgrade(self);
+        let apply: invalidate::Apply = Arc::new(move |filter| {
+            if let Some(store) = weak.upgrade() {
+                // The L1 walk is blocking work; keep it off the Redis runtime's only thread.
+                tokio::task::spawn_blocking(move || {
+                    store.purge_l1(&filter);
+                    store.refresh_gauges();
+                });
+            }
+        });
+        let (clients, rt) = l2.pubsub();
+        rt.spawn(invalidate::listen(
+            clients,
+            invalidate::channel(l2.prefix()),
+            self.instance.clone(),
+            apply,
+            self.metrics.clone(),
+            super::l2::connect_timeout(self.settings.redis_timeout),
+        ));
     }
 
     pub fn settings(&self) -> &CacheSettings {
@@ -330,25 +366,7 @@ impl Store {
     /// Removes what `target` selects from Redis and L1. The L1 walk runs on a blocking thread
     /// so a large purge never stalls the runtime that answers `/health` and `/ready`.
     pub async fn purge(self: &Arc<Self>, target: PurgeTarget) -> Result<PurgeReport, CacheError> {
-        let filter = match target {
-            PurgeTarget::All => KeyFilter::All,
-            PurgeTarget::Namespace(ns) => KeyFilter::Namespace(ns),
-            PurgeTarget::PathPrefix { namespace, prefix } => {
-                if prefix.is_empty() {
-                    return Err(CacheError::InvalidTarget("empty path prefix".into()));
-                }
-                KeyFilter::PathPrefix { namespace, prefix }
-            }
-            PurgeTarget::Key(hex) => {
-                let hex = hex.trim().to_ascii_lowercase();
-                if parse_hex32(&hex).is_none() {
-                    return Err(CacheError::InvalidTarget(
-                        "key must be 64 hexadecimal digits".into(),
-                    ));
-                }
-                KeyFilter::Hex(hex)
-            }
-        };
+        let filter = target_filter(target)?;
         let mut report = PurgeReport::default();
         // Redis first, then L1, then L1 again: a lookup racing the purge can refill L1 from an
         // L2 key that was not deleted yet; the second pass removes what it put back.
@@ -357,6 +375,7 @@ impl Store {
                 Ok(n) => report.l2 = Some(n),
                 Err(e) => report.l2_error = Some(e.to_string()),
             }
+            report.broadcast = Some(self.publish_filter(&filter).await.is_ok());
         }
         if self.l1.is_some() {
             let this = Arc::clone(self);
@@ -382,18 +401,51 @@ impl Store {
         };
         let removed = match filter {
             KeyFilter::All => l1.purge(|_, _| true),
-            KeyFilter::Namespace(ns) => l1.purge(|_, e| e.namespace == *ns),
+            KeyFilter::Namespace { namespace } => l1.purge(|_, e| e.namespace == *namespace),
             KeyFilter::PathPrefix { namespace, prefix } => l1.purge(|_, e| {
                 namespace.as_deref().is_none_or(|ns| e.namespace == ns)
                     && e.label.starts_with(prefix.as_str())
             }),
-            KeyFilter::Hex(hex) => {
+            KeyFilter::Key { hex } => {
                 let want = parse_hex32(hex);
                 l1.purge(|k, _| Some(*k) == want)
             }
         };
         l1.sync();
         removed
+    }
+
+    /// Tells the other replicas to drop what `target` selects from their L1 (this replica's L1
+    /// and Redis are not touched). [`Store::purge`] calls it; a feature that invalidates on its
+    /// own (e.g. after an unsafe method, RFC 9111 section 4.4) calls it after removing its entry
+    /// locally. Errors when there is no Redis or the publish failed; the purge itself stands.
+    pub async fn publish_invalidation(&self, target: PurgeTarget) -> Result<(), CacheError> {
+        self.publish_filter(&target_filter(target)?).await
+    }
+
+    async fn publish_filter(&self, filter: &KeyFilter) -> Result<(), CacheError> {
+        let Some(l2) = &self.l2 else {
+            return Err(CacheError::Redis("no redis configured".into()));
+        };
+        let message = Message::new(&self.instance, filter.clone()).encode();
+        let res = l2
+            .publish(&invalidate::channel(l2.prefix()), &message)
+            .await;
+        match &res {
+            Ok(()) => self.metrics.invalidations.published.inc(),
+            Err(e) => {
+                self.metrics.invalidations.publish_failed.inc();
+                tracing::warn!(error = %e, "purge not broadcast to other replicas; their L1 copies live until they expire or the channel reconnects");
+            }
+        }
+        res
+    }
+
+    /// Whether other replicas' purges currently reach this L1 (`None` without Redis).
+    pub fn invalidation_subscribed(&self) -> Option<bool> {
+        self.l2
+            .as_ref()
+            .map(|_| self.metrics.invalidation_subscribed.get() == 1)
     }
 
     /// Runs a Lua script on one key of the shared tier (e.g. a rate limit shared by replicas);
@@ -544,6 +596,7 @@ impl Store {
                 "reason": reason,
                 "breaker": self.metrics.breaker_state.get(),
                 "errors": self.metrics.redis_error_count(),
+                "invalidation_subscribed": self.invalidation_subscribed(),
             },
             "single_flight": {
                 "in_flight": self.flights.len(),
@@ -551,6 +604,29 @@ impl Store {
             },
         })
     }
+}
+
+/// Checks a purge target and turns it into the filter Redis, L1 and the broadcast share.
+fn target_filter(target: PurgeTarget) -> Result<KeyFilter, CacheError> {
+    Ok(match target {
+        PurgeTarget::All => KeyFilter::All,
+        PurgeTarget::Namespace(namespace) => KeyFilter::Namespace { namespace },
+        PurgeTarget::PathPrefix { namespace, prefix } => {
+            if prefix.is_empty() {
+                return Err(CacheError::InvalidTarget("empty path prefix".into()));
+            }
+            KeyFilter::PathPrefix { namespace, prefix }
+        }
+        PurgeTarget::Key(hex) => {
+            let hex = hex.trim().to_ascii_lowercase();
+            if parse_hex32(&hex).is_none() {
+                return Err(CacheError::InvalidTarget(
+                    "key must be 64 hexadecimal digits".into(),
+                ));
+            }
+            KeyFilter::Key { hex }
+        }
+    })
 }
 
 fn hit_ratio(t: &BTreeMap<&str, u64>) -> Option<f64> {
@@ -645,7 +721,8 @@ mod tests {
             Ok(PurgeReport {
                 l1: 2,
                 l2: None,
-                l2_error: None
+                l2_error: None,
+                broadcast: None
             })
         );
         assert!(c

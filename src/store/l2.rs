@@ -3,7 +3,12 @@
 //! Every operation is bounded by `redis_timeout` and gated by a circuit breaker. The connection
 //! is built in the background (startup never waits for Redis) on a small runtime owned by this
 //! tier, so the connection's driver task outlives whichever runtime first touched the cache.
+//!
+//! The tier is one server (`url`) or a Redis Cluster (`cluster_nodes`), either over TLS
+//! (`rediss://`, with a private CA and client certificate from [`RedisTls`]). Keys carry no hash
+//! tags: every feature reads and writes one key per command, so keys spread over all slots.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -14,15 +19,22 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{ClientTlsConfig, TlsCertificates};
 use tokio::sync::oneshot;
 
-use super::breaker::{Admission, Breaker, BreakerSettings, BreakerState};
+use super::breaker::{Admission, BreakerSettings, BreakerState};
 use super::budget::InflightBudget;
 use super::metrics::{CacheMetrics, RedisErrorKind};
+use super::nodes::{Breakers, SharedBreaker, SlotRange};
 use super::{CacheError, StoredResponse};
 
 /// Background writes beyond this are dropped: a slow Redis must not grow memory without bound.
 const MAX_PENDING_WRITES: usize = 4096;
+/// How often a cluster's slot map (for the per-node breakers) is read again.
+const TOPOLOGY_EVERY: Duration = Duration::from_secs(5);
 /// SCAN batch hint and UNLINK batch size for purges.
 const PURGE_BATCH: usize = 500;
 /// Minimum spacing of repeated warnings (decode failures, connect failures).
@@ -56,6 +68,174 @@ pub enum RedisState {
     },
 }
 
+/// Where the shared tier lives, as the config gives it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedisEndpoint {
+    /// One server, `redis://` or `rediss://`.
+    pub url: Option<String>,
+    /// Seed nodes of a Redis Cluster (the rest of the topology is discovered); used instead of
+    /// `url` when not empty.
+    pub cluster_nodes: Vec<String>,
+    pub tls: Option<RedisTls>,
+}
+
+impl RedisEndpoint {
+    /// Whether any Redis is configured at all.
+    pub fn is_configured(&self) -> bool {
+        !self.cluster_nodes.is_empty() || self.url.as_deref().is_some_and(|u| !u.trim().is_empty())
+    }
+}
+
+/// PEM files for `rediss://`: a private CA replaces the built-in web roots; a client certificate
+/// and key enable mutual TLS.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedisTls {
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+impl RedisTls {
+    fn certificates(&self) -> Result<TlsCertificates, CacheError> {
+        let read = |path: &PathBuf, key: &str| {
+            std::fs::read(path).map_err(|e| {
+                CacheError::Config(format!("cache.redis.tls.{key} {}: {e}", path.display()))
+            })
+        };
+        let root_cert = self
+            .ca_file
+            .as_ref()
+            .map(|p| read(p, "ca_file"))
+            .transpose()?;
+        let client_tls = match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) => Some(ClientTlsConfig {
+                client_cert: read(cert, "cert_file")?,
+                client_key: read(key, "key_file")?,
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(CacheError::Config(
+                    "cache.redis.tls: cert_file and key_file go together".into(),
+                ))
+            }
+        };
+        Ok(TlsCertificates {
+            client_tls,
+            root_cert,
+        })
+    }
+}
+
+/// The configured client: it makes the command connection and the pub/sub connections.
+enum Client {
+    Single(redis::Client),
+    Cluster {
+        client: ClusterClient,
+        /// One plain client per seed node: classic pub/sub is broadcast over the cluster bus,
+        /// so any reachable node delivers every invalidation.
+        seeds: Vec<redis::Client>,
+    },
+}
+
+fn single_client(url: &str, certs: Option<&TlsCertificates>) -> Result<redis::Client, CacheError> {
+    let res = match certs {
+        Some(certs) => redis::Client::build_with_tls(url, certs.clone()),
+        None => redis::Client::open(url),
+    };
+    res.map_err(|e| CacheError::Config(format!("redis url {}: {e}", redact(url))))
+}
+
+impl Client {
+    fn new(
+        endpoint: &RedisEndpoint,
+        connect_timeout: Duration,
+        response_timeout: Duration,
+    ) -> Result<Self, CacheError> {
+        let certs = endpoint
+            .tls
+            .as_ref()
+            .map(RedisTls::certificates)
+            .transpose()?;
+        if endpoint.cluster_nodes.is_empty() {
+            let url = endpoint.url.as_deref().unwrap_or_default().trim();
+            return single_client(url, certs.as_ref()).map(Client::Single);
+        }
+        let seeds = endpoint
+            .cluster_nodes
+            .iter()
+            .map(|u| single_client(u.trim(), certs.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut builder =
+            ClusterClientBuilder::new(endpoint.cluster_nodes.iter().map(|u| u.trim()))
+                .connection_timeout(connect_timeout)
+                .response_timeout(response_timeout)
+                // A request waits at most `timeout` anyway; retries only help background writes.
+                .retries(2)
+                .min_retry_wait(10)
+                .max_retry_wait(200);
+        if let Some(certs) = certs {
+            builder = builder.certs(certs);
+        }
+        let client = builder
+            .build()
+            .map_err(|e| CacheError::Config(format!("cache.redis.cluster_nodes: {e}")))?;
+        Ok(Client::Cluster { client, seeds })
+    }
+
+    /// Clients a pub/sub subscriber may use, in the order to try them.
+    pub(crate) fn pubsub_clients(&self) -> Vec<redis::Client> {
+        match self {
+            Client::Single(c) => vec![c.clone()],
+            Client::Cluster { seeds, .. } => seeds.clone(),
+        }
+    }
+
+    fn describe(&self, url: &str) -> String {
+        match self {
+            Client::Single(_) => url.to_owned(),
+            Client::Cluster { seeds, .. } => format!("cluster via {} seed node(s)", seeds.len()),
+        }
+    }
+}
+
+/// A command connection to either shape of deployment; both are cheap to clone and multiplex.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 pub(crate) struct L2 {
     inner: Arc<Inner>,
     rt: tokio::runtime::Handle,
@@ -64,7 +244,7 @@ pub(crate) struct L2 {
 }
 
 struct Inner {
-    client: redis::Client,
+    client: Client,
     prefix: String,
     timeout: Duration,
     /// Writes carry whole bodies (up to max_entry_size) and never hold up a request, so they
@@ -72,11 +252,12 @@ struct Inner {
     write_timeout: Duration,
     /// Replaced when the breaker opens on timeouts: a silently dead TCP connection would
     /// otherwise never be noticed by the connection manager.
-    conn: ArcSwapOption<ConnectionManager>,
+    conn: ArcSwapOption<Conn>,
     reconnecting: AtomicBool,
     url: String,
     rt: tokio::runtime::Handle,
-    breaker: Mutex<Breaker>,
+    /// One breaker per cluster master (see `nodes`), or one for a single server.
+    breakers: Breakers,
     metrics: CacheMetrics,
     pending_writes: AtomicUsize,
     /// Encoded values waiting for Redis count against the store's in-flight bound.
@@ -122,15 +303,20 @@ pub(crate) fn redis_key(prefix: &str, namespace: &str, label: &str, hex: &str) -
 
 /// Which stored keys a purge removes; checked on every key SCAN returns, because glob patterns
 /// alone cannot express "label starts with" when the namespace is a wildcard.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "scope", rename_all = "snake_case")]
 pub(crate) enum KeyFilter {
     All,
-    Namespace(String),
+    Namespace {
+        namespace: String,
+    },
     PathPrefix {
         namespace: Option<String>,
         prefix: String,
     },
-    Hex(String),
+    Key {
+        hex: String,
+    },
 }
 
 impl KeyFilter {
@@ -138,7 +324,9 @@ impl KeyFilter {
         let base = format!("{}v1:", glob_escape(key_prefix));
         match self {
             KeyFilter::All => format!("{base}*"),
-            KeyFilter::Namespace(ns) => format!("{base}{}:*", glob_escape(&encode_namespace(ns))),
+            KeyFilter::Namespace { namespace: ns } => {
+                format!("{base}{}:*", glob_escape(&encode_namespace(ns)))
+            }
             KeyFilter::PathPrefix {
                 namespace: Some(ns),
                 prefix,
@@ -151,7 +339,7 @@ impl KeyFilter {
                 namespace: None,
                 prefix,
             } => format!("{base}*:{}*", glob_escape(prefix)),
-            KeyFilter::Hex(hex) => format!("{base}*:{hex}"),
+            KeyFilter::Key { hex } => format!("{base}*:{}", glob_escape(hex)),
         }
     }
 
@@ -174,14 +362,14 @@ impl KeyFilter {
         let (label, hex) = (&rest[..rest.len() - 65], &rest[rest.len() - 64..]);
         match self {
             KeyFilter::All => true,
-            KeyFilter::Namespace(want) => ns == encode_namespace(want).as_bytes(),
+            KeyFilter::Namespace { namespace: want } => ns == encode_namespace(want).as_bytes(),
             KeyFilter::PathPrefix { namespace, prefix } => {
                 namespace
                     .as_deref()
                     .is_none_or(|want| ns == encode_namespace(want).as_bytes())
                     && label.starts_with(prefix.as_bytes())
             }
-            KeyFilter::Hex(want) => hex == want.as_bytes(),
+            KeyFilter::Key { hex: want } => hex == want.as_bytes(),
         }
     }
 }
@@ -189,7 +377,21 @@ impl KeyFilter {
 fn classify(e: &redis::RedisError) -> RedisErrorKind {
     if e.is_timeout() {
         RedisErrorKind::Timeout
-    } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+    } else if e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        // A cluster answering for a master it cannot reach: that node is down for its slots.
+        // (The client follows redirects itself; one that reaches us could not be followed.)
+        || matches!(
+            e.kind(),
+            redis::ErrorKind::ClusterConnectionNotFound
+                | redis::ErrorKind::Moved
+                | redis::ErrorKind::Ask
+                | redis::ErrorKind::ClusterDown
+                | redis::ErrorKind::MasterDown
+                | redis::ErrorKind::TryAgain
+        )
+    {
         RedisErrorKind::Connection
     } else {
         RedisErrorKind::Protocol
@@ -221,15 +423,16 @@ fn redact(url: &str) -> String {
 
 impl L2 {
     pub(crate) fn new(
-        url: &str,
+        endpoint: &RedisEndpoint,
         prefix: String,
         timeout: Duration,
         breaker: BreakerSettings,
         metrics: CacheMetrics,
         inflight: Arc<InflightBudget>,
     ) -> Result<Self, CacheError> {
-        let client = redis::Client::open(url)
-            .map_err(|e| CacheError::Config(format!("redis url {}: {e}", redact(url))))?;
+        let write_timeout = (timeout * 20).max(Duration::from_secs(1));
+        let client = Client::new(endpoint, connect_timeout(timeout), write_timeout)?;
+        let url = client.describe(&redact(endpoint.url.as_deref().unwrap_or_default()));
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .thread_name("outrider-redis")
@@ -251,19 +454,19 @@ impl L2 {
             client,
             prefix,
             timeout,
-            write_timeout: (timeout * 20).max(Duration::from_secs(1)),
+            write_timeout,
             conn: ArcSwapOption::empty(),
             reconnecting: AtomicBool::new(true),
-            url: redact(url),
+            url: url.clone(),
             rt: handle.clone(),
-            breaker: Mutex::new(Breaker::new(breaker)),
+            breakers: Breakers::new(breaker),
             metrics,
             pending_writes: AtomicUsize::new(0),
             inflight,
             last_decode_log: AtomicU64::new(0),
             last_connect_log: AtomicU64::new(0),
         });
-        handle.spawn(connect_loop(Arc::clone(&inner), redact(url)));
+        handle.spawn(connect_loop(Arc::clone(&inner), url));
         Ok(L2 {
             inner,
             rt: handle,
@@ -286,13 +489,21 @@ impl L2 {
                 reason: "connecting".into(),
             };
         }
-        match lock(&self.inner.breaker).state() {
+        let state = self.inner.breakers.worst();
+        let nodes = self.inner.breakers.troubled_nodes();
+        // On a cluster, name the masters: the others are serving normally.
+        let on = if nodes.is_empty() {
+            String::new()
+        } else {
+            format!(" for node(s) {}", nodes.join(", "))
+        };
+        match state {
             BreakerState::Closed => RedisState::Up,
             BreakerState::HalfOpen => RedisState::Degraded {
-                reason: "circuit half-open (probing)".into(),
+                reason: format!("circuit half-open (probing){on}"),
             },
             BreakerState::Open => RedisState::Degraded {
-                reason: "circuit open after repeated failures".into(),
+                reason: format!("circuit open after repeated failures{on}"),
             },
         }
     }
@@ -301,16 +512,15 @@ impl L2 {
         if self.inner.conn.load().is_none() {
             BreakerState::Open
         } else {
-            lock(&self.inner.breaker).state()
+            self.inner.breakers.worst()
         }
     }
 
     pub(crate) async fn get(&self, key: &str) -> L2Get {
         let inner = &self.inner;
-        let Some(conn) = inner.admit() else {
+        let Some((mut conn, breaker)) = inner.admit(key) else {
             return L2Get::Skipped;
         };
-        let mut conn = conn.clone();
         let started = Instant::now();
         let res = tokio::time::timeout(
             inner.timeout,
@@ -323,7 +533,7 @@ impl L2 {
             .metrics
             .get_duration
             .observe(started.elapsed().as_secs_f64());
-        match inner.settle(res) {
+        match inner.settle(&breaker, res) {
             Some(Some(bytes)) => match StoredResponse::decode_bytes(bytes) {
                 Ok(entry) => L2Get::Hit(entry),
                 Err(e) => {
@@ -352,8 +562,9 @@ impl L2 {
         args: &[i64],
     ) -> Option<Vec<i64>> {
         let inner = &self.inner;
-        let mut conn = inner.admit()?;
-        let mut invocation = script.key(format!("{}{key}", inner.prefix));
+        let full_key = format!("{}{key}", inner.prefix);
+        let (mut conn, breaker) = inner.admit(&full_key)?;
+        let mut invocation = script.key(full_key);
         for arg in args {
             invocation.arg(*arg);
         }
@@ -362,7 +573,7 @@ impl L2 {
             invocation.invoke_async::<Vec<i64>>(&mut conn),
         )
         .await;
-        inner.settle(res)
+        inner.settle(&breaker, res)
     }
 
     /// Queues a SET in the background; the caller never waits for Redis.
@@ -384,8 +595,7 @@ impl L2 {
             return;
         }
         self.rt.spawn(async move {
-            if let Some(conn) = inner.admit() {
-                let mut conn = conn.clone();
+            if let Some((mut conn, breaker)) = inner.admit(&key) {
                 // Encoding here keeps the copy of the body off the request's path.
                 let value = entry.encode();
                 drop(entry);
@@ -404,60 +614,193 @@ impl L2 {
                     .metrics
                     .set_duration
                     .observe(started.elapsed().as_secs_f64());
-                inner.settle(res);
+                inner.settle(&breaker, res);
             }
             drop(reservation);
             inner.pending_writes.fetch_sub(1, Ordering::Relaxed);
         });
     }
 
-    /// Deletes every key the filter selects, with SCAN (never KEYS) and UNLINK.
+    /// Deletes every key the filter selects, with SCAN (never KEYS) and UNLINK; on a cluster,
+    /// SCAN runs on every master (each holds only its own slots).
     pub(crate) async fn purge(&self, filter: &KeyFilter) -> Result<u64, CacheError> {
         let inner = &self.inner;
         let Some(conn) = inner.conn.load_full() else {
             return Err(CacheError::Redis("not connected".into()));
         };
-        let mut conn = ConnectionManager::clone(&conn);
+        let mut conn = Conn::clone(&conn);
         // An admin purge is worth more patience than a request, but must still end.
         let op_timeout = inner.timeout.max(Duration::from_secs(5));
-        let pattern = filter.pattern(&inner.prefix);
         let started = Instant::now();
-        let mut cursor: u64 = 0;
-        let mut batch: Vec<Vec<u8>> = Vec::new();
-        let mut removed = 0u64;
-        let result: Result<(), CacheError> = async {
-            loop {
-                let (next, keys): (u64, Vec<Vec<u8>>) = run(
-                    op_timeout,
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(&pattern)
-                        .arg("COUNT")
-                        .arg(PURGE_BATCH)
-                        .query_async(&mut conn),
-                )
-                .await?;
-                batch.extend(
-                    keys.into_iter()
-                        .filter(|k| filter.matches(&inner.prefix, k)),
-                );
-                if batch.len() >= PURGE_BATCH || (next == 0 && !batch.is_empty()) {
-                    removed += unlink(&mut conn, op_timeout, &batch).await?;
-                    batch.clear();
-                }
-                if next == 0 {
-                    return Ok(());
-                }
-                cursor = next;
+        let result = async {
+            let nodes = match &mut conn {
+                Conn::Single(_) => vec![None],
+                Conn::Cluster(c) => masters(c, op_timeout)
+                    .await?
+                    .into_iter()
+                    .map(Some)
+                    .collect(),
+            };
+            let mut removed = 0;
+            for node in nodes {
+                removed += purge_node(&mut conn, node, filter, &inner.prefix, op_timeout).await?;
             }
+            Ok(removed)
         }
         .await;
         inner
             .metrics
             .purge_duration
             .observe(started.elapsed().as_secs_f64());
-        result.map(|()| removed)
+        result
+    }
+
+    /// Publishes `message` on `channel` within the admin timeout; pub/sub is not gated by the
+    /// breaker (a purge is rare and its broadcast is worth one try).
+    pub(crate) async fn publish(&self, channel: &str, message: &str) -> Result<(), CacheError> {
+        let inner = &self.inner;
+        let Some(conn) = inner.conn.load_full() else {
+            return Err(CacheError::Redis("not connected".into()));
+        };
+        let mut conn = Conn::clone(&conn);
+        let timeout = inner.timeout.max(Duration::from_secs(1));
+        run(
+            timeout,
+            redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(message)
+                .query_async::<i64>(&mut conn),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Clients for the invalidation subscriber and the runtime it must run on.
+    pub(crate) fn pubsub(&self) -> (Vec<redis::Client>, tokio::runtime::Handle) {
+        (self.inner.client.pubsub_clients(), self.rt.clone())
+    }
+
+    pub(crate) fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+}
+
+/// A connection attempt may take longer than a request may wait (TLS handshakes), but a
+/// black-holed address must not stall the loop for long.
+pub(crate) fn connect_timeout(timeout: Duration) -> Duration {
+    (timeout * 4).max(Duration::from_secs(2))
+}
+
+/// `CLUSTER SLOTS` as (first slot, last slot, master `host:port`) ranges.
+async fn slot_ranges(
+    conn: &mut ClusterConnection,
+    timeout: Duration,
+) -> Result<Vec<SlotRange>, CacheError> {
+    let reply = run(
+        timeout,
+        conn.route_command(
+            redis::cmd("CLUSTER").arg("SLOTS"),
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+        ),
+    )
+    .await?;
+    let bad = |what: &str| CacheError::Redis(format!("unexpected CLUSTER SLOTS reply: {what}"));
+    let ranges: Vec<Vec<redis::Value>> =
+        redis::from_redis_value(&reply).map_err(|e| bad(&e.to_string()))?;
+    let mut out = Vec::with_capacity(ranges.len());
+    for range in ranges {
+        let [first, last, master, ..] = range.as_slice() else {
+            return Err(bad("range without a master"));
+        };
+        let node: Vec<redis::Value> =
+            redis::from_redis_value(master).map_err(|e| bad(&e.to_string()))?;
+        let [host, port, ..] = node.as_slice() else {
+            return Err(bad("master without host and port"));
+        };
+        let field = |v: &redis::Value| bad(&format!("{v:?}"));
+        let first: u16 = redis::from_redis_value(first).map_err(|_| field(first))?;
+        let last: u16 = redis::from_redis_value(last).map_err(|_| field(last))?;
+        let host: String = redis::from_redis_value(host).map_err(|_| field(host))?;
+        let port: u16 = redis::from_redis_value(port).map_err(|_| field(port))?;
+        out.push((first, last, format!("{host}:{port}")));
+    }
+    Ok(out)
+}
+
+/// The masters of a cluster, each once.
+async fn masters(
+    conn: &mut ClusterConnection,
+    timeout: Duration,
+) -> Result<Vec<(String, u16)>, CacheError> {
+    let mut out: Vec<(String, u16)> = Vec::new();
+    for (_, _, addr) in slot_ranges(conn, timeout).await? {
+        let parsed = addr
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)));
+        if let Some(node) = parsed {
+            if !out.contains(&node) {
+                out.push(node);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Keeps the per-node breakers' slot map current for as long as the tier lives.
+async fn watch_topology(inner: Arc<Inner>) {
+    let timeout = inner.timeout.max(Duration::from_secs(1));
+    loop {
+        if let Some(conn) = inner.conn.load_full() {
+            if let Conn::Cluster(mut c) = Conn::clone(&conn) {
+                match slot_ranges(&mut c, timeout).await {
+                    Ok(ranges) => inner.breakers.set_topology(&ranges),
+                    Err(e) => tracing::debug!(error = %e, "cluster slot map not refreshed"),
+                }
+            }
+        }
+        tokio::time::sleep(TOPOLOGY_EVERY).await;
+    }
+}
+
+/// SCANs one server (`None`: the single server) and unlinks what the filter selects.
+async fn purge_node(
+    conn: &mut Conn,
+    node: Option<(String, u16)>,
+    filter: &KeyFilter,
+    prefix: &str,
+    timeout: Duration,
+) -> Result<u64, CacheError> {
+    let pattern = filter.pattern(prefix);
+    let mut cursor: u64 = 0;
+    let mut batch: Vec<Vec<u8>> = Vec::new();
+    let mut removed = 0u64;
+    loop {
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(PURGE_BATCH);
+        let (next, keys): (u64, Vec<Vec<u8>>) = match (&mut *conn, &node) {
+            (Conn::Cluster(c), Some((host, port))) => {
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port: *port,
+                });
+                let reply = run(timeout, c.route_command(&scan, route)).await?;
+                redis::from_redis_value(&reply).map_err(|e| CacheError::Redis(e.to_string()))?
+            }
+            (conn, _) => run(timeout, scan.query_async(conn)).await?,
+        };
+        batch.extend(keys.into_iter().filter(|k| filter.matches(prefix, k)));
+        if batch.len() >= PURGE_BATCH || (next == 0 && !batch.is_empty()) {
+            removed += unlink(conn, timeout, &batch).await?;
+            batch.clear();
+        }
+        if next == 0 {
+            return Ok(removed);
+        }
+        cursor = next;
     }
 }
 
@@ -472,11 +815,23 @@ async fn run<T>(
     }
 }
 
-async fn unlink(
-    conn: &mut ConnectionManager,
-    timeout: Duration,
-    keys: &[Vec<u8>],
-) -> Result<u64, CacheError> {
+async fn unlink(conn: &mut Conn, timeout: Duration, keys: &[Vec<u8>]) -> Result<u64, CacheError> {
+    if let Conn::Cluster(_) = conn {
+        // Keys of one master still sit in different slots, and a multi-key command must stay
+        // within one slot: one UNLINK per key, sent concurrently.
+        let each = keys.iter().map(|k| {
+            let mut c = conn.clone();
+            async move { redis::cmd("UNLINK").arg(k).query_async::<u64>(&mut c).await }
+        });
+        let results = run(timeout, async {
+            futures::future::join_all(each)
+                .await
+                .into_iter()
+                .collect::<redis::RedisResult<Vec<u64>>>()
+        })
+        .await?;
+        return Ok(results.into_iter().sum());
+    }
     let res = run(timeout, redis::cmd("UNLINK").arg(keys).query_async(conn)).await;
     match res {
         // Redis older than 4.0 has no UNLINK.
@@ -488,14 +843,23 @@ async fn unlink(
 }
 
 impl Inner {
-    /// The connection if the breaker lets this operation through.
-    fn admit(&self) -> Option<ConnectionManager> {
-        let conn = ConnectionManager::clone(self.conn.load().as_ref()?);
-        let mut b = lock(&self.breaker);
+    /// The connection if the breaker of `key`'s node lets this operation through, with that
+    /// breaker for [`Inner::settle`].
+    fn admit(&self, key: &str) -> Option<(Conn, SharedBreaker)> {
+        let conn = Conn::clone(self.conn.load().as_ref()?);
+        let breaker = self.breakers.for_key(key);
+        let mut b = lock(&breaker);
+        let before = b.state();
         let admission = b.admit(Instant::now());
-        self.metrics.breaker_state.set(b.state().gauge());
+        let changed = b.state() != before;
+        drop(b);
+        if changed {
+            self.metrics
+                .breaker_state
+                .set(self.breakers.worst().gauge());
+        }
         match admission {
-            Admission::Allowed | Admission::Probe => Some(conn),
+            Admission::Allowed | Admission::Probe => Some((conn, breaker)),
             Admission::Rejected => None,
         }
     }
@@ -511,6 +875,7 @@ impl Inner {
     /// Feeds the outcome to the breaker and metrics; `None` means the operation failed.
     fn settle<T>(
         self: &Arc<Self>,
+        breaker: &SharedBreaker,
         res: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
     ) -> Option<T> {
         let outcome = match res {
@@ -521,7 +886,7 @@ impl Inner {
             }
             Err(_) => Err(RedisErrorKind::Timeout),
         };
-        let mut b = lock(&self.breaker);
+        let mut b = lock(breaker);
         let before = b.state();
         let mut timed_out = false;
         let out = match outcome {
@@ -552,13 +917,19 @@ impl Inner {
             }
         };
         let after = b.state();
-        self.metrics.breaker_state.set(after.gauge());
         drop(b);
         if before != after {
+            self.metrics
+                .breaker_state
+                .set(self.breakers.worst().gauge());
             match after {
                 BreakerState::Open => {
-                    tracing::warn!("redis circuit opened; serving from L1 and upstream only");
-                    if timed_out {
+                    tracing::warn!(
+                        nodes = ?self.breakers.troubled_nodes(),
+                        "redis circuit opened; serving from L1 and upstream only (on a cluster: the keys of the nodes listed)"
+                    );
+                    // A cluster connection replaces broken node connections itself.
+                    if timed_out && matches!(self.client, Client::Single(_)) {
                         self.reconnect();
                     }
                 }
@@ -570,31 +941,52 @@ impl Inner {
     }
 }
 
+async fn connect(inner: &Inner, connect_timeout: Duration) -> redis::RedisResult<Conn> {
+    match &inner.client {
+        Client::Single(client) => {
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(connect_timeout)
+                .set_response_timeout(inner.write_timeout)
+                .set_number_of_retries(1)
+                .set_factor(2)
+                .set_max_delay(500);
+            ConnectionManager::new_with_config(client.clone(), config)
+                .await
+                .map(Conn::Single)
+        }
+        Client::Cluster { client, .. } => client.get_async_connection().await.map(Conn::Cluster),
+    }
+}
+
+/// A TLS failure is a configuration problem, not an outage: say where to look.
+fn connect_hint(e: &redis::RedisError) -> &'static str {
+    let text = format!("{e:?}").to_ascii_lowercase();
+    if text.contains("certificate") || text.contains("unknownissuer") || text.contains("tls") {
+        "TLS handshake failed: check cache.redis.tls.ca_file (the CA that signed the server's certificate) and the host name in the URL; serving from L1 and upstream meanwhile"
+    } else {
+        "retrying in background; serving from L1 and upstream meanwhile"
+    }
+}
+
 async fn connect_loop(inner: Arc<Inner>, url: String) {
-    // A connection attempt may take longer than a request may wait (TLS handshakes), but a
-    // black-holed address must not stall the loop for long.
-    let connect_timeout = (inner.timeout * 4).max(Duration::from_secs(2));
+    let connect_timeout = connect_timeout(inner.timeout);
     let mut delay = Duration::from_millis(100);
     loop {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(connect_timeout)
-            .set_response_timeout(inner.write_timeout)
-            .set_number_of_retries(1)
-            .set_factor(2)
-            .set_max_delay(500);
-        let attempt = tokio::time::timeout(
-            connect_timeout * 2,
-            ConnectionManager::new_with_config(inner.client.clone(), config),
-        )
-        .await;
+        let attempt =
+            tokio::time::timeout(connect_timeout * 2, connect(&inner, connect_timeout)).await;
         match attempt {
             Ok(Ok(conn)) => {
                 let first = inner.conn.swap(Some(Arc::new(conn))).is_none();
                 inner.reconnecting.store(false, Ordering::SeqCst);
                 if first {
-                    let mut b = lock(&inner.breaker);
-                    b.on_success();
-                    inner.metrics.breaker_state.set(b.state().gauge());
+                    lock(inner.breakers.whole()).on_success();
+                    inner
+                        .metrics
+                        .breaker_state
+                        .set(inner.breakers.worst().gauge());
+                    if matches!(inner.client, Client::Cluster { .. }) {
+                        inner.rt.spawn(watch_topology(Arc::clone(&inner)));
+                    }
                 }
                 tracing::info!(redis = %url, "redis L2 connected");
                 return;
@@ -602,7 +994,7 @@ async fn connect_loop(inner: Arc<Inner>, url: String) {
             Ok(Err(e)) => {
                 inner.metrics.redis_error(classify(&e));
                 if log_allowed(&inner.last_connect_log) {
-                    tracing::warn!(redis = %url, error = %e, "redis L2 not reachable; retrying in background");
+                    tracing::warn!(redis = %url, error = %e, "redis L2 not reachable: {}", connect_hint(&e));
                 }
             }
             Err(_) => {
@@ -654,17 +1046,29 @@ mod tests {
         };
         assert!(KeyFilter::All.matches("p:", &k("a", "/x")));
         assert!(!KeyFilter::All.matches("q:", &k("a", "/x")));
-        assert!(KeyFilter::Namespace("a".into()).matches("p:", &k("a", "/x")));
-        assert!(!KeyFilter::Namespace("a".into()).matches("p:", &k("ab", "/x")));
-        assert!(!KeyFilter::Namespace("a".into()).matches("p:", &k("a:b", "/x")));
+        assert!(KeyFilter::Namespace {
+            namespace: "a".into()
+        }
+        .matches("p:", &k("a", "/x")));
+        assert!(!KeyFilter::Namespace {
+            namespace: "a".into()
+        }
+        .matches("p:", &k("ab", "/x")));
+        assert!(!KeyFilter::Namespace {
+            namespace: "a".into()
+        }
+        .matches("p:", &k("a:b", "/x")));
         assert!(pp(None, "/x").matches("p:", &k("a", "/x/y")));
         assert!(!pp(None, "/x").matches("p:", &k("a", "/y/x")));
         // A label containing ':' must not confuse the namespace wildcard.
         assert!(!pp(None, "/b").matches("p:", &k("a", "/q:/b")));
         assert!(pp(Some("a"), "/q:").matches("p:", &k("a", "/q:/b")));
         assert!(!pp(Some("b"), "/x").matches("p:", &k("a", "/x")));
-        assert!(KeyFilter::Hex(hex.clone()).matches("p:", &k("a", "/x")));
-        assert!(!KeyFilter::Hex("c".repeat(64)).matches("p:", &k("a", "/x")));
+        assert!(KeyFilter::Key { hex: hex.clone() }.matches("p:", &k("a", "/x")));
+        assert!(!KeyFilter::Key {
+            hex: "c".repeat(64)
+        }
+        .matches("p:", &k("a", "/x")));
         assert!(!KeyFilter::All.matches("p:", b"p:v1:garbage"));
     }
 

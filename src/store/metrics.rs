@@ -16,6 +16,9 @@ pub const REDIS_BREAKER_STATE: &str = "outrider_cache_redis_breaker_state";
 pub const SINGLEFLIGHT_WAITS_TOTAL: &str = "outrider_cache_singleflight_waits_total";
 pub const INFLIGHT_BYTES: &str = "outrider_cache_inflight_bytes";
 pub const INFLIGHT_FULL_TOTAL: &str = "outrider_cache_inflight_full_total";
+pub const INVALIDATION_SUBSCRIBED: &str = "outrider_cache_invalidation_subscribed";
+pub const INVALIDATIONS_TOTAL: &str = "outrider_cache_invalidations_total";
+pub const INVALIDATION_LAG_SECONDS: &str = "outrider_cache_invalidation_lag_seconds";
 
 /// Every metric this module registers, with its labels and meaning (for the operations page).
 pub const METRICS: &[(&str, &str, &str)] = &[
@@ -60,7 +63,31 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         "",
         "Captures or Redis writes skipped because cache.max_inflight_bytes was reached.",
     ),
+    (
+        INVALIDATION_SUBSCRIBED,
+        "",
+        "1 while this replica listens on the invalidation channel (other replicas' purges reach its L1), 0 otherwise.",
+    ),
+    (
+        INVALIDATIONS_TOTAL,
+        "result (published|publish_failed|applied|malformed)",
+        "Purge broadcasts sent by this replica and received from others.",
+    ),
+    (
+        INVALIDATION_LAG_SECONDS,
+        "",
+        "From another replica's publish to this replica applying it (sender clock to receiver clock).",
+    ),
 ];
+
+/// Counters of the purge broadcast, by result.
+#[derive(Clone)]
+pub(crate) struct InvalidationCounters {
+    pub(crate) published: IntCounter,
+    pub(crate) publish_failed: IntCounter,
+    pub(crate) applied: IntCounter,
+    pub(crate) malformed: IntCounter,
+}
 
 /// Registered handles. Shareable so a rebuilt `Cache` (new Redis URL) can reuse them instead
 /// of failing to register the same names twice.
@@ -77,6 +104,9 @@ pub struct CacheMetrics {
     pub(crate) purge_duration: Histogram,
     pub(crate) inflight_bytes: IntGauge,
     pub(crate) inflight_full: IntCounter,
+    pub(crate) invalidation_subscribed: IntGauge,
+    pub(crate) invalidations: InvalidationCounters,
+    pub(crate) invalidation_lag: Histogram,
 }
 
 /// Redis error classes, as the `kind` label.
@@ -149,6 +179,26 @@ impl CacheMetrics {
         )?;
         registry.register(Box::new(inflight_bytes.clone()))?;
         registry.register(Box::new(inflight_full.clone()))?;
+        let invalidation_subscribed = IntGauge::new(
+            INVALIDATION_SUBSCRIBED,
+            "1 while subscribed to the cache invalidation channel.",
+        )?;
+        let invalidations = IntCounterVec::new(
+            Opts::new(INVALIDATIONS_TOTAL, "Purge broadcasts by result."),
+            &["result"],
+        )?;
+        let invalidation_lag = Histogram::with_opts(
+            HistogramOpts::new(
+                INVALIDATION_LAG_SECONDS,
+                "Delay from another replica's purge broadcast to applying it here.",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+        )?;
+        registry.register(Box::new(invalidation_subscribed.clone()))?;
+        registry.register(Box::new(invalidations.clone()))?;
+        registry.register(Box::new(invalidation_lag.clone()))?;
         for kind in ["timeout", "connection", "protocol", "decode"] {
             redis_errors.with_label_values(&[kind]);
         }
@@ -158,6 +208,14 @@ impl CacheMetrics {
             purge_duration: redis_duration.with_label_values(&["purge"]),
             inflight_bytes,
             inflight_full,
+            invalidation_subscribed,
+            invalidations: InvalidationCounters {
+                published: invalidations.with_label_values(&["published"]),
+                publish_failed: invalidations.with_label_values(&["publish_failed"]),
+                applied: invalidations.with_label_values(&["applied"]),
+                malformed: invalidations.with_label_values(&["malformed"]),
+            },
+            invalidation_lag,
             sf_waits: super::flight::WaitCounters {
                 served: sf.with_label_values(&["served"]),
                 fallthrough: sf.with_label_values(&["fallthrough"]),

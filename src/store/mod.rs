@@ -6,6 +6,9 @@
 //! know Pingora, the config module or HTTP freshness rules. Features (the HTTP cache, and next
 //! APQ, LLM, inference) derive their own [`CacheKey`] (`CacheKey::http`, `CacheKey::from_parts`)
 //! under their own namespace and decide freshness themselves.
+//!
+//! A purge reaches every replica: Redis is purged, the local L1 too, and the scope is published
+//! on an invalidation channel other replicas apply to their L1 ([`Store::publish_invalidation`]).
 
 mod breaker;
 mod budget;
@@ -13,10 +16,12 @@ mod core;
 mod entry;
 mod error;
 mod flight;
+mod invalidate;
 mod key;
 mod l1;
 mod l2;
 pub mod metrics;
+mod nodes;
 
 #[cfg(test)]
 mod redis_tests;
@@ -32,7 +37,7 @@ pub use self::entry::StoredResponse;
 pub use self::error::CacheError;
 pub use self::flight::{Flight, FollowerWait, LeaderGuard, RevalidationGuard, Waited};
 pub use self::key::CacheKey;
-pub use self::l2::RedisState;
+pub use self::l2::{RedisEndpoint, RedisState, RedisTls};
 pub use self::metrics::CacheMetrics;
 
 /// A realistic stored entry for tests of features built on the store.

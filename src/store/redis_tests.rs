@@ -10,7 +10,10 @@ use super::*;
 fn settings(url: Option<String>, l1_bytes: u64) -> CacheSettings {
     CacheSettings {
         memory_max_bytes: l1_bytes,
-        redis_url: url,
+        redis: RedisEndpoint {
+            url,
+            ..RedisEndpoint::default()
+        },
         redis_key_prefix: "test:".into(),
         redis_timeout: Duration::from_millis(50),
         max_entry_size: 1024 * 1024,
