@@ -29,8 +29,13 @@ pub struct RoutePolicy {
     /// Responses to requests with `Authorization`/`Cookie` may be cached; the key then includes
     /// a hash of the credential so callers never see each other's responses.
     pub shared: bool,
-    /// Take `s-maxage`/`max-age` from the upstream instead of the route TTL.
+    /// Take `s-maxage`/`max-age`/`Expires` from the upstream instead of the route TTL.
     pub respect_origin: bool,
+    /// Freshness for responses without explicit freshness (with `respect_origin`).
+    pub heuristic: HeuristicPolicy,
+    /// A response with explicit freshness may be stored whatever its final status (RFC 9111
+    /// §3); `statuses` then only bounds heuristic freshness.
+    pub explicit_any_status: bool,
     pub statuses: Vec<u16>,
     /// Include the query string in the key.
     pub key_query: bool,
@@ -64,6 +69,8 @@ impl Default for RoutePolicy {
             retention_floor: Duration::ZERO,
             shared: false,
             respect_origin: false,
+            heuristic: HeuristicPolicy::RouteTtl,
+            explicit_any_status: false,
             statuses: DEFAULT_STATUSES.to_vec(),
             key_query: true,
             key_headers: Vec::new(),
@@ -73,6 +80,70 @@ impl Default for RoutePolicy {
             lock_timeout: Duration::from_secs(5),
         }
     }
+}
+
+/// Where freshness comes from when the origin gave none (RFC 9111 §4.2.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeuristicPolicy {
+    /// The route's TTL (outrider's historical behaviour).
+    RouteTtl,
+    /// 10 % of the time since `Last-Modified`, at most `max`, for heuristically cacheable
+    /// statuses (or `public` responses); without `Last-Modified`, not stored.
+    LastModified { max: Duration },
+    /// Not stored.
+    Never,
+}
+
+/// The largest delta-seconds a cache must handle (RFC 9111 §1.2.2); larger ages saturate.
+const MAX_DELTA: u64 = 1 << 31;
+
+/// An HTTP date (RFC 9110 §5.6.7: IMF-fixdate, RFC 850 or asctime); `None` when invalid.
+pub fn http_date(value: &http::HeaderValue) -> Option<SystemTime> {
+    httpdate::parse_http_date(value.to_str().ok()?.trim()).ok()
+}
+
+/// The `Age` the response arrived with (RFC 9111 §5.1): the first value of the first line when
+/// it is a non-negative integer (saturating at 2^31), otherwise ignored; at least the time
+/// since its `Date` when that is in the past (§4.2.3's apparent age).
+pub fn initial_age(resp: &HeaderMap, now: SystemTime) -> Duration {
+    let age = resp
+        .get(header::AGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(0, |v| v.parse::<u64>().unwrap_or(MAX_DELTA).min(MAX_DELTA));
+    let apparent = resp
+        .get(header::DATE)
+        .and_then(http_date)
+        .and_then(|date| now.duration_since(date).ok())
+        .map_or(0, |d| d.as_secs());
+    Duration::from_secs(age.max(apparent))
+}
+
+/// The freshness lifetime the origin gave explicitly (RFC 9111 §4.2.1): `s-maxage`, `max-age`,
+/// else `Expires` minus `Date` (or minus `now` when `Date` is invalid). An invalid `Expires`
+/// means already stale (zero).
+fn explicit_lifetime(resp: &HeaderMap, cc: &[Directive], now: SystemTime) -> Option<Duration> {
+    if let Some(s) = seconds(cc, "s-maxage").or_else(|| seconds(cc, "max-age")) {
+        return Some(Duration::from_secs(s));
+    }
+    let expires = resp.get(header::EXPIRES)?;
+    let Some(expires) = http_date(expires) else {
+        return Some(Duration::ZERO);
+    };
+    let date = resp.get(header::DATE).and_then(http_date).unwrap_or(now);
+    Some(expires.duration_since(date).unwrap_or(Duration::ZERO))
+}
+
+/// RFC 9111 §4.2.2: statuses that may be given heuristic freshness.
+fn heuristically_cacheable(status: u16) -> bool {
+    DEFAULT_STATUSES.contains(&status) || NEGATIVE_STATUSES.contains(&status)
+}
+
+/// A status a cache may store with explicit freshness: final, complete and not a 304.
+fn storable_with_explicit_freshness(status: u16) -> bool {
+    (200..=599).contains(&status) && status != 206 && status != 304
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,6 +191,8 @@ pub enum NotStorable {
     ZeroMaxAge,
     /// The route's TTL is 0.
     ZeroTtl,
+    /// No explicit freshness and the route gives no heuristic freshness to this response.
+    NoFreshness,
 }
 
 impl NotStorable {
@@ -134,6 +207,7 @@ impl NotStorable {
             NotStorable::VaryNotKeyed(_) => "vary-not-keyed",
             NotStorable::ZeroMaxAge => "max-age-zero",
             NotStorable::ZeroTtl => "ttl-zero",
+            NotStorable::NoFreshness => "no-freshness",
         }
     }
 }
@@ -200,16 +274,37 @@ pub fn all_values(req: &HeaderMap, name: &str) -> Vec<u8> {
     out
 }
 
-/// Whether a response may be stored, and for how long it is fresh.
+/// Whether a response may be stored, and for how long it is fresh (its lifetime less the age
+/// it arrived with when the route respects the origin).
 pub fn response_storable(
     status: u16,
     resp: &HeaderMap,
     route: &RoutePolicy,
 ) -> Result<Duration, NotStorable> {
-    if !route.statuses.contains(&status) {
+    response_storable_at(status, resp, route, SystemTime::now())
+}
+
+pub fn response_storable_at(
+    status: u16,
+    resp: &HeaderMap,
+    route: &RoutePolicy,
+    now: SystemTime,
+) -> Result<Duration, NotStorable> {
+    let cc = directives(resp, header::CACHE_CONTROL);
+    let explicit = if route.respect_origin {
+        explicit_lifetime(resp, &cc, now)
+    } else {
+        seconds(&cc, "s-maxage")
+            .or_else(|| seconds(&cc, "max-age"))
+            .map(Duration::from_secs)
+    };
+    let status_ok = route.statuses.contains(&status)
+        || (route.explicit_any_status
+            && explicit.is_some()
+            && storable_with_explicit_freshness(status));
+    if !status_ok {
         return Err(NotStorable::Status(status));
     }
-    let cc = directives(resp, header::CACHE_CONTROL);
     if has(&cc, "no-store") {
         return Err(NotStorable::NoStore);
     }
@@ -234,20 +329,15 @@ pub fn response_storable(
             return Err(NotStorable::VaryNotKeyed(d.name));
         }
     }
-    let origin_seconds = seconds(&cc, "s-maxage").or_else(|| seconds(&cc, "max-age"));
     let ttl = if route.respect_origin {
         // The response may already have aged upstream (a CDN or cache in front of the app).
-        let age = resp
-            .get(header::AGE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0);
-        match origin_seconds {
-            Some(s) if s <= age => return Err(NotStorable::ZeroMaxAge),
-            Some(s) => Duration::from_secs(s - age),
-            None => route.ttl,
+        let age = initial_age(resp, now);
+        match explicit {
+            Some(lifetime) if lifetime <= age => return Err(NotStorable::ZeroMaxAge),
+            Some(lifetime) => lifetime - age,
+            None => heuristic_lifetime(status, resp, &cc, route, now)?,
         }
-    } else if origin_seconds == Some(0) {
+    } else if explicit == Some(Duration::ZERO) {
         // An explicit (or invalid, hence stale) zero lifetime is honoured even when the route
         // sets its own TTL: the origin said this must not be reused.
         return Err(NotStorable::ZeroMaxAge);
@@ -262,6 +352,34 @@ pub fn response_storable(
         return Err(NotStorable::ZeroTtl);
     }
     Ok(ttl)
+}
+
+/// Freshness for a response without explicit freshness, per the route's heuristic.
+fn heuristic_lifetime(
+    status: u16,
+    resp: &HeaderMap,
+    cc: &[Directive],
+    route: &RoutePolicy,
+    now: SystemTime,
+) -> Result<Duration, NotStorable> {
+    match route.heuristic {
+        HeuristicPolicy::RouteTtl => Ok(route.ttl),
+        HeuristicPolicy::Never => Err(NotStorable::NoFreshness),
+        HeuristicPolicy::LastModified { max } => {
+            if !heuristically_cacheable(status) && !has(cc, "public") {
+                return Err(NotStorable::Status(status));
+            }
+            let last_modified = resp
+                .get(header::LAST_MODIFIED)
+                .and_then(http_date)
+                .ok_or(NotStorable::NoFreshness)?;
+            let date = resp.get(header::DATE).and_then(http_date).unwrap_or(now);
+            let since = date
+                .duration_since(last_modified)
+                .map_err(|_| NotStorable::NoFreshness)?;
+            Ok((since / 10).min(max))
+        }
+    }
 }
 
 /// Response headers worth storing: hop-by-hop headers and ones the cache recomputes (`age`,

@@ -67,6 +67,8 @@ struct CacheState {
     expired: Option<Arc<StoredResponse>>,
     /// When the store lookup ran and how long it took (for the trace span).
     lookup: Option<LookupNote>,
+    /// An unsafe request: on success its URL's entries are evicted (RFC 9111 §4.4).
+    invalidate: Option<Box<RequestHeader>>,
 }
 
 impl CacheState {
@@ -84,6 +86,7 @@ impl CacheState {
             background: None,
             expired: None,
             lookup: None,
+            invalidate: None,
         }
     }
 }
@@ -101,6 +104,8 @@ struct Capture {
     status: u16,
     headers: Vec<(String, Bytes)>,
     ttl: std::time::Duration,
+    /// The age the response arrived with (origin-given freshness only), carried into the entry.
+    age: std::time::Duration,
     body: BytesMut,
     /// The body's bytes against `cache.max_inflight_bytes`; given back when the capture ends.
     reservation: Reservation,
@@ -147,6 +152,76 @@ fn answer_from(entry: &StoredResponse) -> Option<Answer> {
             None
         }
     }
+}
+
+/// RFC 9110 §13.1.1/§13.1.3 against a stored entry: whether the client's `If-None-Match`
+/// (weak comparison) or, without one, `If-Modified-Since` says it already has this entry.
+fn not_modified(entry: &StoredResponse, request: &http::HeaderMap) -> bool {
+    let stored = |name: &str| {
+        entry
+            .headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    };
+    if request.contains_key(http::header::IF_NONE_MATCH) {
+        let Some(etag) = stored("etag") else {
+            return false;
+        };
+        let weak = |t: &[u8]| -> Vec<u8> { t.strip_prefix(b"W/").unwrap_or(t).to_vec() };
+        let etag = weak(etag.trim_ascii());
+        return request
+            .get_all(http::header::IF_NONE_MATCH)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .map(<[u8]>::trim_ascii)
+            .any(|t| t == b"*" || weak(t) == etag);
+    }
+    let Some(since) = request
+        .get(http::header::IF_MODIFIED_SINCE)
+        .and_then(policy::http_date)
+    else {
+        return false;
+    };
+    // §13.1.3: compared with Last-Modified, or the Date the entry was sent with.
+    let modified = stored("last-modified")
+        .or_else(|| stored("date"))
+        .and_then(|v| http::HeaderValue::from_bytes(&v).ok())
+        .and_then(|v| policy::http_date(&v));
+    modified.is_some_and(|m| m <= since)
+}
+
+/// The answer for a client that already has `entry`: its headers as a 304 without a body.
+fn not_modified_answer(mut answer: Answer) -> Answer {
+    let _ = answer.header.set_status(304);
+    answer.header.remove_header(&http::header::CONTENT_LENGTH);
+    answer.body = Bytes::new();
+    answer
+}
+
+/// The request's `Location`/`Content-Location` targets on the same origin, as paths.
+fn same_origin_targets<'a>(
+    resp: &'a ResponseHeader,
+    host: &'a str,
+) -> impl Iterator<Item = http::Uri> + 'a {
+    [http::header::LOCATION, http::header::CONTENT_LOCATION]
+        .into_iter()
+        .filter_map(move |name| {
+            let uri: http::Uri = resp.headers.get(&name)?.to_str().ok()?.parse().ok()?;
+            match uri.authority() {
+                Some(a) if !a.as_str().eq_ignore_ascii_case(host) => None,
+                _ if uri.path().starts_with('/') => Some(uri),
+                _ => None,
+            }
+        })
+}
+
+/// RFC 9110 §9.2.1: methods other than these are unsafe (unknown ones included).
+fn is_safe(method: &http::Method) -> bool {
+    matches!(
+        *method,
+        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS | http::Method::TRACE
+    )
 }
 
 /// An entry worth revalidating: it has a validator, and the client did not send conditions of
@@ -243,13 +318,20 @@ impl HttpCache {
         let (Some(capture), Some(key)) = (state.capture.take(), state.key.as_ref()) else {
             return;
         };
-        let retention = policy::retention(capture.ttl, &capture.headers, &self.policy);
+        let now = SystemTime::now();
+        // An entry that arrived aged is stored as if received `age` ago (RFC 9111 §4.2.3), so
+        // its `Age` and freshness continue from the upstream's.
+        let (stored_at, ttl) = match now.checked_sub(capture.age) {
+            Some(at) => (at, capture.ttl.saturating_add(capture.age)),
+            None => (now, capture.ttl),
+        };
+        let retention = policy::retention(ttl, &capture.headers, &self.policy);
         let entry = StoredResponse {
             status: capture.status,
             headers: capture.headers,
             body: exact_bytes(capture.body),
-            stored_at: SystemTime::now(),
-            ttl: capture.ttl,
+            stored_at,
+            ttl,
             retention,
             namespace: key.namespace.clone(),
             label: key.label.clone(),
@@ -282,6 +364,33 @@ impl HttpCache {
             }
             if let Ok(ttl) = response_storable(entry.status, &merged, &self.policy) {
                 entry.ttl = ttl;
+            }
+        }
+    }
+
+    /// RFC 9111 §4.4: a successful unsafe request evicts what is stored for its URL and for
+    /// same-origin `Location`/`Content-Location` (the entries a GET with the same request
+    /// headers would use).
+    fn invalidate(&self, req: &RequestHeader, resp: &ResponseHeader) {
+        let credential = if self.policy.shared {
+            policy::credential_bytes(&req.headers)
+        } else {
+            None
+        };
+        self.store.invalidate(&self.key(req, credential.as_deref()));
+        let host = req
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
+        for uri in same_origin_targets(resp, host) {
+            let mut target = req.clone();
+            if let Some(path) = uri.path_and_query() {
+                if let Ok(path) = http::Uri::try_from(path.as_str()) {
+                    target.set_uri(path);
+                    self.store
+                        .invalidate(&self.key(&target, credential.as_deref()));
+                }
             }
         }
     }
@@ -327,6 +436,9 @@ impl Stage for HttpCache {
         let (credential, client_refresh) = match decision {
             RequestDecision::Bypass(reason) => {
                 tracing::debug!(route = cx.route, reason = reason.as_str(), "cache bypass");
+                if !is_safe(&req.method) {
+                    state.invalidate = Some(Box::new(req.clone()));
+                }
                 *cx.slot = Some(Box::new(state));
                 return Ok(Verdict::Continue);
             }
@@ -361,6 +473,11 @@ impl Stage for HttpCache {
                 Freshness::Fresh => {
                     if let Some(answer) = answer_from(&entry) {
                         self.hit(&mut state, &entry, lookup.tier);
+                        let answer = if not_modified(&entry, &req.headers) {
+                            not_modified_answer(answer)
+                        } else {
+                            answer
+                        };
                         *cx.slot = Some(Box::new(state));
                         return Ok(Verdict::Answer(answer));
                     }
@@ -496,6 +613,12 @@ impl Stage for HttpCache {
             return ResponseVerdict::Forward;
         }
         let status = resp.status.as_u16();
+        if let Some(req) = state.invalidate.take() {
+            if (200..400).contains(&status) {
+                self.invalidate(&req, resp);
+            }
+            return ResponseVerdict::Forward;
+        }
         if let Some(old) = state.revalidating.take() {
             if status == 304 {
                 let mut renewed = (*old).clone();
@@ -551,10 +674,16 @@ impl Stage for HttpCache {
                     state.leader.take();
                     return ResponseVerdict::Forward;
                 };
+                let age = if self.policy.respect_origin {
+                    policy::initial_age(&resp.headers, SystemTime::now())
+                } else {
+                    std::time::Duration::ZERO
+                };
                 state.capture = Some(Capture {
                     status,
                     headers: storable_headers(&resp.headers),
                     ttl,
+                    age,
                     body: BytesMut::with_capacity(content_length.unwrap_or(0)),
                     reservation,
                 });

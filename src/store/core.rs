@@ -307,6 +307,18 @@ impl Store {
         Some(entry)
     }
 
+    /// Evicts one entry from L1 now and from Redis in the background (RFC 9111 §4.4
+    /// invalidation after an unsafe request).
+    pub fn invalidate(&self, key: &CacheKey) {
+        if let Some(l1) = &self.l1 {
+            l1.remove(&key.hash);
+        }
+        if let Some(l2) = &self.l2 {
+            l2.delete(l2.key(&key.namespace, &key.label, &key.hex()));
+        }
+        self.uncacheable.invalidate(&key.hash);
+    }
+
     /// Remembers that `key`'s response could not be stored, for a short while.
     pub fn note_uncacheable(&self, key: &CacheKey) {
         self.uncacheable.insert(key.hash, ());

@@ -411,6 +411,27 @@ impl L2 {
         });
     }
 
+    /// Queues an UNLINK of one key in the background; the caller never waits for Redis.
+    pub(crate) fn delete(&self, key: String) {
+        let inner = Arc::clone(&self.inner);
+        if inner.pending_writes.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING_WRITES {
+            inner.pending_writes.fetch_sub(1, Ordering::Relaxed);
+            tracing::debug!("redis write queue full; dropping delete");
+            return;
+        }
+        self.rt.spawn(async move {
+            if let Some(mut conn) = inner.admit() {
+                let res = tokio::time::timeout(
+                    inner.write_timeout,
+                    redis::cmd("UNLINK").arg(&key).query_async::<()>(&mut conn),
+                )
+                .await;
+                inner.settle(res);
+            }
+            inner.pending_writes.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+
     /// Deletes every key the filter selects, with SCAN (never KEYS) and UNLINK.
     pub(crate) async fn purge(&self, filter: &KeyFilter) -> Result<u64, CacheError> {
         let inner = &self.inner;

@@ -1,0 +1,323 @@
+//! RFC 9111 freshness end to end (a route with `respect_origin` and a `heuristic`): real
+//! sockets, the built binary, a fake origin that sets the response headers each test asks for.
+
+#![allow(clippy::disallowed_types)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::{Duration, SystemTime};
+
+use support::{client, Backend, Proxy};
+
+fn config(app: &str) -> String {
+    format!(
+        r#"
+listen: "{{listen}}"
+admin: {{ listen: "{{admin}}" }}
+upstreams:
+  app: {{ url: "{app}", timeout: 5s }}
+routes:
+  - name: rfc
+    match: {{ path_prefix: /rfc }}
+    upstream: app
+    cache: {{ ttl: 1h, respect_origin: true, heuristic: last_modified, heuristic_max: 1h }}
+  - name: strict
+    match: {{ path_prefix: /strict }}
+    upstream: app
+    cache: {{ ttl: 1h, respect_origin: true, heuristic: none }}
+  - name: legacy
+    match: {{ path_prefix: /legacy }}
+    upstream: app
+    cache: {{ ttl: 1h, respect_origin: true }}
+"#
+    )
+}
+
+struct Got {
+    status: u16,
+    cache: String,
+    cache_status: String,
+    age: Option<u64>,
+}
+
+/// GETs `path` (under a with-headers resource) with the response headers given as a query.
+async fn get(proxy: &Proxy, path: &str) -> Got {
+    let resp = client().get(proxy.url(path)).send().await.unwrap();
+    let h = |n: &str| {
+        resp.headers()
+            .get(n)
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    Got {
+        status: resp.status().as_u16(),
+        cache: h("x-cache-status").unwrap_or_default(),
+        cache_status: h("cache-status").unwrap_or_default(),
+        age: h("age").and_then(|a| a.parse().ok()),
+    }
+}
+
+/// Whether the second of two identical requests was answered from the cache.
+async fn reused(proxy: &Proxy, app: &Backend, path: &str) -> bool {
+    let first = get(proxy, path).await;
+    assert_ne!(first.cache, "HIT", "{path}: the first request cannot hit");
+    let second = get(proxy, path).await;
+    let hit = second.cache == "HIT";
+    let upstream = app.hits(path.split('?').next().unwrap());
+    assert_eq!(upstream, if hit { 1 } else { 2 }, "{path}");
+    hit
+}
+
+fn date(offset_secs: i64) -> String {
+    let now = SystemTime::now();
+    let at = if offset_secs >= 0 {
+        now + Duration::from_secs(offset_secs as u64)
+    } else {
+        now - Duration::from_secs(offset_secs.unsigned_abs())
+    };
+    httpdate::fmt_http_date(at).replace(' ', "%20")
+}
+
+/// `cache-status: …; ttl=N` as a number.
+fn ttl(got: &Got) -> i64 {
+    got.cache_status
+        .split("ttl=")
+        .nth(1)
+        .and_then(|t| t.split(';').next())
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no ttl in {:?}", got.cache_status))
+}
+
+#[tokio::test]
+async fn only_origin_given_freshness_is_used() {
+    let app = Backend::start("app").await;
+    let proxy = Proxy::start(&config(&app.url())).await;
+    // RFC 9111 §4.2: without explicit freshness or a heuristic, a response is not reused.
+    assert!(!reused(&proxy, &app, "/rfc/none/with-headers?x=1").await);
+    assert!(!reused(&proxy, &app, "/strict/none/with-headers?x=1").await);
+    // The route's `ttl` still applies to such responses when no heuristic is chosen.
+    assert!(reused(&proxy, &app, "/legacy/none/with-headers?x=1").await);
+    assert!(
+        reused(
+            &proxy,
+            &app,
+            "/rfc/max-age/with-headers?cache-control=max-age=60"
+        )
+        .await
+    );
+    assert!(
+        reused(
+            &proxy,
+            &app,
+            "/strict/max-age/with-headers?cache-control=max-age=60"
+        )
+        .await
+    );
+}
+
+#[tokio::test]
+async fn expires_gives_freshness_and_invalid_dates_mean_stale() {
+    let app = Backend::start("app").await;
+    let proxy = Proxy::start(&config(&app.url())).await;
+    let future = format!(
+        "/rfc/expires-future/with-headers?date={}&expires={}",
+        date(0),
+        date(600)
+    );
+    assert!(reused(&proxy, &app, &future).await);
+    let hit = get(&proxy, &future).await;
+    assert!((590..=600).contains(&ttl(&hit)), "{}", hit.cache_status);
+    // §5.3: lifetime is Expires minus Date, whatever the local clock says.
+    let skewed = format!(
+        "/rfc/expires-skewed/with-headers?date={}&expires={}",
+        date(3600),
+        date(3000)
+    );
+    assert!(!reused(&proxy, &app, &skewed).await, "Expires before Date");
+    let past = format!("/rfc/expires-past/with-headers?expires={}", date(-60));
+    assert!(!reused(&proxy, &app, &past).await);
+    // §5.3: an invalid Expires (such as "0") means already expired.
+    for (i, bad) in ["0", "tomorrow", "Thu,%2001%20Jan%202099"]
+        .iter()
+        .enumerate()
+    {
+        let path = format!("/rfc/expires-bad-{i}/with-headers?expires={bad}");
+        assert!(!reused(&proxy, &app, &path).await, "{bad}");
+    }
+    // max-age wins over Expires (§5.3).
+    let both = format!(
+        "/rfc/both/with-headers?cache-control=max-age=60&expires={}",
+        date(-60)
+    );
+    assert!(reused(&proxy, &app, &both).await);
+}
+
+#[tokio::test]
+async fn heuristic_freshness_is_a_tenth_of_the_last_modified_age_bounded() {
+    let app = Backend::start("app").await;
+    let proxy = Proxy::start(&config(&app.url())).await;
+    // Modified 1000 s ago: fresh for about 100 s.
+    let recent = format!(
+        "/rfc/lm-recent/with-headers?date={}&last-modified={}",
+        date(0),
+        date(-1000)
+    );
+    assert!(reused(&proxy, &app, &recent).await);
+    let t = ttl(&get(&proxy, &recent).await);
+    assert!((95..=100).contains(&t), "ttl {t}");
+    // Modified 30 days ago: bounded by heuristic_max (1 h).
+    let old = format!(
+        "/rfc/lm-old/with-headers?last-modified={}",
+        date(-30 * 86400)
+    );
+    assert!(reused(&proxy, &app, &old).await);
+    let t = ttl(&get(&proxy, &old).await);
+    assert!((3590..=3600).contains(&t), "ttl {t}");
+    // `heuristic: none` never guesses.
+    let strict = format!("/strict/lm/with-headers?last-modified={}", date(-86400));
+    assert!(!reused(&proxy, &app, &strict).await);
+    // §4.2.2: heuristics only for heuristically cacheable statuses.
+    let created = format!(
+        "/rfc/lm-201/with-headers?status=201&last-modified={}",
+        date(-86400)
+    );
+    assert!(!reused(&proxy, &app, &created).await);
+}
+
+#[tokio::test]
+async fn explicit_freshness_makes_other_statuses_storable() {
+    let app = Backend::start("app").await;
+    let proxy = Proxy::start(&config(&app.url())).await;
+    for status in [302, 404, 410, 500, 599] {
+        let path =
+            format!("/rfc/status-{status}/with-headers?status={status}&cache-control=max-age=60");
+        assert!(reused(&proxy, &app, &path).await, "{status}");
+        assert_eq!(get(&proxy, &path).await.status, status);
+    }
+    // The legacy route keeps its status list.
+    assert!(
+        !reused(
+            &proxy,
+            &app,
+            "/legacy/s/with-headers?status=500&cache-control=max-age=60"
+        )
+        .await
+    );
+}
+
+#[tokio::test]
+async fn the_age_it_arrived_with_counts() {
+    let app = Backend::start("app").await;
+    let proxy = Proxy::start(&config(&app.url())).await;
+    // §4.2.3: an entry that arrived 40 s old is served 40 s old, with 60 s of freshness left.
+    let aged = "/rfc/aged/with-headers?cache-control=max-age=100&age=40";
+    assert!(reused(&proxy, &app, aged).await);
+    let hit = get(&proxy, aged).await;
+    assert!(
+        hit.age.is_some_and(|a| (40..=42).contains(&a)),
+        "{:?}",
+        hit.age
+    );
+    assert!((58..=60).contains(&ttl(&hit)), "{}", hit.cache_status);
+    // Already older than its lifetime: not reused.
+    assert!(
+        !reused(
+            &proxy,
+            &app,
+            "/rfc/old/with-headers?cache-control=max-age=100&age=100"
+        )
+        .await
+    );
+    // A list means its first value (§5.1); values that are not delta-seconds are ignored.
+    let listed = "/rfc/listed/with-headers?cache-control=max-age=100&age=30,%2090";
+    assert!(reused(&proxy, &app, listed).await);
+    assert!(get(&proxy, listed)
+        .await
+        .age
+        .is_some_and(|a| (30..=32).contains(&a)));
+    for (i, bad) in ["abc", "-7200", "7200.0"].iter().enumerate() {
+        let path = format!("/rfc/age-bad-{i}/with-headers?cache-control=max-age=100&age={bad}");
+        assert!(reused(&proxy, &app, &path).await, "{bad}");
+    }
+    // Ages of 2^31 s and beyond saturate: always stale.
+    let huge = "/rfc/huge/with-headers?cache-control=max-age=100&age=99999999999999999999";
+    assert!(!reused(&proxy, &app, huge).await);
+}
+
+#[tokio::test]
+async fn conditional_requests_are_answered_from_a_fresh_entry() {
+    let app = Backend::start("app").await;
+    let proxy = Proxy::start(&config(&app.url())).await;
+    let path = format!(
+        "/rfc/cond/with-headers?cache-control=max-age=600&etag=W/\"v1\"&last-modified={}",
+        date(-3600)
+    );
+    assert!(reused(&proxy, &app, &path).await);
+    let send = |name: &'static str, value: String| {
+        let url = proxy.url(&path);
+        async move { client().get(url).header(name, value).send().await.unwrap() }
+    };
+    // RFC 9110 §13.1.2: If-None-Match uses the weak comparison; any listed tag may match.
+    for value in ["\"v1\"", "W/\"v1\"", "\"v0\", W/\"v1\"", "*"] {
+        let resp = send("if-none-match", value.to_string()).await;
+        assert_eq!(resp.status(), 304, "{value}");
+        assert_eq!(resp.headers()["etag"], "W/\"v1\"");
+        assert!(resp.headers().get("content-length").is_none());
+        assert!(resp.bytes().await.unwrap().is_empty());
+    }
+    assert_eq!(send("if-none-match", "\"v2\"".into()).await.status(), 200);
+    // §13.1.3: If-Modified-Since at or after Last-Modified: not modified; before it: modified.
+    let since = httpdate::fmt_http_date(SystemTime::now());
+    assert_eq!(send("if-modified-since", since).await.status(), 304);
+    let before = httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(7200));
+    assert_eq!(send("if-modified-since", before).await.status(), 200);
+    assert_eq!(app.hits("/rfc/cond/with-headers"), 1, "all from the cache");
+}
+
+#[tokio::test]
+async fn unsafe_requests_invalidate_what_they_change() {
+    let app = Backend::start("app").await;
+    let proxy = Proxy::start(&config(&app.url())).await;
+    let path = "/rfc/doc/with-headers?cache-control=max-age=600";
+    let stored = |p: &'static str| {
+        let proxy = &proxy;
+        async move { get(proxy, p).await.cache == "HIT" }
+    };
+    get(&proxy, path).await;
+    assert!(stored(path).await);
+    // RFC 9111 §4.4: a successful unsafe request evicts the target URI's entry.
+    for method in ["POST", "PUT", "DELETE", "PATCH", "M-SEARCH"] {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let resp = client().request(m, proxy.url(path)).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(!stored(path).await, "{method} invalidated");
+        assert!(stored(path).await, "refilled");
+    }
+    // ... and same-origin Location / Content-Location targets; another origin's are left.
+    let other = "/rfc/other/with-headers?cache-control=max-age=600";
+    get(&proxy, other).await;
+    let post = |location: String| {
+        let url = proxy.url(&format!("/rfc/form/with-headers?{location}"));
+        async move { client().post(url).send().await.unwrap().status() }
+    };
+    let host = proxy
+        .url("")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    post(format!("content-location=http://elsewhere.test{other}")).await;
+    assert!(stored(other).await, "another origin's URL is left alone");
+    post(format!("location=http://{host}{other}")).await;
+    assert!(!stored(other).await, "same-origin Location invalidated");
+    get(&proxy, path).await;
+    post(format!("content-location={path}")).await;
+    assert!(!stored(path).await, "relative Content-Location invalidated");
+    // A failed unsafe request changes nothing.
+    get(&proxy, path).await;
+    assert!(stored(path).await);
+    app.set_failing(true);
+    let resp = client().post(proxy.url(path)).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    app.set_failing(false);
+    assert!(stored(path).await);
+}
