@@ -26,6 +26,10 @@ routes:
     match: {{ path_prefix: /strict }}
     upstream: app
     cache: {{ ttl: 1h, respect_origin: true, heuristic: none }}
+  - name: cdn
+    match: {{ path_prefix: /cdn }}
+    upstream: app
+    cache: {{ ttl: 1h, respect_origin: true, heuristic: none, cdn_cache_control: true, origin_stale: true }}
   - name: legacy
     match: {{ path_prefix: /legacy }}
     upstream: app
@@ -320,4 +324,102 @@ async fn unsafe_requests_invalidate_what_they_change() {
     assert_eq!(resp.status(), 503);
     app.set_failing(false);
     assert!(stored(path).await);
+}
+
+#[tokio::test]
+async fn cdn_cache_control_replaces_cache_control_when_valid() {
+    let app = Backend::start("app").await;
+    let proxy = Proxy::start(&config(&app.url())).await;
+    // RFC 9213 §2.1: a valid CDN-Cache-Control is used instead of Cache-Control and Expires.
+    let cases = [
+        ("cdn-cache-control=max-age=600&cache-control=no-store", true),
+        ("cdn-cache-control=max-age=600&expires=0", true),
+        (
+            "cdn-cache-control=no-store&cache-control=max-age=600",
+            false,
+        ),
+        ("cdn-cache-control=private&cache-control=max-age=600", false),
+        (
+            "cdn-cache-control=max-age=0&cache-control=max-age=600",
+            false,
+        ),
+        // Not a valid Structured Fields dictionary, or a lifetime that is not an integer:
+        // ignored as a whole, so Cache-Control decides.
+        (
+            "cdn-cache-control=max-age=600,%20%26%26&cache-control=no-store",
+            false,
+        ),
+        (
+            "cdn-cache-control=max-age=%22600%22&cache-control=no-store",
+            false,
+        ),
+        (
+            "cdn-cache-control=max-age=%22600%22&cache-control=max-age=600",
+            true,
+        ),
+    ];
+    for (i, (query, want)) in cases.iter().enumerate() {
+        let path = format!("/cdn/c{i}/with-headers?{query}");
+        assert_eq!(reused(&proxy, &app, &path).await, *want, "{query}");
+    }
+    // Another route does not look at it.
+    assert!(
+        !reused(
+            &proxy,
+            &app,
+            "/strict/cdn/with-headers?cdn-cache-control=max-age=600"
+        )
+        .await
+    );
+}
+
+#[tokio::test]
+async fn the_origin_may_give_its_own_stale_windows() {
+    let app = Backend::start("app").await;
+    let proxy = Proxy::start(&config(&app.url())).await;
+    // RFC 5861 §3: within stale-while-revalidate a stale entry is served while it is refreshed.
+    let path = "/cdn/swr/with-headers?cache-control=max-age=1,%20stale-while-revalidate=600";
+    get(&proxy, path).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(get(&proxy, path).await.cache, "STALE");
+    support::wait_for(
+        "the background refresh",
+        Duration::from_secs(10),
+        || async { (app.hits("/cdn/swr/with-headers") == 2).then_some(()) },
+    )
+    .await;
+    // §4: within stale-if-error a stale entry stands in for an upstream error.
+    let path = "/cdn/sie/with-headers?cache-control=max-age=1,%20stale-if-error=600";
+    get(&proxy, path).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    app.set_failing(true);
+    let got = get(&proxy, path).await;
+    assert_eq!((got.status, got.cache.as_str()), (200, "STALE"));
+    // Without the directive an error is passed on (the route has no windows of its own).
+    app.set_failing(false);
+    let path = "/cdn/none/with-headers?cache-control=max-age=1";
+    get(&proxy, path).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    app.set_failing(true);
+    assert_eq!(get(&proxy, path).await.status, 503);
+}
+
+#[tokio::test]
+async fn heuristic_freshness_covers_the_heuristically_cacheable_statuses() {
+    let app = Backend::start("app").await;
+    let proxy = Proxy::start(&config(&app.url())).await;
+    let lm = date(-86400);
+    // RFC 9111 §4.2.2 / RFC 9110 §15.1: these may be stored with heuristic freshness.
+    for status in [404, 405, 410, 414, 501] {
+        let path = format!("/rfc/h{status}/with-headers?status={status}&last-modified={lm}");
+        assert!(reused(&proxy, &app, &path).await, "{status}");
+    }
+    for status in [403, 500, 502, 503, 599] {
+        let path = format!("/rfc/h{status}/with-headers?status={status}&last-modified={lm}");
+        assert!(!reused(&proxy, &app, &path).await, "{status}");
+    }
+    // `public` makes any status heuristically cacheable (RFC 9111 §3).
+    let path =
+        format!("/rfc/public/with-headers?status=599&cache-control=public&last-modified={lm}");
+    assert!(reused(&proxy, &app, &path).await);
 }

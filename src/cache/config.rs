@@ -44,6 +44,14 @@ pub struct RouteCacheConfig {
     /// unless `statuses` is set.
     #[serde(default)]
     pub heuristic: Heuristic,
+    /// Honour `CDN-Cache-Control` (RFC 9213): when the upstream sends a valid one, it replaces
+    /// `Cache-Control` and `Expires` for this cache (clients still get both).
+    #[serde(default)]
+    pub cdn_cache_control: bool,
+    /// Honour the upstream's `stale-while-revalidate` / `stale-if-error` response directives
+    /// (RFC 5861): where given, they replace the route's windows for that response.
+    #[serde(default)]
+    pub origin_stale: bool,
     /// Upper bound of `heuristic: last_modified` freshness.
     #[serde(default = "default_heuristic_max")]
     pub heuristic_max: HumanDuration,
@@ -153,6 +161,8 @@ impl RouteCacheConfig {
                 Heuristic::None => HeuristicPolicy::Never,
             },
             explicit_any_status: self.heuristic != Heuristic::Ttl && self.statuses.is_none(),
+            cdn_cache_control: self.cdn_cache_control,
+            origin_stale: self.origin_stale,
             statuses: self.statuses.clone().unwrap_or_else(|| {
                 let mut statuses = DEFAULT_STATUSES.to_vec();
                 if self.negative_ttl.is_some() {

@@ -36,6 +36,10 @@ pub struct RoutePolicy {
     /// A response with explicit freshness may be stored whatever its final status (RFC 9111
     /// §3); `statuses` then only bounds heuristic freshness.
     pub explicit_any_status: bool,
+    /// A valid `CDN-Cache-Control` (RFC 9213) replaces `Cache-Control` and `Expires`.
+    pub cdn_cache_control: bool,
+    /// The upstream's `stale-while-revalidate`/`stale-if-error` replace the route's windows.
+    pub origin_stale: bool,
     pub statuses: Vec<u16>,
     /// Include the query string in the key.
     pub key_query: bool,
@@ -71,6 +75,8 @@ impl Default for RoutePolicy {
             respect_origin: false,
             heuristic: HeuristicPolicy::RouteTtl,
             explicit_any_status: false,
+            cdn_cache_control: false,
+            origin_stale: false,
             statuses: DEFAULT_STATUSES.to_vec(),
             key_query: true,
             key_headers: Vec::new(),
@@ -134,6 +140,51 @@ fn explicit_lifetime(resp: &HeaderMap, cc: &[Directive], now: SystemTime) -> Opt
     };
     let date = resp.get(header::DATE).and_then(http_date).unwrap_or(now);
     Some(expires.duration_since(date).unwrap_or(Duration::ZERO))
+}
+
+/// `CDN-Cache-Control` (RFC 9213) as directives, or `None` when absent or invalid: it is a
+/// Structured Fields dictionary (RFC 8941), so lowercase keys, and `max-age`/`s-maxage` must be
+/// integers; an invalid field is ignored as a whole.
+pub fn cdn_directives(resp: &HeaderMap) -> Option<Vec<Directive>> {
+    let mut out = Vec::new();
+    for value in resp.get_all("cdn-cache-control") {
+        let text = value.to_str().ok()?;
+        for member in text.split(',') {
+            let member = member.trim_matches(|c| c == ' ' || c == '\t');
+            // Parameters (`;a=1`) do not change the directive.
+            let member = member.split(';').next().unwrap_or("");
+            let (name, value) = match member.split_once('=') {
+                Some((n, v)) => (n, Some(v)),
+                None => (member, None),
+            };
+            let key_ok = name
+                .bytes()
+                .next()
+                .is_some_and(|b| b.is_ascii_lowercase() || b == b'*')
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-.*".contains(&b));
+            if !key_ok {
+                return None;
+            }
+            let value = match value {
+                None => None,
+                Some(v)
+                    if v.len() <= 15 && !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) =>
+                {
+                    Some(v.to_owned())
+                }
+                // Non-integer values are fine for other directives, never for lifetimes.
+                Some(_) if name == "max-age" || name == "s-maxage" => return None,
+                Some(v) => Some(v.trim_matches('"').to_owned()),
+            };
+            out.push(Directive {
+                name: name.to_owned(),
+                value,
+            });
+        }
+    }
+    (!out.is_empty()).then_some(out)
 }
 
 /// RFC 9111 §4.2.2: statuses that may be given heuristic freshness.
@@ -216,6 +267,12 @@ impl NotStorable {
 /// cache: `must-revalidate`, `proxy-revalidate` or `s-maxage` (RFC 9111 §5.2.2.2, .8, .10).
 /// The route's stale windows then do not apply to it.
 pub fn forbids_stale(stored_headers: &[(String, Bytes)]) -> bool {
+    let cc = stored_cache_control(stored_headers);
+    has(&cc, "must-revalidate") || has(&cc, "proxy-revalidate") || has(&cc, "s-maxage")
+}
+
+/// The directives of a stored response's `Cache-Control`.
+fn stored_cache_control(stored_headers: &[(String, Bytes)]) -> Vec<Directive> {
     let mut map = HeaderMap::new();
     for (name, value) in stored_headers {
         if name == "cache-control" {
@@ -224,8 +281,25 @@ pub fn forbids_stale(stored_headers: &[(String, Bytes)]) -> bool {
             }
         }
     }
-    let cc = directives(&map, header::CACHE_CONTROL);
-    has(&cc, "must-revalidate") || has(&cc, "proxy-revalidate") || has(&cc, "s-maxage")
+    directives(&map, header::CACHE_CONTROL)
+}
+
+/// The stale windows (while-revalidate, if-error) of a stored response: the route's, or with
+/// `origin_stale` the upstream's own `stale-while-revalidate`/`stale-if-error` (RFC 5861)
+/// where it gave them.
+pub fn stale_windows(
+    stored_headers: &[(String, Bytes)],
+    policy: &RoutePolicy,
+) -> (Duration, Duration) {
+    let route = (policy.stale_while_revalidate, policy.stale_if_error);
+    if !policy.origin_stale {
+        return route;
+    }
+    let cc = stored_cache_control(stored_headers);
+    (
+        seconds(&cc, "stale-while-revalidate").map_or(route.0, Duration::from_secs),
+        seconds(&cc, "stale-if-error").map_or(route.1, Duration::from_secs),
+    )
 }
 
 pub fn request_decision(method: &Method, req: &HeaderMap, route: &RoutePolicy) -> RequestDecision {
@@ -290,18 +364,36 @@ pub fn response_storable_at(
     route: &RoutePolicy,
     now: SystemTime,
 ) -> Result<Duration, NotStorable> {
-    let cc = directives(resp, header::CACHE_CONTROL);
-    let explicit = if route.respect_origin {
+    let cdn = if route.cdn_cache_control {
+        cdn_directives(resp)
+    } else {
+        None
+    };
+    let targeted = cdn.is_some();
+    let cc = cdn.unwrap_or_else(|| directives(resp, header::CACHE_CONTROL));
+    let explicit = if targeted {
+        // RFC 9213 §2.1: Cache-Control and Expires are then ignored.
+        seconds(&cc, "s-maxage")
+            .or_else(|| seconds(&cc, "max-age"))
+            .map(Duration::from_secs)
+    } else if route.respect_origin {
         explicit_lifetime(resp, &cc, now)
     } else {
         seconds(&cc, "s-maxage")
             .or_else(|| seconds(&cc, "max-age"))
             .map(Duration::from_secs)
     };
+    // In RFC mode (`explicit_any_status`), explicit freshness stores any final status and the
+    // Last-Modified heuristic every heuristically cacheable one (or a `public` response).
     let status_ok = route.statuses.contains(&status)
         || (route.explicit_any_status
-            && explicit.is_some()
-            && storable_with_explicit_freshness(status));
+            && match explicit {
+                Some(_) => storable_with_explicit_freshness(status),
+                None => {
+                    matches!(route.heuristic, HeuristicPolicy::LastModified { .. })
+                        && (heuristically_cacheable(status) || has(&cc, "public"))
+                }
+            });
     if !status_ok {
         return Err(NotStorable::Status(status));
     }
@@ -447,12 +539,15 @@ pub fn freshness(entry: &StoredResponse, policy: &RoutePolicy, now: SystemTime) 
     } else if forbids_stale(&entry.headers) {
         // The origin said never stale (must-revalidate & co): revalidate or refetch.
         Freshness::Expired
-    } else if age < ttl.saturating_add(policy.stale_while_revalidate) {
-        Freshness::StaleWhileRevalidate
-    } else if age < ttl.saturating_add(policy.stale_if_error.max(policy.stale_while_revalidate)) {
-        Freshness::StaleIfErrorOnly
     } else {
-        Freshness::Expired
+        let (swr, sie) = stale_windows(&entry.headers, policy);
+        if age < ttl.saturating_add(swr) {
+            Freshness::StaleWhileRevalidate
+        } else if age < ttl.saturating_add(sie.max(swr)) {
+            Freshness::StaleIfErrorOnly
+        } else {
+            Freshness::Expired
+        }
     }
 }
 
@@ -471,7 +566,8 @@ pub fn has_validator(headers: &[(String, Bytes)]) -> bool {
 /// How long the store keeps an entry with freshness lifetime `ttl`: its stale windows, at least
 /// the config's longest route lifetime, plus `keep` when it can be revalidated.
 pub fn retention(ttl: Duration, headers: &[(String, Bytes)], policy: &RoutePolicy) -> Duration {
-    let lifetime = ttl.saturating_add(policy.stale_while_revalidate.max(policy.stale_if_error));
+    let (swr, sie) = stale_windows(headers, policy);
+    let lifetime = ttl.saturating_add(swr.max(sie));
     let base = lifetime.max(policy.retention_floor);
     if has_validator(headers) {
         base.saturating_add(policy.keep)
