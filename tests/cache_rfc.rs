@@ -21,7 +21,7 @@ routes:
   - name: rfc
     match: {{ path_prefix: /rfc }}
     upstream: app
-    cache: {{ ttl: 1h, respect_origin: true, heuristic: last_modified, heuristic_max: 1h }}
+    cache: {{ ttl: 1h, respect_origin: true, heuristic: last_modified, heuristic_max: 1h, vary: match }}
   - name: strict
     match: {{ path_prefix: /strict }}
     upstream: app
@@ -422,4 +422,42 @@ async fn heuristic_freshness_covers_the_heuristically_cacheable_statuses() {
     let path =
         format!("/rfc/public/with-headers?status=599&cache-control=public&last-modified={lm}");
     assert!(reused(&proxy, &app, &path).await);
+}
+
+#[tokio::test]
+async fn responses_vary_on_the_request_headers_they_name() {
+    let app = Backend::start("app").await;
+    let proxy = Proxy::start(&config(&app.url())).await;
+    let path = "/rfc/vary/with-headers?cache-control=max-age=600&vary=Accept-Language,%20X-Foo";
+    let send = |lang: Option<&'static str>, foo: &'static [&'static str]| {
+        let url = proxy.url(path);
+        async move {
+            let mut req = client().get(url);
+            if let Some(lang) = lang {
+                req = req.header("accept-language", lang);
+            }
+            for f in foo {
+                req = req.header("x-foo", *f);
+            }
+            let resp = req.send().await.unwrap();
+            resp.headers()["x-cache-status"]
+                .to_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    // RFC 9111 §4.1: reused only for a request whose Vary-named headers match.
+    assert_eq!(send(Some("de"), &["a,b"]).await, "MISS");
+    assert_eq!(send(Some("de"), &["a,b"]).await, "HIT");
+    // Whitespace after commas and splitting into lines do not change the value.
+    assert_eq!(send(Some("de"), &["a, b"]).await, "HIT");
+    assert_eq!(send(Some("de"), &["a", "b"]).await, "HIT");
+    assert_eq!(send(Some("fr"), &["a,b"]).await, "MISS");
+    // An absent header is not an empty one.
+    assert_eq!(send(None, &["a,b"]).await, "MISS");
+    assert_eq!(send(None, &["a,b"]).await, "HIT");
+    assert_eq!(send(Some(""), &["a,b"]).await, "MISS");
+    // Vary: * never matches: not stored.
+    let star = "/rfc/star/with-headers?cache-control=max-age=600&vary=*";
+    assert!(!reused(&proxy, &app, star).await);
 }

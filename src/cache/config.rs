@@ -52,6 +52,11 @@ pub struct RouteCacheConfig {
     /// (RFC 5861): where given, they replace the route's windows for that response.
     #[serde(default)]
     pub origin_stale: bool,
+    /// What a response whose `Vary` names a header outside `key.headers` does: `keyed` (not
+    /// stored) or `match` (stored with the request's values of those headers and served only to
+    /// requests with the same values; one variant per key, the latest replacing the previous).
+    #[serde(default)]
+    pub vary: VaryMode,
     /// Upper bound of `heuristic: last_modified` freshness.
     #[serde(default = "default_heuristic_max")]
     pub heuristic_max: HumanDuration,
@@ -90,6 +95,17 @@ pub enum Heuristic {
     Ttl,
     LastModified,
     None,
+}
+
+/// See `vary`.
+#[derive(
+    Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum VaryMode {
+    #[default]
+    Keyed,
+    Match,
 }
 
 fn default_heuristic_max() -> HumanDuration {
@@ -163,6 +179,7 @@ impl RouteCacheConfig {
             explicit_any_status: self.heuristic != Heuristic::Ttl && self.statuses.is_none(),
             cdn_cache_control: self.cdn_cache_control,
             origin_stale: self.origin_stale,
+            vary_match: self.vary == VaryMode::Match,
             statuses: self.statuses.clone().unwrap_or_else(|| {
                 let mut statuses = DEFAULT_STATUSES.to_vec();
                 if self.negative_ttl.is_some() {

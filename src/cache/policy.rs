@@ -40,6 +40,9 @@ pub struct RoutePolicy {
     pub cdn_cache_control: bool,
     /// The upstream's `stale-while-revalidate`/`stale-if-error` replace the route's windows.
     pub origin_stale: bool,
+    /// A response varying on unkeyed headers is stored with the request's values of them and
+    /// served only to requests that match (RFC 9111 §4.1); one variant per key.
+    pub vary_match: bool,
     pub statuses: Vec<u16>,
     /// Include the query string in the key.
     pub key_query: bool,
@@ -77,6 +80,7 @@ impl Default for RoutePolicy {
             explicit_any_status: false,
             cdn_cache_control: false,
             origin_stale: false,
+            vary_match: false,
             statuses: DEFAULT_STATUSES.to_vec(),
             key_query: true,
             key_headers: Vec::new(),
@@ -413,10 +417,11 @@ pub fn response_storable_at(
         if d.name == "*" {
             return Err(NotStorable::VaryStar);
         }
-        if !route
-            .key_headers
-            .iter()
-            .any(|h| h.eq_ignore_ascii_case(&d.name))
+        if !route.vary_match
+            && !route
+                .key_headers
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(&d.name))
         {
             return Err(NotStorable::VaryNotKeyed(d.name));
         }
@@ -554,6 +559,60 @@ pub fn freshness(entry: &StoredResponse, policy: &RoutePolicy, now: SystemTime) 
 /// Seconds of freshness left (negative once stale), for `cache-status: ttl=`.
 pub fn ttl_left(entry: &StoredResponse, policy: &RoutePolicy, now: SystemTime) -> i64 {
     effective_ttl(entry, policy).as_secs() as i64 - entry.age(now).as_secs() as i64
+}
+
+/// Stored pseudo-headers that record the request's value of a header the response varies on
+/// (never served: their names are not valid header names).
+pub const VARY_PREFIX: &str = "@vary:";
+
+/// A request header's values as a `Vary` comparison sees them (RFC 9111 §4.1): all lines
+/// combined, list members trimmed, so `a,b`, `a, b` and two lines `a` / `b` are the same; an
+/// absent header differs from an empty one.
+pub fn vary_request_value(req: &HeaderMap, name: &str) -> Bytes {
+    let mut out = Vec::new();
+    let mut present = false;
+    for v in req.get_all(name) {
+        for member in v.as_bytes().split(|b| *b == b',') {
+            let member = member.trim_ascii();
+            if present {
+                out.extend_from_slice(b", ");
+            }
+            present = true;
+            out.extend_from_slice(member);
+        }
+    }
+    if !present {
+        return Bytes::from_static(b"\0absent");
+    }
+    Bytes::from(out)
+}
+
+/// The pseudo-headers to store with a response that varies on headers outside the key.
+pub fn vary_record(resp: &HeaderMap, req: &HeaderMap, route: &RoutePolicy) -> Vec<(String, Bytes)> {
+    directives(resp, header::VARY)
+        .into_iter()
+        .filter(|d| {
+            !route
+                .key_headers
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(&d.name))
+        })
+        .map(|d| {
+            let value = vary_request_value(req, &d.name);
+            (format!("{VARY_PREFIX}{}", d.name), value)
+        })
+        .collect()
+}
+
+/// Whether a stored entry was selected by the same values of its `Vary` headers as `req` has.
+pub fn variant_matches(entry: &StoredResponse, req: &HeaderMap) -> bool {
+    entry
+        .headers
+        .iter()
+        .all(|(name, value)| match name.strip_prefix(VARY_PREFIX) {
+            Some(header) => vary_request_value(req, header) == *value,
+            None => true,
+        })
 }
 
 /// Whether stored headers carry a validator a conditional request can use.

@@ -69,6 +69,8 @@ struct CacheState {
     lookup: Option<LookupNote>,
     /// An unsafe request: on success its URL's entries are evicted (RFC 9111 §4.4).
     invalidate: Option<Box<RequestHeader>>,
+    /// The request's headers, for recording what a stored response varies on (`vary: match`).
+    request_headers: Option<Box<http::HeaderMap>>,
 }
 
 impl CacheState {
@@ -87,6 +89,7 @@ impl CacheState {
             expired: None,
             lookup: None,
             invalidate: None,
+            request_headers: None,
         }
     }
 }
@@ -127,7 +130,7 @@ fn has_body(status: u16) -> bool {
 fn stored_header(entry: &StoredResponse) -> pingora_error::Result<ResponseHeader> {
     let mut resp = ResponseHeader::build(entry.status, Some(entry.headers.len() + 8))?;
     for (name, value) in &entry.headers {
-        if name == "content-length" {
+        if name == "content-length" || name.starts_with(policy::VARY_PREFIX) {
             continue;
         }
         resp.append_header(name.clone(), value.as_ref())?;
@@ -468,7 +471,14 @@ impl Stage for HttpCache {
                 Tier::None
             },
         });
-        if let Some(entry) = lookup.entry {
+        // Another variant (`vary: match`) is as good as nothing stored for this request.
+        let entry = lookup
+            .entry
+            .filter(|e| !self.policy.vary_match || policy::variant_matches(e, &req.headers));
+        if self.policy.vary_match {
+            state.request_headers = Some(Box::new(req.headers.clone()));
+        }
+        if let Some(entry) = entry {
             match freshness(&entry, &self.policy, SystemTime::now()) {
                 Freshness::Fresh => {
                     if let Some(answer) = answer_from(&entry) {
@@ -534,7 +544,10 @@ impl Stage for HttpCache {
                 // Waiting past the upstream timeout would only add to the leader's failure.
                 let patience = self.policy.lock_timeout.min(cx.upstream_timeout);
                 match wait.wait(patience).await {
-                    Waited::Served(entry) => {
+                    Waited::Served(entry)
+                        if !self.policy.vary_match
+                            || policy::variant_matches(&entry, &req.headers) =>
+                    {
                         if let Some(answer) = answer_from(&entry) {
                             // Served by another request's fetch, not found in a tier.
                             self.hit(&mut state, &entry, Tier::None);
@@ -542,8 +555,9 @@ impl Stage for HttpCache {
                             return Ok(Verdict::Answer(answer));
                         }
                     }
-                    // The leader's response was not storable or it failed: fetch for ourselves.
-                    Waited::Fallthrough => {}
+                    // The leader's response was not storable, it failed, or it is another
+                    // variant: fetch for ourselves.
+                    Waited::Served(_) | Waited::Fallthrough => {}
                     // The leader is slow (a slow upstream, or a client reading its answer
                     // slowly): fetch for ourselves, and leave storing to the leader, as nginx
                     // does after `proxy_cache_lock_timeout`.
@@ -679,9 +693,13 @@ impl Stage for HttpCache {
                 } else {
                     std::time::Duration::ZERO
                 };
+                let mut headers = storable_headers(&resp.headers);
+                if let Some(req) = &state.request_headers {
+                    headers.extend(policy::vary_record(&resp.headers, req, &self.policy));
+                }
                 state.capture = Some(Capture {
                     status,
-                    headers: storable_headers(&resp.headers),
+                    headers,
                     ttl,
                     age,
                     body: BytesMut::with_capacity(content_length.unwrap_or(0)),
