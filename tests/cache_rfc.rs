@@ -461,3 +461,78 @@ async fn responses_vary_on_the_request_headers_they_name() {
     let star = "/rfc/star/with-headers?cache-control=max-age=600&vary=*";
     assert!(!reused(&proxy, &app, star).await);
 }
+
+#[tokio::test]
+async fn dates_are_parsed_leniently_only_where_unambiguous() {
+    let app = Backend::start("app").await;
+    let proxy = Proxy::start(&config(&app.url())).await;
+    // Names in another case, and a weekday that disagrees with the date, are still the date.
+    for (i, fresh) in [
+        "THU,%2018%20AUG%202050%2002:01:18%20gMT",
+        "Mon%20Aug%2018%2002:01:18%202050",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let path = format!("/rfc/lenient-{i}/with-headers?expires={fresh}");
+        assert!(reused(&proxy, &app, &path).await, "{fresh}");
+    }
+    // Another zone, a missing comma or a two-digit year in IMF form: invalid, so stale.
+    for (i, bad) in [
+        "Thu,%2018%20Aug%202050%2002:01:18%20UTC",
+        "Thu%2018%20Aug%202050%2002:01:18%20GMT",
+        "Thu,%2018%20Aug%2050%2002:01:18%20GMT",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let path = format!("/rfc/strict-{i}/with-headers?expires={bad}");
+        assert!(!reused(&proxy, &app, &path).await, "{bad}");
+    }
+}
+
+#[tokio::test]
+async fn ranges_are_answered_from_a_complete_stored_response() {
+    let app = Backend::start("app").await;
+    let proxy = Proxy::start(&config(&app.url())).await;
+    let path = "/rfc/range/with-headers?cache-control=max-age=600";
+    let full = client().get(proxy.url(path)).send().await.unwrap();
+    let full = full.bytes().await.unwrap();
+    let len = full.len();
+    let ranged = |range: String| {
+        let url = proxy.url(path);
+        async move {
+            let resp = client()
+                .get(url)
+                .header("range", range)
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            let content_range = resp
+                .headers()
+                .get("content-range")
+                .map(|v| v.to_str().unwrap().to_string());
+            (status, content_range, resp.bytes().await.unwrap())
+        }
+    };
+    // RFC 9110 §14.1.2: first-last, first- and -suffix forms.
+    let (status, cr, body) = ranged("bytes=0-9".into()).await;
+    assert_eq!(
+        (status, cr.as_deref()),
+        (206, Some(&*format!("bytes 0-9/{len}")))
+    );
+    assert_eq!(body, full.slice(0..10));
+    let (status, _, body) = ranged("bytes=5-".into()).await;
+    assert_eq!((status, body), (206, full.slice(5..)));
+    let (status, cr, body) = ranged("bytes=-5".into()).await;
+    assert_eq!(cr, Some(format!("bytes {}-{}/{len}", len - 5, len - 1)));
+    assert_eq!((status, body), (206, full.slice(len - 5..)));
+    // §15.5.17: nothing of it is there.
+    let (status, cr, _) = ranged(format!("bytes={}-", len + 10)).await;
+    assert_eq!((status, cr), (416, Some(format!("bytes */{len}"))));
+    // Several ranges may be answered with the whole response.
+    let (status, _, body) = ranged("bytes=0-1,4-5".into()).await;
+    assert_eq!((status, body), (200, full));
+    assert_eq!(app.hits("/rfc/range/with-headers"), 1, "all from the cache");
+}

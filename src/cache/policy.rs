@@ -108,8 +108,51 @@ pub enum HeuristicPolicy {
 const MAX_DELTA: u64 = 1 << 31;
 
 /// An HTTP date (RFC 9110 §5.6.7: IMF-fixdate, RFC 850 or asctime); `None` when invalid.
+/// Leniently, names in any case and a weekday that disagrees with the date (it is redundant)
+/// are accepted; anything else malformed is invalid.
 pub fn http_date(value: &http::HeaderValue) -> Option<SystemTime> {
-    httpdate::parse_http_date(value.to_str().ok()?.trim()).ok()
+    let text = value.to_str().ok()?.trim();
+    if let Ok(t) = httpdate::parse_http_date(text) {
+        return Some(t);
+    }
+    let mut fixed = String::with_capacity(text.len());
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        if word.eq_ignore_ascii_case("gmt") {
+            out.push_str("GMT");
+        } else {
+            for (i, c) in word.chars().enumerate() {
+                out.push(if i == 0 {
+                    c.to_ascii_uppercase()
+                } else {
+                    c.to_ascii_lowercase()
+                });
+            }
+        }
+        word.clear();
+    };
+    for c in text.chars() {
+        if c.is_ascii_alphabetic() {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut fixed);
+            fixed.push(c);
+        }
+    }
+    flush(&mut word, &mut fixed);
+    if let Ok(t) = httpdate::parse_http_date(&fixed) {
+        return Some(t);
+    }
+    // IMF-fixdate and asctime start with a three-letter weekday.
+    if fixed.get(3..4).is_some_and(|c| c == "," || c == " ") {
+        for day in ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"] {
+            fixed.replace_range(..3, day);
+            if let Ok(t) = httpdate::parse_http_date(&fixed) {
+                return Some(t);
+            }
+        }
+    }
+    None
 }
 
 /// The `Age` the response arrived with (RFC 9111 §5.1): the first value of the first line when

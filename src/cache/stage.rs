@@ -202,6 +202,56 @@ fn not_modified_answer(mut answer: Answer) -> Answer {
     answer
 }
 
+/// RFC 9110 §14: a single `bytes` range of a complete stored 200 answered as 206 (or 416 when
+/// unsatisfiable). Several ranges, other units, `If-Range` or a malformed header get the whole
+/// response, which the RFC allows.
+fn range_answer(mut answer: Answer, status: u16, request: &http::HeaderMap) -> Answer {
+    let Some(spec) = request
+        .get(http::header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().strip_prefix("bytes="))
+    else {
+        return answer;
+    };
+    if status != 200 || spec.contains(',') || request.contains_key(http::header::IF_RANGE) {
+        return answer;
+    }
+    let len = answer.body.len() as u64;
+    let Some((first, last)) = spec.trim().split_once('-') else {
+        return answer;
+    };
+    let parse = |s: &str| -> Option<u64> {
+        let s = s.trim();
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
+    };
+    let range = match (parse(first), parse(last)) {
+        (Some(a), Some(b)) if a <= b => Some((a, b.min(len.saturating_sub(1)))),
+        (Some(a), None) if last.trim().is_empty() => Some((a, len.saturating_sub(1))),
+        (None, Some(n)) if first.trim().is_empty() && n > 0 => {
+            Some((len.saturating_sub(n), len.saturating_sub(1)))
+        }
+        _ => return answer,
+    };
+    let header = &mut answer.header;
+    match range {
+        Some((a, b)) if a < len => {
+            let _ = header.set_status(206);
+            let _ = header.insert_header("content-range", format!("bytes {a}-{b}/{len}"));
+            let _ = header.insert_header("content-length", (b - a + 1).to_string());
+            answer.body = answer.body.slice(a as usize..=b as usize);
+        }
+        _ => {
+            let _ = header.set_status(416);
+            let _ = header.insert_header("content-range", format!("bytes */{len}"));
+            let _ = header.insert_header("content-length", "0");
+            answer.body = Bytes::new();
+        }
+    }
+    answer
+}
+
 /// The request's `Location`/`Content-Location` targets on the same origin, as paths.
 fn same_origin_targets<'a>(
     resp: &'a ResponseHeader,
@@ -486,7 +536,7 @@ impl Stage for HttpCache {
                         let answer = if not_modified(&entry, &req.headers) {
                             not_modified_answer(answer)
                         } else {
-                            answer
+                            range_answer(answer, entry.status, &req.headers)
                         };
                         *cx.slot = Some(Box::new(state));
                         return Ok(Verdict::Answer(answer));
