@@ -30,6 +30,10 @@ routes:
     match: {{ path_prefix: /cdn }}
     upstream: app
     cache: {{ ttl: 1h, respect_origin: true, heuristic: none, cdn_cache_control: true, origin_stale: true }}
+  - name: validated
+    match: {{ path_prefix: /etag }}
+    upstream: app
+    cache: {{ ttl: 1h, respect_origin: true, heuristic: last_modified }}
   - name: legacy
     match: {{ path_prefix: /legacy }}
     upstream: app
@@ -535,4 +539,29 @@ async fn ranges_are_answered_from_a_complete_stored_response() {
     let (status, _, body) = ranged("bytes=0-1,4-5".into()).await;
     assert_eq!((status, body), (200, full));
     assert_eq!(app.hits("/rfc/range/with-headers"), 1, "all from the cache");
+}
+
+#[tokio::test]
+async fn no_cache_responses_are_stored_and_revalidated_on_every_use() {
+    let app = Backend::start("app").await;
+    let proxy = Proxy::start(&config(&app.url())).await;
+    // RFC 9111 §5.2.2.4: stored, but never used without a successful revalidation.
+    let first = get(&proxy, "/etag/nc?no-cache").await;
+    assert_eq!((first.status, first.cache.as_str()), (200, "MISS"));
+    for round in 2..=3 {
+        let again = get(&proxy, "/etag/nc?no-cache").await;
+        assert_eq!(
+            (again.status, again.cache.as_str()),
+            (200, "REVALIDATED"),
+            "{}",
+            again.cache_status
+        );
+        assert_eq!(
+            app.hits("/etag/nc"),
+            round,
+            "one conditional request per use"
+        );
+    }
+    // Without a validator there is nothing to revalidate with: not stored.
+    assert!(!reused(&proxy, &app, "/rfc/nc/with-headers?cache-control=no-cache").await);
 }

@@ -311,11 +311,15 @@ impl NotStorable {
 }
 
 /// Whether a stored response's own `Cache-Control` forbids serving it stale from a shared
-/// cache: `must-revalidate`, `proxy-revalidate` or `s-maxage` (RFC 9111 §5.2.2.2, .8, .10).
+/// cache: `must-revalidate`, `proxy-revalidate`, `s-maxage` or `no-cache` (RFC 9111 §5.2.2.2,
+/// .4, .8, .10).
 /// The route's stale windows then do not apply to it.
 pub fn forbids_stale(stored_headers: &[(String, Bytes)]) -> bool {
     let cc = stored_cache_control(stored_headers);
-    has(&cc, "must-revalidate") || has(&cc, "proxy-revalidate") || has(&cc, "s-maxage")
+    has(&cc, "must-revalidate")
+        || has(&cc, "proxy-revalidate")
+        || has(&cc, "s-maxage")
+        || has(&cc, "no-cache")
 }
 
 /// The directives of a stored response's `Cache-Control`.
@@ -450,7 +454,14 @@ pub fn response_storable_at(
     if has(&cc, "private") {
         return Err(NotStorable::Private);
     }
-    if has(&cc, "no-cache") {
+    // RFC 9111 §5.2.2.4: a no-cache response may be stored if every use is revalidated. With an
+    // RFC heuristic mode and a validator it is stored with zero freshness, so each request makes
+    // a conditional request; otherwise it is not stored.
+    let revalidate_always = has(&cc, "no-cache");
+    if revalidate_always
+        && (matches!(route.heuristic, HeuristicPolicy::RouteTtl)
+            || !(resp.contains_key(header::ETAG) || resp.contains_key(header::LAST_MODIFIED)))
+    {
         return Err(NotStorable::NoCache);
     }
     if resp.contains_key(header::SET_COOKIE) {
@@ -468,6 +479,9 @@ pub fn response_storable_at(
         {
             return Err(NotStorable::VaryNotKeyed(d.name));
         }
+    }
+    if revalidate_always {
+        return Ok(Duration::ZERO);
     }
     let ttl = if route.respect_origin {
         // The response may already have aged upstream (a CDN or cache in front of the app).

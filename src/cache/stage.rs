@@ -594,9 +594,13 @@ impl Stage for HttpCache {
                 // Waiting past the upstream timeout would only add to the leader's failure.
                 let patience = self.policy.lock_timeout.min(cx.upstream_timeout);
                 match wait.wait(patience).await {
+                    // A leader's entry that is already stale (`no-cache`: stored only to be
+                    // revalidated) or another variant does not serve its followers.
                     Waited::Served(entry)
-                        if !self.policy.vary_match
-                            || policy::variant_matches(&entry, &req.headers) =>
+                        if (!self.policy.vary_match
+                            || policy::variant_matches(&entry, &req.headers))
+                            && freshness(&entry, &self.policy, SystemTime::now())
+                                == Freshness::Fresh =>
                     {
                         if let Some(answer) = answer_from(&entry) {
                             // Served by another request's fetch, not found in a tier.

@@ -97,7 +97,8 @@ pub fn serve<S, F, Fut>(
 
 /// A backend that echoes requests as JSON and offers a few behaviours by path:
 /// `/slow/{ms}`, `/status/{code}`, `/big/{bytes}`, `/chunked/{n}`, `/headers?name=value` (sets
-/// response headers from the query, `status=NNN` the status); everything else echoes. It counts hits per path.
+/// response headers from the query, `status=NNN` the status), `/etag/{tag}` (304 for a matching
+/// `If-None-Match`; `?no-cache` adds `Cache-Control: no-cache`); everything else echoes. It counts hits per path.
 pub struct Backend {
     pub addr: SocketAddr,
     pub name: String,
@@ -209,6 +210,10 @@ async fn backend_handle(
                 Response::new(full(format!("etag body {seq}")))
             };
             resp.headers_mut().insert("etag", etag.parse().unwrap());
+            if query.contains("no-cache") {
+                resp.headers_mut()
+                    .insert("cache-control", "no-cache".parse().unwrap());
+            }
             resp
         }
         ["status", code, ..] => {
