@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::policy::{RoutePolicy, DEFAULT_STATUSES, NEGATIVE_STATUSES};
+use super::policy::{HeuristicPolicy, RoutePolicy, DEFAULT_STATUSES, NEGATIVE_STATUSES};
 use super::stage::HttpCache;
 use crate::config::units::HumanDuration;
 use crate::pipeline::registry::{BuildCx, FieldProblem, RouteFeature, ValidateCx};
@@ -33,9 +33,33 @@ pub struct RouteCacheConfig {
     /// Share responses to requests carrying `Authorization`/`Cookie` (keyed by the credential).
     #[serde(default)]
     pub shared: bool,
-    /// Use the upstream's `s-maxage`/`max-age` instead of `ttl` when present.
+    /// Use the freshness the upstream gives (`s-maxage`, `max-age`, `Expires`, less its `Age`)
+    /// instead of `ttl` when present.
     #[serde(default)]
     pub respect_origin: bool,
+    /// With `respect_origin`, the freshness of responses the upstream gave none: `ttl` (the
+    /// route's `ttl`), `last_modified` (RFC 9111 §4.2.2: 10 % of the time since
+    /// `Last-Modified`, at most `heuristic_max`; not stored without it) or `none` (not stored).
+    /// With `last_modified`/`none`, explicit freshness also makes any final status storable
+    /// unless `statuses` is set.
+    #[serde(default)]
+    pub heuristic: Heuristic,
+    /// Honour `CDN-Cache-Control` (RFC 9213): when the upstream sends a valid one, it replaces
+    /// `Cache-Control` and `Expires` for this cache (clients still get both).
+    #[serde(default)]
+    pub cdn_cache_control: bool,
+    /// Honour the upstream's `stale-while-revalidate` / `stale-if-error` response directives
+    /// (RFC 5861): where given, they replace the route's windows for that response.
+    #[serde(default)]
+    pub origin_stale: bool,
+    /// What a response whose `Vary` names a header outside `key.headers` does: `keyed` (not
+    /// stored) or `match` (stored with the request's values of those headers and served only to
+    /// requests with the same values; one variant per key, the latest replacing the previous).
+    #[serde(default)]
+    pub vary: VaryMode,
+    /// Upper bound of `heuristic: last_modified` freshness.
+    #[serde(default = "default_heuristic_max")]
+    pub heuristic_max: HumanDuration,
     /// Statuses that may be stored; defaults to 200, 203, 204, 300, 301, 308, plus 404, 405,
     /// 410, 414, 501 when `negative_ttl` is set.
     #[serde(default)]
@@ -59,6 +83,33 @@ pub enum ClientNoCache {
     #[default]
     Ignore,
     Refresh,
+}
+
+/// Where freshness comes from for responses without explicit freshness (see `heuristic`).
+#[derive(
+    Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Heuristic {
+    #[default]
+    Ttl,
+    LastModified,
+    None,
+}
+
+/// See `vary`.
+#[derive(
+    Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum VaryMode {
+    #[default]
+    Keyed,
+    Match,
+}
+
+fn default_heuristic_max() -> HumanDuration {
+    HumanDuration(Duration::from_secs(24 * 3600))
 }
 
 fn default_keep() -> HumanDuration {
@@ -118,6 +169,17 @@ impl RouteCacheConfig {
             retention_floor,
             shared: self.shared,
             respect_origin: self.respect_origin,
+            heuristic: match self.heuristic {
+                Heuristic::Ttl => HeuristicPolicy::RouteTtl,
+                Heuristic::LastModified => HeuristicPolicy::LastModified {
+                    max: self.heuristic_max.get(),
+                },
+                Heuristic::None => HeuristicPolicy::Never,
+            },
+            explicit_any_status: self.heuristic != Heuristic::Ttl && self.statuses.is_none(),
+            cdn_cache_control: self.cdn_cache_control,
+            origin_stale: self.origin_stale,
+            vary_match: self.vary == VaryMode::Match,
             statuses: self.statuses.clone().unwrap_or_else(|| {
                 let mut statuses = DEFAULT_STATUSES.to_vec();
                 if self.negative_ttl.is_some() {
@@ -151,6 +213,18 @@ impl RouteFeature for RouteCacheConfig {
             out.push(FieldProblem::new(
                 format!("{at}.ttl"),
                 "must be greater than zero (remove `cache` to disable caching)",
+            ));
+        }
+        if self.heuristic != Heuristic::Ttl && !self.respect_origin {
+            out.push(FieldProblem::new(
+                format!("{at}.heuristic"),
+                "applies only with `respect_origin: true` (otherwise `ttl` always applies)",
+            ));
+        }
+        if self.heuristic_max.get().is_zero() {
+            out.push(FieldProblem::new(
+                format!("{at}.heuristic_max"),
+                "must be greater than zero (use `heuristic: none` to store no heuristic freshness)",
             ));
         }
         if self.negative_ttl.is_some_and(|t| t.get().is_zero()) {

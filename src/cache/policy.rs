@@ -29,8 +29,20 @@ pub struct RoutePolicy {
     /// Responses to requests with `Authorization`/`Cookie` may be cached; the key then includes
     /// a hash of the credential so callers never see each other's responses.
     pub shared: bool,
-    /// Take `s-maxage`/`max-age` from the upstream instead of the route TTL.
+    /// Take `s-maxage`/`max-age`/`Expires` from the upstream instead of the route TTL.
     pub respect_origin: bool,
+    /// Freshness for responses without explicit freshness (with `respect_origin`).
+    pub heuristic: HeuristicPolicy,
+    /// A response with explicit freshness may be stored whatever its final status (RFC 9111
+    /// §3); `statuses` then only bounds heuristic freshness.
+    pub explicit_any_status: bool,
+    /// A valid `CDN-Cache-Control` (RFC 9213) replaces `Cache-Control` and `Expires`.
+    pub cdn_cache_control: bool,
+    /// The upstream's `stale-while-revalidate`/`stale-if-error` replace the route's windows.
+    pub origin_stale: bool,
+    /// A response varying on unkeyed headers is stored with the request's values of them and
+    /// served only to requests that match (RFC 9111 §4.1); one variant per key.
+    pub vary_match: bool,
     pub statuses: Vec<u16>,
     /// Include the query string in the key.
     pub key_query: bool,
@@ -64,6 +76,11 @@ impl Default for RoutePolicy {
             retention_floor: Duration::ZERO,
             shared: false,
             respect_origin: false,
+            heuristic: HeuristicPolicy::RouteTtl,
+            explicit_any_status: false,
+            cdn_cache_control: false,
+            origin_stale: false,
+            vary_match: false,
             statuses: DEFAULT_STATUSES.to_vec(),
             key_query: true,
             key_headers: Vec::new(),
@@ -73,6 +90,158 @@ impl Default for RoutePolicy {
             lock_timeout: Duration::from_secs(5),
         }
     }
+}
+
+/// Where freshness comes from when the origin gave none (RFC 9111 §4.2.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeuristicPolicy {
+    /// The route's TTL (outrider's historical behaviour).
+    RouteTtl,
+    /// 10 % of the time since `Last-Modified`, at most `max`, for heuristically cacheable
+    /// statuses (or `public` responses); without `Last-Modified`, not stored.
+    LastModified { max: Duration },
+    /// Not stored.
+    Never,
+}
+
+/// The largest delta-seconds a cache must handle (RFC 9111 §1.2.2); larger ages saturate.
+const MAX_DELTA: u64 = 1 << 31;
+
+/// An HTTP date (RFC 9110 §5.6.7: IMF-fixdate, RFC 850 or asctime); `None` when invalid.
+/// Leniently, names in any case and a weekday that disagrees with the date (it is redundant)
+/// are accepted; anything else malformed is invalid.
+pub fn http_date(value: &http::HeaderValue) -> Option<SystemTime> {
+    let text = value.to_str().ok()?.trim();
+    if let Ok(t) = httpdate::parse_http_date(text) {
+        return Some(t);
+    }
+    let mut fixed = String::with_capacity(text.len());
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        if word.eq_ignore_ascii_case("gmt") {
+            out.push_str("GMT");
+        } else {
+            for (i, c) in word.chars().enumerate() {
+                out.push(if i == 0 {
+                    c.to_ascii_uppercase()
+                } else {
+                    c.to_ascii_lowercase()
+                });
+            }
+        }
+        word.clear();
+    };
+    for c in text.chars() {
+        if c.is_ascii_alphabetic() {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut fixed);
+            fixed.push(c);
+        }
+    }
+    flush(&mut word, &mut fixed);
+    if let Ok(t) = httpdate::parse_http_date(&fixed) {
+        return Some(t);
+    }
+    // IMF-fixdate and asctime start with a three-letter weekday.
+    if fixed.get(3..4).is_some_and(|c| c == "," || c == " ") {
+        for day in ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"] {
+            fixed.replace_range(..3, day);
+            if let Ok(t) = httpdate::parse_http_date(&fixed) {
+                return Some(t);
+            }
+        }
+    }
+    None
+}
+
+/// The `Age` the response arrived with (RFC 9111 §5.1): the first value of the first line when
+/// it is a non-negative integer (saturating at 2^31), otherwise ignored; at least the time
+/// since its `Date` when that is in the past (§4.2.3's apparent age).
+pub fn initial_age(resp: &HeaderMap, now: SystemTime) -> Duration {
+    let age = resp
+        .get(header::AGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(0, |v| v.parse::<u64>().unwrap_or(MAX_DELTA).min(MAX_DELTA));
+    let apparent = resp
+        .get(header::DATE)
+        .and_then(http_date)
+        .and_then(|date| now.duration_since(date).ok())
+        .map_or(0, |d| d.as_secs());
+    Duration::from_secs(age.max(apparent))
+}
+
+/// The freshness lifetime the origin gave explicitly (RFC 9111 §4.2.1): `s-maxage`, `max-age`,
+/// else `Expires` minus `Date` (or minus `now` when `Date` is invalid). An invalid `Expires`
+/// means already stale (zero).
+fn explicit_lifetime(resp: &HeaderMap, cc: &[Directive], now: SystemTime) -> Option<Duration> {
+    if let Some(s) = seconds(cc, "s-maxage").or_else(|| seconds(cc, "max-age")) {
+        return Some(Duration::from_secs(s));
+    }
+    let expires = resp.get(header::EXPIRES)?;
+    let Some(expires) = http_date(expires) else {
+        return Some(Duration::ZERO);
+    };
+    let date = resp.get(header::DATE).and_then(http_date).unwrap_or(now);
+    Some(expires.duration_since(date).unwrap_or(Duration::ZERO))
+}
+
+/// `CDN-Cache-Control` (RFC 9213) as directives, or `None` when absent or invalid: it is a
+/// Structured Fields dictionary (RFC 8941), so lowercase keys, and `max-age`/`s-maxage` must be
+/// integers; an invalid field is ignored as a whole.
+pub fn cdn_directives(resp: &HeaderMap) -> Option<Vec<Directive>> {
+    let mut out = Vec::new();
+    for value in resp.get_all("cdn-cache-control") {
+        let text = value.to_str().ok()?;
+        for member in text.split(',') {
+            let member = member.trim_matches(|c| c == ' ' || c == '\t');
+            // Parameters (`;a=1`) do not change the directive.
+            let member = member.split(';').next().unwrap_or("");
+            let (name, value) = match member.split_once('=') {
+                Some((n, v)) => (n, Some(v)),
+                None => (member, None),
+            };
+            let key_ok = name
+                .bytes()
+                .next()
+                .is_some_and(|b| b.is_ascii_lowercase() || b == b'*')
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-.*".contains(&b));
+            if !key_ok {
+                return None;
+            }
+            let value = match value {
+                None => None,
+                Some(v)
+                    if v.len() <= 15 && !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) =>
+                {
+                    Some(v.to_owned())
+                }
+                // Non-integer values are fine for other directives, never for lifetimes.
+                Some(_) if name == "max-age" || name == "s-maxage" => return None,
+                Some(v) => Some(v.trim_matches('"').to_owned()),
+            };
+            out.push(Directive {
+                name: name.to_owned(),
+                value,
+            });
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// RFC 9111 §4.2.2: statuses that may be given heuristic freshness.
+fn heuristically_cacheable(status: u16) -> bool {
+    DEFAULT_STATUSES.contains(&status) || NEGATIVE_STATUSES.contains(&status)
+}
+
+/// A status a cache may store with explicit freshness: final, complete and not a 304.
+fn storable_with_explicit_freshness(status: u16) -> bool {
+    (200..=599).contains(&status) && status != 206 && status != 304
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,6 +289,8 @@ pub enum NotStorable {
     ZeroMaxAge,
     /// The route's TTL is 0.
     ZeroTtl,
+    /// No explicit freshness and the route gives no heuristic freshness to this response.
+    NoFreshness,
 }
 
 impl NotStorable {
@@ -134,14 +305,25 @@ impl NotStorable {
             NotStorable::VaryNotKeyed(_) => "vary-not-keyed",
             NotStorable::ZeroMaxAge => "max-age-zero",
             NotStorable::ZeroTtl => "ttl-zero",
+            NotStorable::NoFreshness => "no-freshness",
         }
     }
 }
 
 /// Whether a stored response's own `Cache-Control` forbids serving it stale from a shared
-/// cache: `must-revalidate`, `proxy-revalidate` or `s-maxage` (RFC 9111 §5.2.2.2, .8, .10).
+/// cache: `must-revalidate`, `proxy-revalidate`, `s-maxage` or `no-cache` (RFC 9111 §5.2.2.2,
+/// .4, .8, .10).
 /// The route's stale windows then do not apply to it.
 pub fn forbids_stale(stored_headers: &[(String, Bytes)]) -> bool {
+    let cc = stored_cache_control(stored_headers);
+    has(&cc, "must-revalidate")
+        || has(&cc, "proxy-revalidate")
+        || has(&cc, "s-maxage")
+        || has(&cc, "no-cache")
+}
+
+/// The directives of a stored response's `Cache-Control`.
+fn stored_cache_control(stored_headers: &[(String, Bytes)]) -> Vec<Directive> {
     let mut map = HeaderMap::new();
     for (name, value) in stored_headers {
         if name == "cache-control" {
@@ -150,8 +332,25 @@ pub fn forbids_stale(stored_headers: &[(String, Bytes)]) -> bool {
             }
         }
     }
-    let cc = directives(&map, header::CACHE_CONTROL);
-    has(&cc, "must-revalidate") || has(&cc, "proxy-revalidate") || has(&cc, "s-maxage")
+    directives(&map, header::CACHE_CONTROL)
+}
+
+/// The stale windows (while-revalidate, if-error) of a stored response: the route's, or with
+/// `origin_stale` the upstream's own `stale-while-revalidate`/`stale-if-error` (RFC 5861)
+/// where it gave them.
+pub fn stale_windows(
+    stored_headers: &[(String, Bytes)],
+    policy: &RoutePolicy,
+) -> (Duration, Duration) {
+    let route = (policy.stale_while_revalidate, policy.stale_if_error);
+    if !policy.origin_stale {
+        return route;
+    }
+    let cc = stored_cache_control(stored_headers);
+    (
+        seconds(&cc, "stale-while-revalidate").map_or(route.0, Duration::from_secs),
+        seconds(&cc, "stale-if-error").map_or(route.1, Duration::from_secs),
+    )
 }
 
 pub fn request_decision(method: &Method, req: &HeaderMap, route: &RoutePolicy) -> RequestDecision {
@@ -200,23 +399,69 @@ pub fn all_values(req: &HeaderMap, name: &str) -> Vec<u8> {
     out
 }
 
-/// Whether a response may be stored, and for how long it is fresh.
+/// Whether a response may be stored, and for how long it is fresh (its lifetime less the age
+/// it arrived with when the route respects the origin).
 pub fn response_storable(
     status: u16,
     resp: &HeaderMap,
     route: &RoutePolicy,
 ) -> Result<Duration, NotStorable> {
-    if !route.statuses.contains(&status) {
+    response_storable_at(status, resp, route, SystemTime::now())
+}
+
+pub fn response_storable_at(
+    status: u16,
+    resp: &HeaderMap,
+    route: &RoutePolicy,
+    now: SystemTime,
+) -> Result<Duration, NotStorable> {
+    let cdn = if route.cdn_cache_control {
+        cdn_directives(resp)
+    } else {
+        None
+    };
+    let targeted = cdn.is_some();
+    let cc = cdn.unwrap_or_else(|| directives(resp, header::CACHE_CONTROL));
+    let explicit = if targeted {
+        // RFC 9213 §2.1: Cache-Control and Expires are then ignored.
+        seconds(&cc, "s-maxage")
+            .or_else(|| seconds(&cc, "max-age"))
+            .map(Duration::from_secs)
+    } else if route.respect_origin {
+        explicit_lifetime(resp, &cc, now)
+    } else {
+        seconds(&cc, "s-maxage")
+            .or_else(|| seconds(&cc, "max-age"))
+            .map(Duration::from_secs)
+    };
+    // In RFC mode (`explicit_any_status`), explicit freshness stores any final status and the
+    // Last-Modified heuristic every heuristically cacheable one (or a `public` response).
+    let status_ok = route.statuses.contains(&status)
+        || (route.explicit_any_status
+            && match explicit {
+                Some(_) => storable_with_explicit_freshness(status),
+                None => {
+                    matches!(route.heuristic, HeuristicPolicy::LastModified { .. })
+                        && (heuristically_cacheable(status) || has(&cc, "public"))
+                }
+            });
+    if !status_ok {
         return Err(NotStorable::Status(status));
     }
-    let cc = directives(resp, header::CACHE_CONTROL);
     if has(&cc, "no-store") {
         return Err(NotStorable::NoStore);
     }
     if has(&cc, "private") {
         return Err(NotStorable::Private);
     }
-    if has(&cc, "no-cache") {
+    // RFC 9111 §5.2.2.4: a no-cache response may be stored if every use is revalidated. With an
+    // RFC heuristic mode and a validator it is stored with zero freshness, so each request makes
+    // a conditional request; otherwise it is not stored.
+    let revalidate_always = has(&cc, "no-cache");
+    if revalidate_always
+        && (matches!(route.heuristic, HeuristicPolicy::RouteTtl)
+            || !(resp.contains_key(header::ETAG) || resp.contains_key(header::LAST_MODIFIED)))
+    {
         return Err(NotStorable::NoCache);
     }
     if resp.contains_key(header::SET_COOKIE) {
@@ -226,28 +471,27 @@ pub fn response_storable(
         if d.name == "*" {
             return Err(NotStorable::VaryStar);
         }
-        if !route
-            .key_headers
-            .iter()
-            .any(|h| h.eq_ignore_ascii_case(&d.name))
+        if !route.vary_match
+            && !route
+                .key_headers
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(&d.name))
         {
             return Err(NotStorable::VaryNotKeyed(d.name));
         }
     }
-    let origin_seconds = seconds(&cc, "s-maxage").or_else(|| seconds(&cc, "max-age"));
+    if revalidate_always {
+        return Ok(Duration::ZERO);
+    }
     let ttl = if route.respect_origin {
         // The response may already have aged upstream (a CDN or cache in front of the app).
-        let age = resp
-            .get(header::AGE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0);
-        match origin_seconds {
-            Some(s) if s <= age => return Err(NotStorable::ZeroMaxAge),
-            Some(s) => Duration::from_secs(s - age),
-            None => route.ttl,
+        let age = initial_age(resp, now);
+        match explicit {
+            Some(lifetime) if lifetime <= age => return Err(NotStorable::ZeroMaxAge),
+            Some(lifetime) => lifetime - age,
+            None => heuristic_lifetime(status, resp, &cc, route, now)?,
         }
-    } else if origin_seconds == Some(0) {
+    } else if explicit == Some(Duration::ZERO) {
         // An explicit (or invalid, hence stale) zero lifetime is honoured even when the route
         // sets its own TTL: the origin said this must not be reused.
         return Err(NotStorable::ZeroMaxAge);
@@ -262,6 +506,34 @@ pub fn response_storable(
         return Err(NotStorable::ZeroTtl);
     }
     Ok(ttl)
+}
+
+/// Freshness for a response without explicit freshness, per the route's heuristic.
+fn heuristic_lifetime(
+    status: u16,
+    resp: &HeaderMap,
+    cc: &[Directive],
+    route: &RoutePolicy,
+    now: SystemTime,
+) -> Result<Duration, NotStorable> {
+    match route.heuristic {
+        HeuristicPolicy::RouteTtl => Ok(route.ttl),
+        HeuristicPolicy::Never => Err(NotStorable::NoFreshness),
+        HeuristicPolicy::LastModified { max } => {
+            if !heuristically_cacheable(status) && !has(cc, "public") {
+                return Err(NotStorable::Status(status));
+            }
+            let last_modified = resp
+                .get(header::LAST_MODIFIED)
+                .and_then(http_date)
+                .ok_or(NotStorable::NoFreshness)?;
+            let date = resp.get(header::DATE).and_then(http_date).unwrap_or(now);
+            let since = date
+                .duration_since(last_modified)
+                .map_err(|_| NotStorable::NoFreshness)?;
+            Ok((since / 10).min(max))
+        }
+    }
 }
 
 /// Response headers worth storing: hop-by-hop headers and ones the cache recomputes (`age`,
@@ -329,18 +601,75 @@ pub fn freshness(entry: &StoredResponse, policy: &RoutePolicy, now: SystemTime) 
     } else if forbids_stale(&entry.headers) {
         // The origin said never stale (must-revalidate & co): revalidate or refetch.
         Freshness::Expired
-    } else if age < ttl.saturating_add(policy.stale_while_revalidate) {
-        Freshness::StaleWhileRevalidate
-    } else if age < ttl.saturating_add(policy.stale_if_error.max(policy.stale_while_revalidate)) {
-        Freshness::StaleIfErrorOnly
     } else {
-        Freshness::Expired
+        let (swr, sie) = stale_windows(&entry.headers, policy);
+        if age < ttl.saturating_add(swr) {
+            Freshness::StaleWhileRevalidate
+        } else if age < ttl.saturating_add(sie.max(swr)) {
+            Freshness::StaleIfErrorOnly
+        } else {
+            Freshness::Expired
+        }
     }
 }
 
 /// Seconds of freshness left (negative once stale), for `cache-status: ttl=`.
 pub fn ttl_left(entry: &StoredResponse, policy: &RoutePolicy, now: SystemTime) -> i64 {
     effective_ttl(entry, policy).as_secs() as i64 - entry.age(now).as_secs() as i64
+}
+
+/// Stored pseudo-headers that record the request's value of a header the response varies on
+/// (never served: their names are not valid header names).
+pub const VARY_PREFIX: &str = "@vary:";
+
+/// A request header's values as a `Vary` comparison sees them (RFC 9111 §4.1): all lines
+/// combined, list members trimmed, so `a,b`, `a, b` and two lines `a` / `b` are the same; an
+/// absent header differs from an empty one.
+pub fn vary_request_value(req: &HeaderMap, name: &str) -> Bytes {
+    let mut out = Vec::new();
+    let mut present = false;
+    for v in req.get_all(name) {
+        for member in v.as_bytes().split(|b| *b == b',') {
+            let member = member.trim_ascii();
+            if present {
+                out.extend_from_slice(b", ");
+            }
+            present = true;
+            out.extend_from_slice(member);
+        }
+    }
+    if !present {
+        return Bytes::from_static(b"\0absent");
+    }
+    Bytes::from(out)
+}
+
+/// The pseudo-headers to store with a response that varies on headers outside the key.
+pub fn vary_record(resp: &HeaderMap, req: &HeaderMap, route: &RoutePolicy) -> Vec<(String, Bytes)> {
+    directives(resp, header::VARY)
+        .into_iter()
+        .filter(|d| {
+            !route
+                .key_headers
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(&d.name))
+        })
+        .map(|d| {
+            let value = vary_request_value(req, &d.name);
+            (format!("{VARY_PREFIX}{}", d.name), value)
+        })
+        .collect()
+}
+
+/// Whether a stored entry was selected by the same values of its `Vary` headers as `req` has.
+pub fn variant_matches(entry: &StoredResponse, req: &HeaderMap) -> bool {
+    entry
+        .headers
+        .iter()
+        .all(|(name, value)| match name.strip_prefix(VARY_PREFIX) {
+            Some(header) => vary_request_value(req, header) == *value,
+            None => true,
+        })
 }
 
 /// Whether stored headers carry a validator a conditional request can use.
@@ -353,7 +682,8 @@ pub fn has_validator(headers: &[(String, Bytes)]) -> bool {
 /// How long the store keeps an entry with freshness lifetime `ttl`: its stale windows, at least
 /// the config's longest route lifetime, plus `keep` when it can be revalidated.
 pub fn retention(ttl: Duration, headers: &[(String, Bytes)], policy: &RoutePolicy) -> Duration {
-    let lifetime = ttl.saturating_add(policy.stale_while_revalidate.max(policy.stale_if_error));
+    let (swr, sie) = stale_windows(headers, policy);
+    let lifetime = ttl.saturating_add(swr.max(sie));
     let base = lifetime.max(policy.retention_floor);
     if has_validator(headers) {
         base.saturating_add(policy.keep)

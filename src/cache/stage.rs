@@ -67,6 +67,10 @@ struct CacheState {
     expired: Option<Arc<StoredResponse>>,
     /// When the store lookup ran and how long it took (for the trace span).
     lookup: Option<LookupNote>,
+    /// An unsafe request: on success its URL's entries are evicted (RFC 9111 §4.4).
+    invalidate: Option<Box<RequestHeader>>,
+    /// The request's headers, for recording what a stored response varies on (`vary: match`).
+    request_headers: Option<Box<http::HeaderMap>>,
 }
 
 impl CacheState {
@@ -84,6 +88,8 @@ impl CacheState {
             background: None,
             expired: None,
             lookup: None,
+            invalidate: None,
+            request_headers: None,
         }
     }
 }
@@ -101,6 +107,8 @@ struct Capture {
     status: u16,
     headers: Vec<(String, Bytes)>,
     ttl: std::time::Duration,
+    /// The age the response arrived with (origin-given freshness only), carried into the entry.
+    age: std::time::Duration,
     body: BytesMut,
     /// The body's bytes against `cache.max_inflight_bytes`; given back when the capture ends.
     reservation: Reservation,
@@ -126,7 +134,7 @@ fn has_body(status: u16) -> bool {
 fn stored_header(entry: &StoredResponse) -> pingora_error::Result<ResponseHeader> {
     let mut resp = ResponseHeader::build(entry.status, Some(entry.headers.len() + 8))?;
     for (name, value) in &entry.headers {
-        if name == "content-length" {
+        if name == "content-length" || name.starts_with(policy::VARY_PREFIX) {
             continue;
         }
         resp.append_header(name.clone(), value.as_ref())?;
@@ -151,6 +159,126 @@ fn answer_from(entry: &StoredResponse) -> Option<Answer> {
             None
         }
     }
+}
+
+/// RFC 9110 §13.1.1/§13.1.3 against a stored entry: whether the client's `If-None-Match`
+/// (weak comparison) or, without one, `If-Modified-Since` says it already has this entry.
+fn not_modified(entry: &StoredResponse, request: &http::HeaderMap) -> bool {
+    let stored = |name: &str| {
+        entry
+            .headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    };
+    if request.contains_key(http::header::IF_NONE_MATCH) {
+        let Some(etag) = stored("etag") else {
+            return false;
+        };
+        let weak = |t: &[u8]| -> Vec<u8> { t.strip_prefix(b"W/").unwrap_or(t).to_vec() };
+        let etag = weak(etag.trim_ascii());
+        return request
+            .get_all(http::header::IF_NONE_MATCH)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .map(<[u8]>::trim_ascii)
+            .any(|t| t == b"*" || weak(t) == etag);
+    }
+    let Some(since) = request
+        .get(http::header::IF_MODIFIED_SINCE)
+        .and_then(policy::http_date)
+    else {
+        return false;
+    };
+    // §13.1.3: compared with Last-Modified, or the Date the entry was sent with.
+    let modified = stored("last-modified")
+        .or_else(|| stored("date"))
+        .and_then(|v| http::HeaderValue::from_bytes(&v).ok())
+        .and_then(|v| policy::http_date(&v));
+    modified.is_some_and(|m| m <= since)
+}
+
+/// The answer for a client that already has `entry`: its headers as a 304 without a body.
+fn not_modified_answer(mut answer: Answer) -> Answer {
+    let _ = answer.header.set_status(304);
+    answer.header.remove_header(&http::header::CONTENT_LENGTH);
+    answer.body = Bytes::new();
+    answer
+}
+
+/// RFC 9110 §14: a single `bytes` range of a complete stored 200 answered as 206 (or 416 when
+/// unsatisfiable). Several ranges, other units, `If-Range` or a malformed header get the whole
+/// response, which the RFC allows.
+fn range_answer(mut answer: Answer, status: u16, request: &http::HeaderMap) -> Answer {
+    let Some(spec) = request
+        .get(http::header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().strip_prefix("bytes="))
+    else {
+        return answer;
+    };
+    if status != 200 || spec.contains(',') || request.contains_key(http::header::IF_RANGE) {
+        return answer;
+    }
+    let len = answer.body.len() as u64;
+    let Some((first, last)) = spec.trim().split_once('-') else {
+        return answer;
+    };
+    let parse = |s: &str| -> Option<u64> {
+        let s = s.trim();
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
+    };
+    let range = match (parse(first), parse(last)) {
+        (Some(a), Some(b)) if a <= b => Some((a, b.min(len.saturating_sub(1)))),
+        (Some(a), None) if last.trim().is_empty() => Some((a, len.saturating_sub(1))),
+        (None, Some(n)) if first.trim().is_empty() && n > 0 => {
+            Some((len.saturating_sub(n), len.saturating_sub(1)))
+        }
+        _ => return answer,
+    };
+    let header = &mut answer.header;
+    match range {
+        Some((a, b)) if a < len => {
+            let _ = header.set_status(206);
+            let _ = header.insert_header("content-range", format!("bytes {a}-{b}/{len}"));
+            let _ = header.insert_header("content-length", (b - a + 1).to_string());
+            answer.body = answer.body.slice(a as usize..=b as usize);
+        }
+        _ => {
+            let _ = header.set_status(416);
+            let _ = header.insert_header("content-range", format!("bytes */{len}"));
+            let _ = header.insert_header("content-length", "0");
+            answer.body = Bytes::new();
+        }
+    }
+    answer
+}
+
+/// The request's `Location`/`Content-Location` targets on the same origin, as paths.
+fn same_origin_targets<'a>(
+    resp: &'a ResponseHeader,
+    host: &'a str,
+) -> impl Iterator<Item = http::Uri> + 'a {
+    [http::header::LOCATION, http::header::CONTENT_LOCATION]
+        .into_iter()
+        .filter_map(move |name| {
+            let uri: http::Uri = resp.headers.get(&name)?.to_str().ok()?.parse().ok()?;
+            match uri.authority() {
+                Some(a) if !a.as_str().eq_ignore_ascii_case(host) => None,
+                _ if uri.path().starts_with('/') => Some(uri),
+                _ => None,
+            }
+        })
+}
+
+/// RFC 9110 §9.2.1: methods other than these are unsafe (unknown ones included).
+fn is_safe(method: &http::Method) -> bool {
+    matches!(
+        *method,
+        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS | http::Method::TRACE
+    )
 }
 
 /// An entry worth revalidating: it has a validator, and the client did not send conditions of
@@ -248,20 +376,26 @@ impl HttpCache {
         };
     }
 
-    /// Stores the captured response and hands it to the requests waiting on this key.
     /// Stores the captured response and releases those waiting on it; returns its body.
     fn finish_capture(&self, state: &mut CacheState) -> Option<Bytes> {
         let (Some(capture), Some(key)) = (state.capture.take(), state.key.as_ref()) else {
             return None;
         };
-        let retention = policy::retention(capture.ttl, &capture.headers, &self.policy);
+        let now = SystemTime::now();
+        // An entry that arrived aged is stored as if received `age` ago (RFC 9111 §4.2.3), so
+        // its `Age` and freshness continue from the upstream's.
+        let (stored_at, ttl) = match now.checked_sub(capture.age) {
+            Some(at) => (at, capture.ttl.saturating_add(capture.age)),
+            None => (now, capture.ttl),
+        };
+        let retention = policy::retention(ttl, &capture.headers, &self.policy);
         let body = exact_bytes(capture.body);
         let entry = StoredResponse {
             status: capture.status,
             headers: capture.headers,
             body: body.clone(),
-            stored_at: SystemTime::now(),
-            ttl: capture.ttl,
+            stored_at,
+            ttl,
             retention,
             namespace: key.namespace.clone(),
             label: key.label.clone(),
@@ -323,6 +457,33 @@ impl HttpCache {
         }
     }
 
+    /// RFC 9111 §4.4: a successful unsafe request evicts what is stored for its URL and for
+    /// same-origin `Location`/`Content-Location` (the entries a GET with the same request
+    /// headers would use).
+    fn invalidate(&self, req: &RequestHeader, resp: &ResponseHeader) {
+        let credential = if self.policy.shared {
+            policy::credential_bytes(&req.headers)
+        } else {
+            None
+        };
+        self.store.invalidate(&self.key(req, credential.as_deref()));
+        let host = req
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
+        for uri in same_origin_targets(resp, host) {
+            let mut target = req.clone();
+            if let Some(path) = uri.path_and_query() {
+                if let Ok(path) = http::Uri::try_from(path.as_str()) {
+                    target.set_uri(path);
+                    self.store
+                        .invalidate(&self.key(&target, credential.as_deref()));
+                }
+            }
+        }
+    }
+
     /// An expired entry answers nothing, but can still be revalidated or, within its windows,
     /// stand in for a failure.
     fn note_expired(
@@ -364,6 +525,9 @@ impl Stage for HttpCache {
         let (credential, client_refresh) = match decision {
             RequestDecision::Bypass(reason) => {
                 tracing::debug!(route = cx.route, reason = reason.as_str(), "cache bypass");
+                if !is_safe(&req.method) {
+                    state.invalidate = Some(Box::new(req.clone()));
+                }
                 *cx.slot = Some(Box::new(state));
                 return Ok(Verdict::Continue);
             }
@@ -393,11 +557,23 @@ impl Stage for HttpCache {
                 Tier::None
             },
         });
-        if let Some(entry) = lookup.entry {
+        // Another variant (`vary: match`) is as good as nothing stored for this request.
+        let entry = lookup
+            .entry
+            .filter(|e| !self.policy.vary_match || policy::variant_matches(e, &req.headers));
+        if self.policy.vary_match {
+            state.request_headers = Some(Box::new(req.headers.clone()));
+        }
+        if let Some(entry) = entry {
             match freshness(&entry, &self.policy, SystemTime::now()) {
                 Freshness::Fresh => {
                     if let Some(answer) = answer_from(&entry) {
                         self.hit(&mut state, &entry, lookup.tier);
+                        let answer = if not_modified(&entry, &req.headers) {
+                            not_modified_answer(answer)
+                        } else {
+                            range_answer(answer, entry.status, &req.headers)
+                        };
                         *cx.slot = Some(Box::new(state));
                         return Ok(Verdict::Answer(answer));
                     }
@@ -454,7 +630,14 @@ impl Stage for HttpCache {
                 // Waiting past the upstream timeout would only add to the leader's failure.
                 let patience = self.policy.lock_timeout.min(cx.upstream_timeout);
                 match wait.wait(patience).await {
-                    Waited::Served(entry) => {
+                    // A leader's entry that is already stale (`no-cache`: stored only to be
+                    // revalidated) or another variant does not serve its followers.
+                    Waited::Served(entry)
+                        if (!self.policy.vary_match
+                            || policy::variant_matches(&entry, &req.headers))
+                            && freshness(&entry, &self.policy, SystemTime::now())
+                                == Freshness::Fresh =>
+                    {
                         if let Some(answer) = answer_from(&entry) {
                             // Served by another request's fetch, not found in a tier.
                             self.hit(&mut state, &entry, Tier::None);
@@ -462,8 +645,9 @@ impl Stage for HttpCache {
                             return Ok(Verdict::Answer(answer));
                         }
                     }
-                    // The leader's response was not storable or it failed: fetch for ourselves.
-                    Waited::Fallthrough => {}
+                    // The leader's response was not storable, it failed, or it is another
+                    // variant: fetch for ourselves.
+                    Waited::Served(_) | Waited::Fallthrough => {}
                     // The leader is slow (a slow upstream, or a client reading its answer
                     // slowly): fetch for ourselves, and leave storing to the leader, as nginx
                     // does after `proxy_cache_lock_timeout`.
@@ -533,6 +717,12 @@ impl Stage for HttpCache {
             return ResponseVerdict::Forward;
         }
         let status = resp.status.as_u16();
+        if let Some(req) = state.invalidate.take() {
+            if (200..400).contains(&status) {
+                self.invalidate(&req, resp);
+            }
+            return ResponseVerdict::Forward;
+        }
         if let Some(old) = state.revalidating.take() {
             if status == 304 {
                 let mut renewed = (*old).clone();
@@ -588,10 +778,20 @@ impl Stage for HttpCache {
                     state.leader.take();
                     return ResponseVerdict::Forward;
                 };
+                let age = if self.policy.respect_origin {
+                    policy::initial_age(&resp.headers, SystemTime::now())
+                } else {
+                    std::time::Duration::ZERO
+                };
+                let mut headers = storable_headers(&resp.headers);
+                if let Some(req) = &state.request_headers {
+                    headers.extend(policy::vary_record(&resp.headers, req, &self.policy));
+                }
                 state.capture = Some(Capture {
                     status,
-                    headers: storable_headers(&resp.headers),
+                    headers,
                     ttl,
+                    age,
                     body: BytesMut::with_capacity(content_length.unwrap_or(0)),
                     reservation,
                     // An event stream is read as it comes; holding it would break it.

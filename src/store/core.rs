@@ -343,6 +343,28 @@ impl Store {
         Some(entry)
     }
 
+    /// Evicts one entry from L1 now and from Redis in the background (RFC 9111 §4.4
+    /// invalidation after an unsafe request).
+    pub fn invalidate(&self, key: &CacheKey) {
+        if let Some(l1) = &self.l1 {
+            l1.remove(&key.hash);
+        }
+        if let Some(l2) = &self.l2 {
+            l2.delete(l2.key(&key.namespace, &key.label, &key.hex()));
+            // Other replicas drop their L1 copy too: the broadcast a purge by key makes.
+            let message = Message::new(&self.instance, KeyFilter::Key { hex: key.hex() }).encode();
+            let counters = self.metrics.invalidations.clone();
+            l2.publish_later(invalidate::channel(l2.prefix()), message, move |sent| {
+                if sent {
+                    counters.published.inc();
+                } else {
+                    counters.publish_failed.inc();
+                }
+            });
+        }
+        self.uncacheable.invalidate(&key.hash);
+    }
+
     /// Remembers that `key`'s response could not be stored, for a short while.
     pub fn note_uncacheable(&self, key: &CacheKey) {
         self.uncacheable.insert(key.hash, ());

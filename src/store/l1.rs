@@ -52,6 +52,10 @@ impl L1 {
         self.cache.insert(hash, entry);
     }
 
+    pub(crate) fn remove(&self, hash: &[u8; 32]) {
+        self.cache.invalidate(hash);
+    }
+
     /// Removes matching entries and counts them. Walks the whole cache: purges are rare admin
     /// calls, and an exact count is worth more than moka's lazy predicate invalidation.
     pub(crate) fn purge(&self, mut pred: impl FnMut(&[u8; 32], &StoredResponse) -> bool) -> u64 {

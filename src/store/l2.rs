@@ -621,6 +621,27 @@ impl L2 {
         });
     }
 
+    /// Queues an UNLINK of one key in the background; the caller never waits for Redis.
+    pub(crate) fn delete(&self, key: String) {
+        let inner = Arc::clone(&self.inner);
+        if inner.pending_writes.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING_WRITES {
+            inner.pending_writes.fetch_sub(1, Ordering::Relaxed);
+            tracing::debug!("redis write queue full; dropping delete");
+            return;
+        }
+        self.rt.spawn(async move {
+            if let Some((mut conn, breaker)) = inner.admit(&key) {
+                let res = tokio::time::timeout(
+                    inner.write_timeout,
+                    redis::cmd("UNLINK").arg(&key).query_async::<()>(&mut conn),
+                )
+                .await;
+                inner.settle(&breaker, res);
+            }
+            inner.pending_writes.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+
     /// Deletes every key the filter selects, with SCAN (never KEYS) and UNLINK; on a cluster,
     /// SCAN runs on every master (each holds only its own slots).
     pub(crate) async fn purge(&self, filter: &KeyFilter) -> Result<u64, CacheError> {
@@ -658,21 +679,20 @@ impl L2 {
     /// Publishes `message` on `channel` within the admin timeout; pub/sub is not gated by the
     /// breaker (a purge is rare and its broadcast is worth one try).
     pub(crate) async fn publish(&self, channel: &str, message: &str) -> Result<(), CacheError> {
-        let inner = &self.inner;
-        let Some(conn) = inner.conn.load_full() else {
-            return Err(CacheError::Redis("not connected".into()));
-        };
-        let mut conn = Conn::clone(&conn);
-        let timeout = inner.timeout.max(Duration::from_secs(1));
-        run(
-            timeout,
-            redis::cmd("PUBLISH")
-                .arg(channel)
-                .arg(message)
-                .query_async::<i64>(&mut conn),
-        )
-        .await
-        .map(drop)
+        publish_on(&self.inner, channel, message).await
+    }
+
+    /// Publishes in the background (the request never waits); `done` learns whether it went out.
+    pub(crate) fn publish_later(
+        &self,
+        channel: String,
+        message: String,
+        done: impl FnOnce(bool) + Send + 'static,
+    ) {
+        let inner = Arc::clone(&self.inner);
+        self.rt.spawn(async move {
+            done(publish_on(&inner, &channel, &message).await.is_ok());
+        });
     }
 
     /// Clients for the invalidation subscriber and the runtime it must run on.
@@ -747,6 +767,23 @@ async fn masters(
 }
 
 /// Keeps the per-node breakers' slot map current for as long as the tier lives.
+async fn publish_on(inner: &Inner, channel: &str, message: &str) -> Result<(), CacheError> {
+    let Some(conn) = inner.conn.load_full() else {
+        return Err(CacheError::Redis("not connected".into()));
+    };
+    let mut conn = Conn::clone(&conn);
+    let timeout = inner.timeout.max(Duration::from_secs(1));
+    run(
+        timeout,
+        redis::cmd("PUBLISH")
+            .arg(channel)
+            .arg(message)
+            .query_async::<i64>(&mut conn),
+    )
+    .await
+    .map(drop)
+}
+
 async fn watch_topology(inner: Arc<Inner>) {
     let timeout = inner.timeout.max(Duration::from_secs(1));
     loop {

@@ -97,7 +97,8 @@ pub fn serve<S, F, Fut>(
 
 /// A backend that echoes requests as JSON and offers a few behaviours by path:
 /// `/slow/{ms}`, `/status/{code}`, `/big/{bytes}`, `/chunked/{n}`, `/headers?name=value` (sets
-/// response headers from the query); everything else echoes. It counts hits per path.
+/// response headers from the query, `status=NNN` the status), `/etag/{tag}` (304 for a matching
+/// `If-None-Match`; `?no-cache` adds `Cache-Control: no-cache`); everything else echoes. It counts hits per path.
 pub struct Backend {
     pub addr: SocketAddr,
     pub name: String,
@@ -209,6 +210,10 @@ async fn backend_handle(
                 Response::new(full(format!("etag body {seq}")))
             };
             resp.headers_mut().insert("etag", etag.parse().unwrap());
+            if query.contains("no-cache") {
+                resp.headers_mut()
+                    .insert("cache-control", "no-cache".parse().unwrap());
+            }
             resp
         }
         ["status", code, ..] => {
@@ -237,7 +242,8 @@ async fn backend_handle(
             if path == "/headers" || path.ends_with("/with-headers") {
                 for pair in query.split('&').filter(|p| !p.is_empty()) {
                     if let Some((k, v)) = pair.split_once('=') {
-                        set_headers.push((k.to_string(), v.replace("%20", " ")));
+                        set_headers
+                            .push((k.to_string(), v.replace("%20", " ").replace("%22", "\"")));
                     }
                 }
             }
@@ -266,6 +272,13 @@ async fn backend_handle(
             resp.headers_mut()
                 .insert("content-type", "application/json".parse().unwrap());
             for (k, v) in set_headers {
+                // `status=NNN` in a with-headers query sets the status instead.
+                if k == "status" {
+                    if let Ok(code) = v.parse::<u16>() {
+                        *resp.status_mut() = hyper::StatusCode::from_u16(code).unwrap();
+                    }
+                    continue;
+                }
                 resp.headers_mut().append(
                     hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
                     v.parse().unwrap(),
