@@ -491,12 +491,18 @@ async fn purge_by_route_prefix_and_key() {
     }
 }
 
+/// The shared-L2 tests' config: a Redis timeout generous enough that a loaded CI machine cannot
+/// turn an L2 hit into a miss (the timeout's own behaviour is tested elsewhere).
+fn shared_config(app: &str, redis: &str) -> String {
+    config(app, redis, "").replace("timeout: 50ms", "timeout: 2s")
+}
+
 #[tokio::test]
 async fn second_replica_gets_the_first_ones_entry_from_redis() {
     let app = Backend::start("app").await;
     let redis = Redis::start();
-    let one = Proxy::start(&config(&app.url(), &redis.url(), "")).await;
-    let two = Proxy::start(&config(&app.url(), &redis.url(), "")).await;
+    let one = Proxy::start(&shared_config(&app.url(), &redis.url())).await;
+    let two = Proxy::start(&shared_config(&app.url(), &redis.url())).await;
     // Replicas behind one Service are reached under the same Host.
     let svc = [("host", "api.internal")];
     let first = get(&one, "/echo/items/shared", &svc).await;
@@ -532,7 +538,7 @@ async fn second_replica_gets_the_first_ones_entry_from_redis() {
 
     // A corrupt value is a miss, and the next store overwrites it.
     redis.cli(&["SET", &key, "garbage-not-an-entry"]);
-    let three = Proxy::start(&config(&app.url(), &redis.url(), "")).await;
+    let three = Proxy::start(&shared_config(&app.url(), &redis.url())).await;
     assert_eq!(get(&three, "/echo/items/shared", &svc).await.cache, "MISS");
     wait_for(
         "the corrupt value to be overwritten",
@@ -540,7 +546,7 @@ async fn second_replica_gets_the_first_ones_entry_from_redis() {
         || async { (redis.cli(&["GET", &key]).trim() != "garbage-not-an-entry").then_some(()) },
     )
     .await;
-    let four = Proxy::start(&config(&app.url(), &redis.url(), "")).await;
+    let four = Proxy::start(&shared_config(&app.url(), &redis.url())).await;
     assert_eq!(get(&four, "/echo/items/shared", &svc).await.cache, "HIT");
 }
 

@@ -31,17 +31,55 @@ fn cluster_port() -> u16 {
 /// Three masters, no replicas, on loopback; every process is killed on drop.
 struct Cluster {
     nodes: Vec<(u16, Option<Child>)>,
+    /// redis-cli's TLS arguments when the cluster speaks only TLS (clients and bus).
+    tls: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
 impl Cluster {
     fn start() -> Cluster {
+        Cluster::start_with(None)
+    }
+
+    /// With a PKI: TLS only, on the client ports and the cluster bus, client certificates required.
+    fn start_with(pki: Option<&Pki>) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
+        let tls: Vec<String> = pki
+            .map(|pki| {
+                let path = |n: &str| pki.path(n).display().to_string();
+                vec![
+                    "--tls".into(),
+                    "--cacert".into(),
+                    path("ca.pem"),
+                    "--cert".into(),
+                    path("client.pem"),
+                    "--key".into(),
+                    path("client-key.pem"),
+                ]
+            })
+            .unwrap_or_default();
         let mut nodes = Vec::new();
         for _ in 0..3 {
             let port = cluster_port();
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            let mut server = Command::new("redis-server");
+            match pki {
+                Some(pki) => {
+                    server
+                        .args(["--port", "0", "--tls-port", &port.to_string()])
+                        .args(["--tls-cluster", "yes", "--tls-auth-clients", "yes"])
+                        .arg("--tls-cert-file")
+                        .arg(pki.path("server.pem"))
+                        .arg("--tls-key-file")
+                        .arg(pki.path("server-key.pem"))
+                        .arg("--tls-ca-cert-file")
+                        .arg(pki.path("ca.pem"));
+                }
+                None => {
+                    server.args(["--port", &port.to_string()]);
+                }
+            }
+            let child = server
+                .args(["--bind", "127.0.0.1"])
                 .args(["--cluster-enabled", "yes"])
                 .arg("--cluster-config-file")
                 .arg(dir.path().join(format!("nodes-{port}.conf")))
@@ -65,6 +103,7 @@ impl Cluster {
             .map(|(p, _)| format!("127.0.0.1:{p}"))
             .collect();
         let out = Command::new("redis-cli")
+            .args(&tls)
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
@@ -78,12 +117,16 @@ impl Cluster {
         );
         let deadline = Instant::now() + Duration::from_secs(30);
         for (port, _) in &nodes {
-            while !cli(*port, &["CLUSTER", "INFO"]).contains("cluster_state:ok") {
+            while !tls_cli(*port, &tls, &["CLUSTER", "INFO"]).contains("cluster_state:ok") {
                 assert!(Instant::now() < deadline, "cluster did not become ok");
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        Cluster { nodes, _dir: dir }
+        Cluster {
+            nodes,
+            tls,
+            _dir: dir,
+        }
     }
 
     /// YAML list of seed nodes.
@@ -91,7 +134,14 @@ impl Cluster {
         let urls: Vec<String> = self
             .nodes
             .iter()
-            .map(|(p, _)| format!("\"redis://127.0.0.1:{p}\""))
+            .map(|(p, _)| {
+                let scheme = if self.tls.is_empty() {
+                    "redis"
+                } else {
+                    "rediss"
+                };
+                format!("\"{scheme}://127.0.0.1:{p}\"")
+            })
             .collect();
         format!("[{}]", urls.join(", "))
     }
@@ -102,10 +152,14 @@ impl Cluster {
             .iter()
             .filter(|(_, c)| c.is_some())
             .map(|(p, _)| {
-                cli(*p, &["--scan", "--pattern", &format!("{prefix}*")])
-                    .lines()
-                    .filter(|l| !l.is_empty())
-                    .count()
+                tls_cli(
+                    *p,
+                    &self.tls,
+                    &["--scan", "--pattern", &format!("{prefix}*")],
+                )
+                .lines()
+                .filter(|l| !l.is_empty())
+                .count()
             })
             .collect()
     }
@@ -116,6 +170,20 @@ impl Cluster {
             let _ = c.wait();
         }
     }
+}
+
+/// redis-cli against one node, over TLS when `tls` has arguments.
+fn tls_cli(port: u16, tls: &[String], args: &[&str]) -> String {
+    if tls.is_empty() {
+        return cli(port, args);
+    }
+    let out = Command::new("redis-cli")
+        .args(tls)
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 impl Drop for Cluster {
@@ -546,4 +614,51 @@ async fn purges_without_the_channel_still_clear_redis_and_a_resubscribed_replica
     wait_subscribed(&b).await;
     support::metric_eventually(&b, "outrider_cache_l1_entries", &[], 0.0).await;
     assert_eq!(get(&b, "/echo/items/p").await, (200, "MISS".into()));
+}
+
+/// A Redis Cluster that speaks only TLS (`rediss://` seeds, client certificates required, the
+/// bus over TLS too) is shared by two replicas like a plain one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_cluster_is_shared_by_replicas() {
+    let pki = Pki::new();
+    let cluster = Cluster::start_with(Some(&pki));
+    let app = Backend::start("app").await;
+    let redis = format!(
+        r#"cluster_nodes: {}, tls: {{ ca_file: "{}", cert_file: "{}", key_file: "{}" }}"#,
+        cluster.seeds(),
+        pki.path("ca.pem").display(),
+        pki.path("client.pem").display(),
+        pki.path("client-key.pem").display()
+    );
+    let a = Proxy::start(&config(&app.url(), &redis, "64MiB")).await;
+    let b = Proxy::start(&config(&app.url(), &redis, "64MiB")).await;
+    wait_redis_up(&a).await;
+    wait_redis_up(&b).await;
+    let paths: Vec<String> = (0..6).map(|i| format!("/echo/items/tls-{i}")).collect();
+    for path in &paths {
+        assert_eq!(get(&a, path).await, (200, "MISS".into()));
+    }
+    // A's writes are in the background: wait until every key is in the cluster.
+    wait_for(
+        "A's writes to the cluster",
+        Duration::from_secs(15),
+        || async {
+            let stored: usize = cluster.keys_per_node("outrider:").iter().sum();
+            (stored >= paths.len()).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        cluster
+            .keys_per_node("outrider:")
+            .iter()
+            .filter(|&&n| n > 0)
+            .count()
+            >= 2,
+        "the keys spread over several masters"
+    );
+    for path in &paths {
+        assert_eq!(get(&b, path).await, (200, "HIT".into()), "{path}");
+        assert_eq!(app.hits(path), 1);
+    }
 }
