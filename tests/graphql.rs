@@ -416,6 +416,15 @@ async fn bad_input_gets_graphql_errors_with_stable_codes() {
     let too_big = post_raw(p, "/graphql", huger, &[]).await;
     assert_eq!(too_big.status, 400);
     assert_eq!(too_big.code(), Some("GRAPHQL_REQUEST_TOO_LARGE"));
+    // An upload GraphQL would not have read keeps the proxy's own 413.
+    let upload = client()
+        .post(p.url("/graphql"))
+        .header("content-type", "multipart/form-data; boundary=x")
+        .body(vec![b'x'; 5 << 20])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(upload.status(), 413);
     // Malformed GET parameters.
     let bad_get = get(
         p,

@@ -935,6 +935,16 @@ routes:
     // A request the model refuses is the app's to answer, and is not compared.
     let (status, _) = predict(&proxy, "/same/risk", json!([1, 2])).await;
     assert_eq!(status, 200);
+    // Past the route's max_body the proxy refuses in its own shape: in shadow mode the app's
+    // contract, not the model's, is what clients know.
+    let big = client()
+        .post(proxy.url("/same/risk"))
+        .header("content-type", "application/json")
+        .body(vec![b' '; 5 << 20])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(big.status(), 413);
     assert_eq!((agreeing.hits(), disagreeing.hits()), (5, 4));
     let text = metric_eventually(
         &proxy,

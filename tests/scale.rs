@@ -206,7 +206,7 @@ cache:
   redis: {{ {redis}, timeout: 100ms }}
 routes:
   - name: items
-    match: {{ path_prefix: /echo/items, methods: [GET, HEAD] }}
+    match: {{ path_prefix: /echo/items, methods: [GET, HEAD, PUT] }}
     upstream: app
     cache: {{ ttl: 5m }}
   - name: rest
@@ -661,4 +661,19 @@ async fn a_tls_cluster_is_shared_by_replicas() {
         assert_eq!(get(&b, path).await, (200, "HIT".into()), "{path}");
         assert_eq!(app.hits(path), 1);
     }
+    // A successful PUT through A invalidates the URL (RFC 9111 §4.4) in Redis and, through the
+    // purge channel, in B's L1 too.
+    let changed = &paths[0];
+    let put = client()
+        .put(a.url(changed))
+        .header("host", "api.internal")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+    wait_for("B to drop its copy", Duration::from_secs(10), || async {
+        (get(&b, changed).await == (200, "MISS".into())).then_some(())
+    })
+    .await;
+    assert_eq!(get(&b, &paths[1]).await, (200, "HIT".into()), "others stay");
 }

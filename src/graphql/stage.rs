@@ -413,15 +413,7 @@ impl GraphqlStage {
             request
         } else if req.method == http::Method::POST {
             // Other encodings (multipart uploads, `application/graphql`) are the app's business.
-            let json = req
-                .headers
-                .get(http::header::CONTENT_TYPE)
-                .is_none_or(|ct| {
-                    ct.as_bytes()
-                        .windows(4)
-                        .any(|w| w.eq_ignore_ascii_case(b"json"))
-                });
-            if !json {
+            if !is_json(req) {
                 return self.unchecked();
             }
             if declared_length(&req.headers).is_some_and(|len| len > self.max_body()) {
@@ -572,6 +564,17 @@ fn has_errors(body: &[u8]) -> bool {
     }
 }
 
+/// A body GraphQL reads: JSON, or no `Content-Type` at all.
+fn is_json(req: &RequestHeader) -> bool {
+    req.headers
+        .get(http::header::CONTENT_TYPE)
+        .is_none_or(|ct| {
+            ct.as_bytes()
+                .windows(4)
+                .any(|w| w.eq_ignore_ascii_case(b"json"))
+        })
+}
+
 #[async_trait]
 impl Stage for GraphqlStage {
     fn name(&self) -> &'static str {
@@ -585,8 +588,9 @@ impl Stage for GraphqlStage {
         req.method == http::Method::POST
     }
 
-    fn body_too_large(&self, _req: &RequestHeader, limit: usize) -> Option<Answer> {
-        GraphqlError::TooLarge { limit }.answer()
+    fn body_too_large(&self, req: &RequestHeader, limit: usize) -> Option<Answer> {
+        // Only what GraphQL would have read; an upload keeps the proxy's 413.
+        is_json(req).then(|| GraphqlError::TooLarge { limit }.answer())?
     }
 
     async fn on_request(&self, cx: &mut RequestCx<'_>) -> Result<Verdict, StageError> {

@@ -442,6 +442,10 @@ impl Stage for InferenceStage {
     }
 
     fn body_too_large(&self, _req: &RequestHeader, limit: usize) -> Option<Answer> {
+        // In shadow mode the app answers, and so the proxy's own 413 stands.
+        if self.config.shadow {
+            return None;
+        }
         let label = self.config.model.clone().unwrap_or_default();
         self.count(&label, "bad_input");
         InferenceError::BadInput(format!(

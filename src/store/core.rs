@@ -350,17 +350,26 @@ impl Store {
             l1.remove(&key.hash);
         }
         if let Some(l2) = &self.l2 {
-            l2.delete(l2.key(&key.namespace, &key.label, &key.hex()));
-            // Other replicas drop their L1 copy too: the broadcast a purge by key makes.
+            // Other replicas drop their L1 copy too (the broadcast a purge by key makes), once
+            // Redis no longer has the entry to give them back.
             let message = Message::new(&self.instance, KeyFilter::Key { hex: key.hex() }).encode();
             let counters = self.metrics.invalidations.clone();
-            l2.publish_later(invalidate::channel(l2.prefix()), message, move |sent| {
-                if sent {
-                    counters.published.inc();
-                } else {
-                    counters.publish_failed.inc();
-                }
-            });
+            let (l1, hash) = (self.l1.clone(), key.hash);
+            l2.delete_and_announce(
+                l2.key(&key.namespace, &key.label, &key.hex()),
+                Some((invalidate::channel(l2.prefix()), message)),
+                move |_, published| {
+                    // A lookup already waiting on Redis may have put the old entry back here.
+                    if let Some(l1) = l1 {
+                        l1.remove(&hash);
+                    }
+                    match published {
+                        Some(true) => counters.published.inc(),
+                        Some(false) => counters.publish_failed.inc(),
+                        None => {}
+                    }
+                },
+            );
         }
         self.uncacheable.invalidate(&key.hash);
     }

@@ -29,6 +29,8 @@ impl Expiry<[u8; 32], Entry> for RetentionExpiry {
     }
 }
 
+/// Cheap to clone: the handles share one cache.
+#[derive(Clone)]
 pub(crate) struct L1 {
     cache: Moka<[u8; 32], Entry>,
 }

@@ -621,24 +621,44 @@ impl L2 {
         });
     }
 
-    /// Queues an UNLINK of one key in the background; the caller never waits for Redis.
-    pub(crate) fn delete(&self, key: String) {
+    /// Invalidates one key in the background (the caller never waits for Redis): UNLINK, then
+    /// PUBLISH `announce` (channel, message) so other replicas drop their L1 copy only once Redis
+    /// no longer holds it, then `after(deleted, published)`. A delete that cannot be made (queue
+    /// full, breaker open, error) is logged: the entry then lives in Redis until it expires.
+    pub(crate) fn delete_and_announce(
+        &self,
+        key: String,
+        announce: Option<(String, String)>,
+        after: impl FnOnce(bool, Option<bool>) + Send + 'static,
+    ) {
         let inner = Arc::clone(&self.inner);
-        if inner.pending_writes.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING_WRITES {
+        let queued = inner.pending_writes.fetch_add(1, Ordering::Relaxed) < MAX_PENDING_WRITES;
+        if !queued {
             inner.pending_writes.fetch_sub(1, Ordering::Relaxed);
-            tracing::debug!("redis write queue full; dropping delete");
-            return;
         }
         self.rt.spawn(async move {
-            if let Some((mut conn, breaker)) = inner.admit(&key) {
-                let res = tokio::time::timeout(
-                    inner.write_timeout,
-                    redis::cmd("UNLINK").arg(&key).query_async::<()>(&mut conn),
-                )
-                .await;
-                inner.settle(&breaker, res);
+            let mut deleted = false;
+            if queued {
+                if let Some((mut conn, breaker)) = inner.admit(&key) {
+                    let res = tokio::time::timeout(
+                        inner.write_timeout,
+                        redis::cmd("UNLINK").arg(&key).query_async::<()>(&mut conn),
+                    )
+                    .await;
+                    deleted = inner.settle(&breaker, res).is_some();
+                }
+                inner.pending_writes.fetch_sub(1, Ordering::Relaxed);
             }
-            inner.pending_writes.fetch_sub(1, Ordering::Relaxed);
+            if !deleted {
+                tracing::warn!("an invalidated entry could not be deleted from redis; it is served from there until it expires");
+            }
+            let published = match announce {
+                Some((channel, message)) => {
+                    Some(publish_on(&inner, &channel, &message).await.is_ok())
+                }
+                None => None,
+            };
+            after(deleted, published);
         });
     }
 
@@ -680,19 +700,6 @@ impl L2 {
     /// breaker (a purge is rare and its broadcast is worth one try).
     pub(crate) async fn publish(&self, channel: &str, message: &str) -> Result<(), CacheError> {
         publish_on(&self.inner, channel, message).await
-    }
-
-    /// Publishes in the background (the request never waits); `done` learns whether it went out.
-    pub(crate) fn publish_later(
-        &self,
-        channel: String,
-        message: String,
-        done: impl FnOnce(bool) + Send + 'static,
-    ) {
-        let inner = Arc::clone(&self.inner);
-        self.rt.spawn(async move {
-            done(publish_on(&inner, &channel, &message).await.is_ok());
-        });
     }
 
     /// Clients for the invalidation subscriber and the runtime it must run on.
@@ -766,7 +773,7 @@ async fn masters(
     Ok(out)
 }
 
-/// Keeps the per-node breakers' slot map current for as long as the tier lives.
+/// One PUBLISH on the shared connection (a purge is rare and its broadcast is worth one try).
 async fn publish_on(inner: &Inner, channel: &str, message: &str) -> Result<(), CacheError> {
     let Some(conn) = inner.conn.load_full() else {
         return Err(CacheError::Redis("not connected".into()));
@@ -784,6 +791,7 @@ async fn publish_on(inner: &Inner, channel: &str, message: &str) -> Result<(), C
     .map(drop)
 }
 
+/// Keeps the per-node breakers' slot map current for as long as the tier lives.
 async fn watch_topology(inner: Arc<Inner>) {
     let timeout = inner.timeout.max(Duration::from_secs(1));
     loop {
