@@ -13,12 +13,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::fs::File;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+
+mod support;
+use support::free_port;
 
 const BIN: &str = env!("CARGO_BIN_EXE_outrider");
 
@@ -28,13 +30,6 @@ fn root() -> PathBuf {
 
 fn python() -> String {
     std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 /// A child process killed (by its PID) and reaped when dropped. Its output goes to a log

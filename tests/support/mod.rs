@@ -25,12 +25,37 @@ pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 type HitCounts = Arc<Mutex<HashMap<String, usize>>>;
 type BackendState = (String, HitCounts, Arc<AtomicUsize>, Arc<AtomicBool>);
 
-/// A port nobody listens on right now (bound then released).
+/// A port nobody listens on right now, never handed out twice by this process.
+///
+/// Picked below the kernel's ephemeral range (32768+): a port from `bind(0)` can come back from
+/// the very next `bind(0)` once released, or be taken as the local end of some outgoing
+/// connection before the child process binds it. A random start spreads the test processes that
+/// nextest runs side by side over the range.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    use std::collections::HashSet;
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::OnceLock;
+    const FIRST: u16 = 15_000;
+    const SPAN: u16 = 17_000;
+    static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
+    let mut given = GIVEN
+        .get_or_init(|| Mutex::new(HashSet::new()))
+        .lock()
+        .unwrap();
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    let start = (hasher.finish() % u64::from(SPAN)) as u16;
+    for i in 0..SPAN {
+        let port = FIRST + (start + i) % SPAN;
+        if given.contains(&port) {
+            continue;
+        }
+        if StdListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST}..{}", FIRST + SPAN)
 }
 
 /// Polls `f` until it returns Some or the deadline passes.
