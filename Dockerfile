@@ -26,6 +26,8 @@ WORKDIR /build
 # every [[bench]], [[test]] and [[example]] target named in Cargo.toml exists,
 # so the awk script writes an empty `fn main() {}` for each of them as well.
 COPY Cargo.toml Cargo.lock ./
+# Patched dependencies ([patch.crates-io] in Cargo.toml) are part of the dependency graph.
+COPY vendor vendor
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     set -eu; \
     mkdir -p src; \

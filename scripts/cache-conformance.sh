@@ -32,7 +32,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SUITE=${SUITE:-/work/.mirror/http-tests+cache-tests/repo}
 ONLY=${ONLY:-outrider nginx varnish}
 # The route's cache block: origin freshness only, RFC 9111's heuristic, revalidation.
-ROUTE_CACHE=${ROUTE_CACHE:-"{ respect_origin: true, ttl: 1s, heuristic: last_modified, cdn_cache_control: true, origin_stale: true, vary: match }"}
+ROUTE_CACHE=${ROUTE_CACHE:-"{ respect_origin: true, ttl: 1s, heuristic: last_modified, cdn_cache_control: true, origin_stale: true, vary: match, client_directives: honour }"}
 ORIGIN_PORT=18400
 OUTRIDER_PORT=18401
 ADMIN_PORT=18402

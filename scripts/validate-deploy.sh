@@ -516,6 +516,12 @@ else:
     idx_src = next((n for n, (i, v) in enumerate(seq) if i == "COPY" and re.search(r"(^|\s)(\.|src)(/)?\s", v + " ") and "Cargo.toml" not in v), None)
     if None in (idx_manifest, idx_deps, idx_src) or not idx_manifest < idx_deps < idx_src:
         err("Dockerfile: dependencies must be built from Cargo.toml/Cargo.lock in a layer before the sources are copied")
+    # A [patch] path (vendor/…) belongs to the dependency graph: copied before it is built.
+    patched = sorted(set(re.findall(r'path\s*=\s*"(vendor/[^"]+)"', open("Cargo.toml").read())))
+    for path in patched:
+        idx_vendor = next((n for n, (i, v) in enumerate(seq) if i == "COPY" and v.split()[0] in ("vendor", "vendor/", path)), None)
+        if idx_vendor is None or idx_deps is None or not idx_vendor < idx_deps:
+            err(f"Dockerfile: the patched dependency {path} must be copied before the dependency layer is built")
     users = [v for i, v in final["ins"] if i == "USER"]
     if not users or users[-1].split(":")[0] in ("root", "0"):
         err(f"Dockerfile: final stage must switch to a non-root USER (found {users})")
@@ -551,7 +557,7 @@ ignore = [l.strip() for l in open(".dockerignore") if l.strip() and not l.starts
 for must in ("target/", ".git/"):
     if must not in ignore:
         err(f".dockerignore must exclude {must}")
-for needed in ("src", "config", "Cargo.toml", "Cargo.lock"):
+for needed in ("src", "config", "vendor", "Cargo.toml", "Cargo.lock"):
     if any(p.rstrip("/") == needed for p in ignore):
         err(f".dockerignore excludes {needed}, which the build needs")
 

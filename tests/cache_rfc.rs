@@ -34,6 +34,14 @@ routes:
     match: {{ path_prefix: /etag }}
     upstream: app
     cache: {{ ttl: 1h, respect_origin: true, heuristic: last_modified }}
+  - name: client
+    match: {{ path_prefix: /client }}
+    upstream: app
+    cache: {{ ttl: 1h, respect_origin: true, heuristic: none, client_directives: honour }}
+  - name: variants
+    match: {{ path_prefix: /variants }}
+    upstream: app
+    cache: {{ ttl: 1h, respect_origin: true, heuristic: none, vary: match, max_variants: 2 }}
   - name: legacy
     match: {{ path_prefix: /legacy }}
     upstream: app
@@ -564,4 +572,165 @@ async fn no_cache_responses_are_stored_and_revalidated_on_every_use() {
     }
     // Without a validator there is nothing to revalidate with: not stored.
     assert!(!reused(&proxy, &app, "/rfc/nc/with-headers?cache-control=no-cache").await);
+}
+
+/// GETs `path` with a request `Cache-Control`; the status and `x-cache-status`.
+async fn get_cc(proxy: &Proxy, path: &str, cc: &str) -> (u16, String) {
+    let resp = client()
+        .get(proxy.url(path))
+        .header("cache-control", cc)
+        .send()
+        .await
+        .unwrap();
+    let cache = resp
+        .headers()
+        .get("x-cache-status")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    (resp.status().as_u16(), cache)
+}
+
+#[tokio::test]
+async fn request_directives_narrow_or_widen_what_is_reused_where_honoured() {
+    let app = Backend::start("app").await;
+    let proxy = Proxy::start(&config(&app.url())).await;
+    // Stored 100 s old with 3500 s of freshness left (the origin's `Age`, so no clock games).
+    let path = "/client/aged/with-headers?cache-control=max-age=3600&age=100";
+    let upstream = || app.hits("/client/aged/with-headers");
+    assert!(reused(&proxy, &app, path).await);
+    // §5.2.1.1 max-age: older than the client accepts: fetched again (and stored anew).
+    assert_eq!(get_cc(&proxy, path, "max-age=1000").await.1, "HIT");
+    assert_ne!(get_cc(&proxy, path, "max-age=50").await.1, "HIT");
+    assert_eq!(upstream(), 2);
+    // §5.2.1.3 min-fresh: less freshness left than asked for: fetched again.
+    assert_eq!(get_cc(&proxy, path, "min-fresh=60").await.1, "HIT");
+    assert_ne!(get_cc(&proxy, path, "min-fresh=3550").await.1, "HIT");
+    assert_eq!(upstream(), 3);
+
+    // §5.2.1.7 only-if-cached: a stored response answers; nothing stored is 504, and the
+    // upstream is never asked.
+    assert_eq!(
+        get_cc(&proxy, path, "only-if-cached").await,
+        (200, "HIT".into())
+    );
+    let absent = "/client/absent/with-headers?cache-control=max-age=3600";
+    assert_eq!(get_cc(&proxy, absent, "only-if-cached").await.0, 504);
+    assert_eq!(app.hits("/client/absent/with-headers"), 0);
+
+    // §5.2.1.2 max-stale: a stale response is accepted within the client's bound, unless the
+    // origin forbids serving it stale.
+    let stale = "/client/stale/with-headers?cache-control=max-age=1";
+    let strict = "/client/strict/with-headers?cache-control=max-age=1,%20must-revalidate";
+    for p in [stale, strict] {
+        assert!(reused(&proxy, &app, p).await);
+    }
+    // Waiting only makes the entries older; nothing here depends on how much longer it takes.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(get_cc(&proxy, stale, "max-stale=3600").await.1, "HIT");
+    assert_eq!(get_cc(&proxy, stale, "max-stale").await.1, "HIT");
+    assert_eq!(app.hits("/client/stale/with-headers"), 1);
+    assert_ne!(get_cc(&proxy, strict, "max-stale").await.1, "HIT");
+    assert_eq!(app.hits("/client/strict/with-headers"), 2);
+    // only-if-cached with nothing usable (stale, no max-stale): 504, upstream not asked.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(get_cc(&proxy, stale, "only-if-cached").await.0, 504);
+    assert_eq!(app.hits("/client/stale/with-headers"), 1);
+
+    // Where not honoured (the default), the client's max-age=0 cannot force a refetch of a
+    // shared entry; only-if-cached still never reaches the upstream.
+    let shared = "/strict/shared/with-headers?cache-control=max-age=3600";
+    assert!(reused(&proxy, &app, shared).await);
+    assert_eq!(get_cc(&proxy, shared, "max-age=0").await.1, "HIT");
+    assert_eq!(get_cc(&proxy, shared, "min-fresh=99999").await.1, "HIT");
+    assert_eq!(app.hits("/strict/shared/with-headers"), 1);
+    let missing = "/strict/missing/with-headers?cache-control=max-age=3600";
+    assert_eq!(get_cc(&proxy, missing, "only-if-cached").await.0, 504);
+    assert_eq!(app.hits("/strict/missing/with-headers"), 0);
+}
+
+#[tokio::test]
+async fn several_variants_of_a_url_are_stored_up_to_the_routes_bound() {
+    let app = Backend::start("app").await;
+    let proxy = Proxy::start(&config(&app.url())).await;
+    let path = "/variants/v/with-headers?cache-control=max-age=600&vary=Accept-Language";
+    let send = |lang: &'static str| {
+        let url = proxy.url(path);
+        async move {
+            let resp = client()
+                .get(url)
+                .header("accept-language", lang)
+                .send()
+                .await
+                .unwrap();
+            resp.headers()["x-cache-status"]
+                .to_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    let upstream = || app.hits("/variants/v/with-headers");
+    // RFC 9111 §4.1: each variant is stored; a later one does not replace an earlier one.
+    assert_eq!(send("de").await, "MISS");
+    assert_eq!(send("fr").await, "MISS");
+    assert_eq!(send("de").await, "HIT");
+    assert_eq!(send("fr").await, "HIT");
+    assert_eq!(upstream(), 2);
+    // Accept-Language is a set of ranges: case, spaces and order do not make a new variant.
+    assert_eq!(send("DE").await, "HIT");
+    assert_eq!(send("en;q=0.5,fr").await, "MISS");
+    assert_eq!(upstream(), 3);
+    assert_eq!(send("FR , en; q=0.5").await, "HIT");
+    // At most `max_variants` (2) per URL stay reachable: the oldest, `de`, is gone, and
+    // storing it again drops the then oldest, `fr`.
+    assert_eq!(send("fr").await, "HIT");
+    assert_eq!(send("de").await, "MISS");
+    assert_eq!(upstream(), 4);
+    assert_eq!(send("de").await, "HIT");
+    assert_eq!(send("en;q=0.5,fr").await, "HIT");
+    assert_eq!(send("fr").await, "MISS");
+    assert_eq!(upstream(), 5);
+    // An unsafe request to the URL invalidates every variant (§4.4).
+    let status = client()
+        .post(proxy.url(path))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert!(status.is_success(), "{status}");
+    assert_eq!(send("fr").await, "MISS");
+    assert_eq!(send("de").await, "MISS");
+    assert_eq!(send("de").await, "HIT");
+}
+
+#[tokio::test]
+async fn the_origins_date_reaches_the_client_on_a_miss_and_a_hit() {
+    let app = Backend::start("app").await;
+    let proxy = Proxy::start(&config(&app.url())).await;
+    // RFC 9110 §6.6.1: a proxy forwards the origin's Date; a cache serves the stored one.
+    let sent = date(-30);
+    let path = format!("/rfc/dated/with-headers?cache-control=max-age=600&date={sent}");
+    let mut dates = Vec::new();
+    for expected in ["MISS", "HIT"] {
+        let resp = client().get(proxy.url(&path)).send().await.unwrap();
+        assert_eq!(resp.headers()["x-cache-status"], expected);
+        let all: Vec<String> = resp
+            .headers()
+            .get_all("date")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect();
+        dates.push(all);
+    }
+    let want = vec![sent.replace("%20", " ")];
+    assert_eq!(dates, [want.clone(), want]);
+    // Answers without a Date of their own (outrider's errors) still get one.
+    let resp = client()
+        .get(proxy.url("/client/nothing/with-headers"))
+        .header("cache-control", "only-if-cached")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 504);
+    let own = resp.headers()["date"].to_str().unwrap();
+    assert!(httpdate::parse_http_date(own).is_ok(), "{own}");
 }

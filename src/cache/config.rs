@@ -54,9 +54,12 @@ pub struct RouteCacheConfig {
     pub origin_stale: bool,
     /// What a response whose `Vary` names a header outside `key.headers` does: `keyed` (not
     /// stored) or `match` (stored with the request's values of those headers and served only to
-    /// requests with the same values; one variant per key, the latest replacing the previous).
+    /// requests with the same values, up to `max_variants` variants per URL).
     #[serde(default)]
     pub vary: VaryMode,
+    /// With `vary: match`, how many variants of one URL stay reachable (the newest).
+    #[serde(default = "default_max_variants")]
+    pub max_variants: usize,
     /// Upper bound of `heuristic: last_modified` freshness.
     #[serde(default = "default_heuristic_max")]
     pub heuristic_max: HumanDuration,
@@ -73,6 +76,24 @@ pub struct RouteCacheConfig {
     /// (refetch; the entry is replaced only by a storable response).
     #[serde(default)]
     pub client_no_cache: ClientNoCache,
+    /// What a request's `max-age`, `min-fresh` and `max-stale` do: `ignore` (as nginx and
+    /// Varnish do, so no client can force refetches of a shared entry) or `honour` (RFC 9111
+    /// §5.2.1: a stored response too old or too close to expiry for the request is refetched
+    /// or revalidated; a stale one within `max-stale` answers it). `only-if-cached` is always
+    /// honoured: nothing stored (or usable) gets 504 without asking the upstream.
+    #[serde(default)]
+    pub client_directives: ClientDirectives,
+}
+
+/// See `client_directives`.
+#[derive(
+    Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientDirectives {
+    #[default]
+    Ignore,
+    Honour,
 }
 
 #[derive(
@@ -110,6 +131,10 @@ pub enum VaryMode {
 
 fn default_heuristic_max() -> HumanDuration {
     HumanDuration(Duration::from_secs(24 * 3600))
+}
+
+fn default_max_variants() -> usize {
+    8
 }
 
 fn default_keep() -> HumanDuration {
@@ -180,6 +205,7 @@ impl RouteCacheConfig {
             cdn_cache_control: self.cdn_cache_control,
             origin_stale: self.origin_stale,
             vary_match: self.vary == VaryMode::Match,
+            max_variants: self.max_variants,
             statuses: self.statuses.clone().unwrap_or_else(|| {
                 let mut statuses = DEFAULT_STATUSES.to_vec();
                 if self.negative_ttl.is_some() {
@@ -195,6 +221,7 @@ impl RouteCacheConfig {
                 .map(|h| h.to_ascii_lowercase())
                 .collect(),
             client_refresh: self.client_no_cache == ClientNoCache::Refresh,
+            client_directives: self.client_directives == ClientDirectives::Honour,
             strip_headers: self
                 .key
                 .strip
@@ -225,6 +252,12 @@ impl RouteFeature for RouteCacheConfig {
             out.push(FieldProblem::new(
                 format!("{at}.heuristic_max"),
                 "must be greater than zero (use `heuristic: none` to store no heuristic freshness)",
+            ));
+        }
+        if !(1..=64).contains(&self.max_variants) {
+            out.push(FieldProblem::new(
+                format!("{at}.max_variants"),
+                "must be between 1 and 64",
             ));
         }
         if self.negative_ttl.is_some_and(|t| t.get().is_zero()) {

@@ -41,8 +41,10 @@ pub struct RoutePolicy {
     /// The upstream's `stale-while-revalidate`/`stale-if-error` replace the route's windows.
     pub origin_stale: bool,
     /// A response varying on unkeyed headers is stored with the request's values of them and
-    /// served only to requests that match (RFC 9111 §4.1); one variant per key.
+    /// served only to requests that match (RFC 9111 §4.1).
     pub vary_match: bool,
+    /// With `vary_match`, how many variants of one URL stay reachable.
+    pub max_variants: usize,
     pub statuses: Vec<u16>,
     /// Include the query string in the key.
     pub key_query: bool,
@@ -51,6 +53,10 @@ pub struct RoutePolicy {
     /// A client's `Cache-Control: no-cache` refetches (and may replace) the entry; otherwise it
     /// is served from the cache like any request, as shared caches such as Varnish do.
     pub client_refresh: bool,
+    /// A request's `max-age`, `min-fresh` and `max-stale` (RFC 9111 §5.2.1) narrow or widen
+    /// which stored responses may answer it; otherwise they are ignored, as nginx and Varnish
+    /// do. `only-if-cached` is always honoured: it never reaches the upstream.
+    pub client_directives: bool,
     /// Freshness lifetime of negative answers (`NEGATIVE_STATUSES`) when stored.
     pub negative_ttl: Option<Duration>,
     /// Request headers (lowercase) removed before forwarding.
@@ -81,10 +87,12 @@ impl Default for RoutePolicy {
             cdn_cache_control: false,
             origin_stale: false,
             vary_match: false,
+            max_variants: 8,
             statuses: DEFAULT_STATUSES.to_vec(),
             key_query: true,
             key_headers: Vec::new(),
             client_refresh: false,
+            client_directives: false,
             negative_ttl: None,
             strip_headers: Vec::new(),
             lock_timeout: Duration::from_secs(5),
@@ -613,6 +621,89 @@ pub fn freshness(entry: &StoredResponse, policy: &RoutePolicy, now: SystemTime) 
     }
 }
 
+/// What a request's own `Cache-Control` asks of a stored response (RFC 9111 §5.2.1).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// `max-age`: no response older than this.
+    pub max_age: Option<Duration>,
+    /// `min-fresh`: only a response still fresh this much longer.
+    pub min_fresh: Option<Duration>,
+    /// `max-stale`: a stale response will do, up to this far past its lifetime (`Some(None)`:
+    /// any staleness).
+    pub max_stale: Option<Option<Duration>>,
+    /// `only-if-cached`: answer from the cache or with 504, never from the upstream.
+    pub only_if_cached: bool,
+}
+
+impl ClientLimits {
+    /// The request's limits on this route (nothing to parse without a `Cache-Control`).
+    pub fn of(req: &HeaderMap, route: &RoutePolicy) -> ClientLimits {
+        if !req.contains_key(header::CACHE_CONTROL) {
+            return ClientLimits::default();
+        }
+        let cc = directives(req, header::CACHE_CONTROL);
+        let mut limits = ClientLimits {
+            only_if_cached: has(&cc, "only-if-cached"),
+            ..ClientLimits::default()
+        };
+        if route.client_directives {
+            limits.max_age = seconds(&cc, "max-age").map(Duration::from_secs);
+            limits.min_fresh = seconds(&cc, "min-fresh").map(Duration::from_secs);
+            limits.max_stale = cc.iter().find(|d| d.name == "max-stale").map(|d| {
+                d.value
+                    .as_ref()
+                    .map(|_| Duration::from_secs(seconds(&cc, "max-stale").unwrap_or(0)))
+            });
+        }
+        limits
+    }
+
+    fn narrows_or_widens(&self) -> bool {
+        self.max_age.is_some() || self.min_fresh.is_some() || self.max_stale.is_some()
+    }
+
+    /// `state` (the entry's [`freshness`]) as this request sees it: `Fresh` when the entry may
+    /// answer it (a stale one too, within `max-stale`, unless the origin forbids serving it
+    /// stale), `Expired` when it is too old for the request, else unchanged.
+    pub fn apply(
+        &self,
+        state: Freshness,
+        entry: &StoredResponse,
+        policy: &RoutePolicy,
+        now: SystemTime,
+    ) -> Freshness {
+        if !self.narrows_or_widens() {
+            return state;
+        }
+        let age = entry.age(now);
+        if self.max_age.is_some_and(|max| age > max) {
+            return Freshness::Expired;
+        }
+        let ttl = effective_ttl(entry, policy);
+        if age < ttl {
+            let left = ttl - age;
+            return if self.min_fresh.is_some_and(|min| left < min) {
+                Freshness::Expired
+            } else {
+                state
+            };
+        }
+        let stale_for = age - ttl;
+        if self.min_fresh.is_some() {
+            return Freshness::Expired;
+        }
+        match self.max_stale {
+            Some(limit)
+                if limit.is_none_or(|limit| stale_for <= limit)
+                    && !forbids_stale(&entry.headers) =>
+            {
+                Freshness::Fresh
+            }
+            _ => state,
+        }
+    }
+}
+
 /// Seconds of freshness left (negative once stale), for `cache-status: ttl=`.
 pub fn ttl_left(entry: &StoredResponse, policy: &RoutePolicy, now: SystemTime) -> i64 {
     effective_ttl(entry, policy).as_secs() as i64 - entry.age(now).as_secs() as i64
@@ -626,6 +717,9 @@ pub const VARY_PREFIX: &str = "@vary:";
 /// combined, list members trimmed, so `a,b`, `a, b` and two lines `a` / `b` are the same; an
 /// absent header differs from an empty one.
 pub fn vary_request_value(req: &HeaderMap, name: &str) -> Bytes {
+    if name.eq_ignore_ascii_case("accept-language") {
+        return language_ranges(req);
+    }
     let mut out = Vec::new();
     let mut present = false;
     for v in req.get_all(name) {
@@ -642,6 +736,101 @@ pub fn vary_request_value(req: &HeaderMap, name: &str) -> Bytes {
         return Bytes::from_static(b"\0absent");
     }
     Bytes::from(out)
+}
+
+/// `Accept-Language` as a set of language ranges: case, whitespace and order do not change
+/// which languages (with which weights) the client accepts.
+fn language_ranges(req: &HeaderMap) -> Bytes {
+    let mut members: Vec<Vec<u8>> = req
+        .get_all(header::ACCEPT_LANGUAGE)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(|m| {
+            m.iter()
+                .filter(|b| !b.is_ascii_whitespace())
+                .map(u8::to_ascii_lowercase)
+                .collect::<Vec<u8>>()
+        })
+        .collect();
+    if members.is_empty() {
+        return Bytes::from_static(b"\0absent");
+    }
+    members.sort_unstable();
+    Bytes::from(members.join(&b", "[..]))
+}
+
+/// Pseudo-header of a primary entry (`vary: match`): the ids of its URL's stored variants,
+/// newest first, so a request for another variant finds it under its own key.
+pub const VARIANTS_HEADER: &str = "@variants";
+
+/// The id of the variant `headers` (a stored entry's) records, from its `Vary` names and the
+/// request values it was selected by; `None` for a response that varies on nothing unkeyed.
+pub fn variant_id(headers: &[(String, Bytes)]) -> Option<String> {
+    let mut hasher = blake3::Hasher::new();
+    let mut any = false;
+    for (name, value) in headers {
+        if let Some(header) = name.strip_prefix(VARY_PREFIX) {
+            any = true;
+            hash_member(&mut hasher, header.as_bytes(), value);
+        }
+    }
+    any.then(|| short_id(&hasher))
+}
+
+/// The id a request would select among the variants of `primary`'s URL: `primary`'s `Vary`
+/// names with the request's values.
+pub fn requested_variant_id(primary: &[(String, Bytes)], req: &HeaderMap) -> Option<String> {
+    let mut hasher = blake3::Hasher::new();
+    let mut any = false;
+    for (name, _) in primary {
+        if let Some(header) = name.strip_prefix(VARY_PREFIX) {
+            any = true;
+            hash_member(
+                &mut hasher,
+                header.as_bytes(),
+                &vary_request_value(req, header),
+            );
+        }
+    }
+    any.then(|| short_id(&hasher))
+}
+
+fn hash_member(hasher: &mut blake3::Hasher, name: &[u8], value: &[u8]) {
+    for part in [name, value] {
+        hasher.update(&(part.len() as u64).to_le_bytes());
+        hasher.update(part);
+    }
+}
+
+/// 64 bits: ids only tell apart the few variants of one URL, and a served variant's recorded
+/// values are compared with the request's anyway.
+fn short_id(hasher: &blake3::Hasher) -> String {
+    hasher.finalize().to_hex()[..16].to_string()
+}
+
+/// The variant ids a primary entry lists.
+pub fn listed_variants(headers: &[(String, Bytes)]) -> Vec<String> {
+    headers
+        .iter()
+        .find(|(n, _)| n == VARIANTS_HEADER)
+        .map(|(_, v)| {
+            v.split(|b| *b == b',')
+                .filter(|id| !id.is_empty())
+                .map(|id| String::from_utf8_lossy(id).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether two stored entries vary on the same headers (in the same order).
+pub fn same_vary_names(a: &[(String, Bytes)], b: &[(String, Bytes)]) -> bool {
+    let names = |h: &[(String, Bytes)]| -> Vec<String> {
+        h.iter()
+            .filter(|(n, _)| n.starts_with(VARY_PREFIX))
+            .map(|(n, _)| n.clone())
+            .collect()
+    };
+    names(a) == names(b)
 }
 
 /// The pseudo-headers to store with a response that varies on headers outside the key.
@@ -707,6 +896,63 @@ mod tests {
 
     fn route() -> RoutePolicy {
         RoutePolicy::default()
+    }
+
+    #[test]
+    fn client_limits_narrow_and_widen_only_where_honoured() {
+        let now = SystemTime::now();
+        // 100 s old with a 200 s lifetime: fresh for 100 s more.
+        let entry = |headers: Vec<(String, Bytes)>| StoredResponse {
+            status: 200,
+            headers,
+            body: Bytes::new(),
+            stored_at: now - Duration::from_secs(100),
+            ttl: Duration::from_secs(200),
+            retention: Duration::from_secs(3600),
+            namespace: String::new(),
+            label: String::new(),
+        };
+        let fresh = entry(Vec::new());
+        let honour = RoutePolicy {
+            respect_origin: true,
+            client_directives: true,
+            ..route()
+        };
+        let apply = |cc: &'static str, e: &StoredResponse, r: &RoutePolicy| {
+            let limits = ClientLimits::of(&h(&[("cache-control", cc)]), r);
+            limits.apply(freshness(e, r, now), e, r, now)
+        };
+        assert_eq!(apply("max-age=150", &fresh, &honour), Freshness::Fresh);
+        assert_eq!(apply("max-age=50", &fresh, &honour), Freshness::Expired);
+        assert_eq!(apply("min-fresh=50", &fresh, &honour), Freshness::Fresh);
+        assert_eq!(apply("min-fresh=150", &fresh, &honour), Freshness::Expired);
+        // A route that ignores them: the entry's own freshness stands.
+        let ignore = RoutePolicy {
+            client_directives: false,
+            ..honour.clone()
+        };
+        assert_eq!(apply("max-age=0", &fresh, &ignore), Freshness::Fresh);
+        assert!(
+            ClientLimits::of(&h(&[("cache-control", "only-if-cached")]), &ignore).only_if_cached
+        );
+
+        // 50 s past a 50 s lifetime.
+        let mut stale = entry(Vec::new());
+        stale.ttl = Duration::from_secs(50);
+        assert_eq!(apply("max-stale=60", &stale, &honour), Freshness::Fresh);
+        assert_eq!(apply("max-stale", &stale, &honour), Freshness::Fresh);
+        assert_eq!(apply("max-stale=10", &stale, &honour), Freshness::Expired);
+        assert_eq!(
+            apply("max-stale, min-fresh=1", &stale, &honour),
+            Freshness::Expired
+        );
+        assert_eq!(apply("max-stale=60", &stale, &ignore), Freshness::Expired);
+        let mut forbidden = entry(vec![(
+            "cache-control".into(),
+            Bytes::from("must-revalidate"),
+        )]);
+        forbidden.ttl = Duration::from_secs(50);
+        assert_eq!(apply("max-stale", &forbidden, &honour), Freshness::Expired);
     }
 
     #[test]

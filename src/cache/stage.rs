@@ -12,7 +12,8 @@ use pingora_http::{RequestHeader, ResponseHeader};
 
 use super::policy::{
     self, age_header_value, freshness, request_decision, response_storable, storable_headers,
-    ttl_left, BypassReason, CacheStatus, Freshness, NotStorable, RequestDecision, RoutePolicy,
+    ttl_left, BypassReason, CacheStatus, ClientLimits, Freshness, NotStorable, RequestDecision,
+    RoutePolicy,
 };
 use crate::pipeline::{
     state_mut, state_ref, Answer, Completion, RequestCx, ResponseVerdict, Slot, SpanNotes, Stage,
@@ -71,6 +72,9 @@ struct CacheState {
     invalidate: Option<Box<RequestHeader>>,
     /// The request's headers, for recording what a stored response varies on (`vary: match`).
     request_headers: Option<Box<http::HeaderMap>>,
+    /// The URL's primary entry as the lookup found it (`vary: match`): its variant list carries
+    /// over when this response is stored.
+    primary: Option<Arc<StoredResponse>>,
 }
 
 impl CacheState {
@@ -90,6 +94,7 @@ impl CacheState {
             lookup: None,
             invalidate: None,
             request_headers: None,
+            primary: None,
         }
     }
 }
@@ -134,7 +139,8 @@ fn has_body(status: u16) -> bool {
 fn stored_header(entry: &StoredResponse) -> pingora_error::Result<ResponseHeader> {
     let mut resp = ResponseHeader::build(entry.status, Some(entry.headers.len() + 8))?;
     for (name, value) in &entry.headers {
-        if name == "content-length" || name.starts_with(policy::VARY_PREFIX) {
+        // `@…` names are the cache's own records, never valid header names.
+        if name == "content-length" || name.starts_with('@') {
             continue;
         }
         resp.append_header(name.clone(), value.as_ref())?;
@@ -400,7 +406,7 @@ impl HttpCache {
             namespace: key.namespace.clone(),
             label: key.label.clone(),
         };
-        let stored = self.store.store_now(key, entry);
+        let stored = self.store_entry(key, entry, state.primary.as_ref());
         if let Some(leader) = state.leader.take() {
             leader.complete(stored);
         }
@@ -484,6 +490,84 @@ impl HttpCache {
         }
     }
 
+    /// Another variant of the URL (`vary: match`) that `primary` lists, when it is the one
+    /// this request selects.
+    async fn lookup_variant(
+        &self,
+        key: &CacheKey,
+        primary: &StoredResponse,
+        request: &http::HeaderMap,
+    ) -> Option<(Arc<StoredResponse>, Tier)> {
+        let id = policy::requested_variant_id(&primary.headers, request)?;
+        if !policy::listed_variants(&primary.headers).contains(&id) {
+            return None;
+        }
+        let found = self.store.lookup(&key.variant(&id)).await;
+        let entry = found
+            .entry
+            .filter(|e| policy::variant_matches(e, request))?;
+        Some((entry, found.tier))
+    }
+
+    /// Stores `entry` as `key`'s primary entry. With `vary: match`, a primary holding another
+    /// variant of the URL moves to that variant's own key first, and the new primary lists the
+    /// URL's variants (newest first, at most `max_variants`; older ones are no longer found
+    /// and expire). `seen` is the primary the request's lookup found, for when L1 is off.
+    fn store_entry(
+        &self,
+        key: &CacheKey,
+        mut entry: StoredResponse,
+        seen: Option<&Arc<StoredResponse>>,
+    ) -> Option<Arc<StoredResponse>> {
+        entry.headers.retain(|(n, _)| n != policy::VARIANTS_HEADER);
+        let id = if self.policy.vary_match {
+            policy::variant_id(&entry.headers)
+        } else {
+            None
+        };
+        if let Some(id) = id {
+            let current = self.store.lookup_l1(key);
+            let mut ids = vec![id];
+            if let Some(primary) = current.as_ref().or(seen) {
+                if policy::same_vary_names(&primary.headers, &entry.headers) {
+                    if let Some(old) = policy::variant_id(&primary.headers) {
+                        if !ids.contains(&old) {
+                            let mut moved = (**primary).clone();
+                            moved.headers.retain(|(n, _)| n != policy::VARIANTS_HEADER);
+                            if self.store.store_now(&key.variant(&old), moved).is_some() {
+                                ids.push(old);
+                            }
+                        }
+                    }
+                    for listed in policy::listed_variants(&primary.headers) {
+                        if !ids.contains(&listed) {
+                            ids.push(listed);
+                        }
+                    }
+                }
+            }
+            ids.truncate(self.policy.max_variants);
+            if ids.len() > 1 {
+                entry.headers.push((
+                    policy::VARIANTS_HEADER.to_string(),
+                    Bytes::from(ids.join(",")),
+                ));
+            }
+        }
+        self.store.store_now(key, entry)
+    }
+
+    /// Whether `entry` may answer this request as a fresh hit now.
+    fn usable_now(&self, entry: &StoredResponse, limits: &ClientLimits) -> bool {
+        let now = SystemTime::now();
+        limits.apply(
+            freshness(entry, &self.policy, now),
+            entry,
+            &self.policy,
+            now,
+        ) == Freshness::Fresh
+    }
+
     /// An expired entry answers nothing, but can still be revalidated or, within its windows,
     /// stand in for a failure.
     fn note_expired(
@@ -557,18 +641,33 @@ impl Stage for HttpCache {
                 Tier::None
             },
         });
-        // Another variant (`vary: match`) is as good as nothing stored for this request.
-        let entry = lookup
-            .entry
-            .filter(|e| !self.policy.vary_match || policy::variant_matches(e, &req.headers));
+        let mut entry = lookup.entry;
+        let mut tier = lookup.tier;
         if self.policy.vary_match {
             state.request_headers = Some(Box::new(req.headers.clone()));
+            if let Some(primary) = entry.take() {
+                if policy::variant_matches(&primary, &req.headers) {
+                    entry = Some(primary.clone());
+                } else if let Some((variant, found_in)) =
+                    self.lookup_variant(&key, &primary, &req.headers).await
+                {
+                    (entry, tier) = (Some(variant), found_in);
+                }
+                state.primary = Some(primary);
+            }
         }
+        let limits = ClientLimits::of(&req.headers, &self.policy);
         if let Some(entry) = entry {
-            match freshness(&entry, &self.policy, SystemTime::now()) {
+            let now = SystemTime::now();
+            match limits.apply(
+                freshness(&entry, &self.policy, now),
+                &entry,
+                &self.policy,
+                now,
+            ) {
                 Freshness::Fresh => {
                     if let Some(answer) = answer_from(&entry) {
-                        self.hit(&mut state, &entry, lookup.tier);
+                        self.hit(&mut state, &entry, tier);
                         let answer = if not_modified(&entry, &req.headers) {
                             not_modified_answer(answer)
                         } else {
@@ -580,7 +679,7 @@ impl Stage for HttpCache {
                 }
                 Freshness::StaleWhileRevalidate => {
                     if let Some(answer) = answer_from(&entry) {
-                        state.tier = lookup.tier;
+                        state.tier = tier;
                         state.outcome = Outcome::Stale;
                         state.status = CacheStatus::StaleWhileRevalidate {
                             ttl: ttl_left(&entry, &self.policy, SystemTime::now()),
@@ -609,6 +708,17 @@ impl Stage for HttpCache {
             }
         }
 
+        if limits.only_if_cached {
+            // RFC 9111 §5.2.1.7: nothing usable is stored, and the upstream is not asked.
+            state.may_store = false;
+            *cx.slot = Some(Box::new(state));
+            return Err(StageError {
+                status: 504,
+                code: "not_cached",
+                message: "only-if-cached: no stored response can answer this request".into(),
+            });
+        }
+
         // A conditional or range request's answer (304, 206) cannot fill the entry either.
         let partial = [
             http::header::IF_NONE_MATCH,
@@ -635,8 +745,7 @@ impl Stage for HttpCache {
                     Waited::Served(entry)
                         if (!self.policy.vary_match
                             || policy::variant_matches(&entry, &req.headers))
-                            && freshness(&entry, &self.policy, SystemTime::now())
-                                == Freshness::Fresh =>
+                            && self.usable_now(&entry, &limits) =>
                     {
                         if let Some(answer) = answer_from(&entry) {
                             // Served by another request's fetch, not found in a tier.
@@ -729,7 +838,9 @@ impl Stage for HttpCache {
                 renewed.stored_at = SystemTime::now();
                 self.update_from_304(&mut renewed, resp);
                 let renewed = match state.key.as_ref() {
-                    Some(key) => self.store.store_now(key, renewed).unwrap_or(old),
+                    Some(key) => self
+                        .store_entry(key, renewed, state.primary.as_ref())
+                        .unwrap_or(old),
                     None => old,
                 };
                 state.status = CacheStatus::Revalidated { stored: true };

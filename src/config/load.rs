@@ -917,6 +917,22 @@ mod tests {
     }
 
     #[test]
+    fn route_cache_bounds_are_positioned() {
+        let text = GOOD.replace(
+            "upstream: app\n",
+            "upstream: app\n    cache: { vary: match, max_variants: 0, client_directives: always }\n",
+        );
+        let p = problems(&text);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("unknown variant `always`"), "{p:?}");
+        let p = problems(&text.replace("always", "honour"));
+        assert_eq!(
+            p,
+            ["t.yaml:7:41: routes[0].cache.max_variants: must be between 1 and 64"]
+        );
+    }
+
+    #[test]
     fn redis_cluster_and_tls_are_checked() {
         let ok = format!(
             "{GOOD}cache:\n  redis:\n    cluster_nodes: [\"rediss://10.0.0.1:6379\", \"rediss://10.0.0.2:6379\"]\n    tls: {{ ca_file: /etc/ca.pem }}\n"

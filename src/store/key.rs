@@ -6,6 +6,7 @@ use std::fmt;
 /// Domain tags keep keys of different derivations apart even when their parts coincide.
 const HTTP_DOMAIN: &[u8] = b"outrider.cache.http.v1";
 const PARTS_DOMAIN: &[u8] = b"outrider.cache.parts.v1";
+const VARIANT_DOMAIN: &[u8] = b"outrider.cache.variant.v1";
 
 /// The identity of one cached response.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -130,6 +131,20 @@ impl CacheKey {
             hash: h.finish(),
             namespace: namespace.to_owned(),
             label: label.to_owned(),
+        }
+    }
+
+    /// The key of one variant of this key's response (`Vary`), by the variant's id: same
+    /// namespace and label, so purging the URL purges its variants.
+    pub fn variant(&self, id: &str) -> Self {
+        let mut h = Parts::with_capacity(VARIANT_DOMAIN.len() + id.len() + 64);
+        h.put(VARIANT_DOMAIN);
+        h.put(&self.hash);
+        h.put(id.as_bytes());
+        CacheKey {
+            hash: h.finish(),
+            namespace: self.namespace.clone(),
+            label: self.label.clone(),
         }
     }
 
