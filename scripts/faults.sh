@@ -215,7 +215,15 @@ EOF
       warm=$(( SOAK_SECONDS / 10 > 0 ? SOAK_SECONDS / 10 : 1 ))
       wrk -t2 -c"$CONNS" -d"${warm}s" -s "$W/soak.lua" "http://127.0.0.1:$PORT" >/dev/null 2>&1 || true
       before=$(rss_mb "$OUTRIDER_PID")
-      wrk -t2 -c"$CONNS" -d"$(( SOAK_SECONDS - warm ))s" --latency -s "$W/soak.lua" "http://127.0.0.1:$PORT" >"$W/wrk.txt" 2>&1 || true ;;
+      left=$(( SOAK_SECONDS - warm ))
+      wrk -t2 -c"$CONNS" -d"${left}s" --latency -s "$W/soak.lua" "http://127.0.0.1:$PORT" >"$W/wrk.txt" 2>&1 &
+      soak_wrk=$!
+      # RSS over the run (to stderr): a plateau is warm-up, a steady climb is a leak.
+      samples=("$before")
+      step=$(( left / 6 > 0 ? left / 6 : 1 ))
+      for _ in 1 2 3 4 5; do sleep "$step"; samples+=("$(rss_mb "$OUTRIDER_PID")"); done
+      wait "$soak_wrk" || true
+      echo "soak RSS MB every ${step}s after the warm-up: ${samples[*]} $(rss_mb "$OUTRIDER_PID")" >&2 ;;
     *) echo "unknown scenario $scenario" >&2; exit 2 ;;
   esac
   after=$(rss_mb "$OUTRIDER_PID")

@@ -2,8 +2,9 @@
 //!
 //! A request's rows are queued as one job with a oneshot for its answer. Each compute thread in
 //! turn takes the queue and collects jobs until `max_size` rows are waiting or `max_wait` has
-//! passed since the first was queued, then releases the queue (the next thread collects while
-//! this one computes), runs the rows as one tensor and hands every job its own rows back.
+//! passed since the first was queued (and then whatever is already queued, up to `max_size`),
+//! then releases the queue (the next thread collects while this one computes), runs the rows
+//! as one tensor and hands every job its own rows back.
 //! Admission is bounded by the number of jobs waiting or running (`max_queue`); past it a job is
 //! refused at once (`overloaded`). A job whose deadline passed is answered without running.
 
@@ -157,39 +158,48 @@ fn work(queue: &Mutex<Queue>, knobs: &ArcSwap<Knobs>, metrics: &ModelMetrics) {
     loop {
         let jobs = {
             let mut queue = queue.lock();
-            let first = match queue.carry.take() {
-                Some(job) => job,
-                None => match queue.rx.recv() {
-                    Ok(job) => job,
-                    // The batcher was dropped (model removed or its threads changed).
-                    Err(_) => return,
-                },
-            };
-            let knobs = **knobs.load();
-            let until = first.queued + knobs.max_wait;
-            let mut rows = first.rows;
-            let mut jobs = vec![first];
-            while rows < knobs.max_size {
-                let left = until.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    break;
-                }
-                match queue.rx.recv_timeout(left) {
-                    Ok(job) if rows + job.rows > knobs.max_size => {
-                        queue.carry = Some(job);
-                        break;
-                    }
-                    Ok(job) => {
-                        rows += job.rows;
-                        jobs.push(job);
-                    }
-                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
-                }
+            match collect(&mut queue, **knobs.load()) {
+                Some(jobs) => jobs,
+                // The batcher was dropped (model removed or its threads changed).
+                None => return,
             }
-            jobs
         };
         run_jobs(jobs, metrics);
     }
+}
+
+/// The next batch: the first job (waiting for one), then others until `max_size` rows or
+/// `max_wait` after the first was queued, then whatever is already queued (with `max_wait: 0`,
+/// a batch is exactly what queued while the previous one ran: no added latency). `None` once
+/// the batcher is gone.
+fn collect(queue: &mut Queue, knobs: Knobs) -> Option<Vec<Job>> {
+    let first = match queue.carry.take() {
+        Some(job) => job,
+        None => queue.rx.recv().ok()?,
+    };
+    let until = first.queued + knobs.max_wait;
+    let mut rows = first.rows;
+    let mut jobs = vec![first];
+    while rows < knobs.max_size {
+        let left = until.saturating_duration_since(Instant::now());
+        let next = if left.is_zero() {
+            queue.rx.try_recv().map_err(|_| RecvTimeoutError::Timeout)
+        } else {
+            queue.rx.recv_timeout(left)
+        };
+        match next {
+            Ok(job) if rows + job.rows > knobs.max_size => {
+                queue.carry = Some(job);
+                break;
+            }
+            Ok(job) => {
+                rows += job.rows;
+                jobs.push(job);
+            }
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    Some(jobs)
 }
 
 /// Runs collected jobs: those past their deadline are answered at once, the rest in one run
@@ -305,6 +315,41 @@ fn split_rows(outputs: &[NamedTensor], offset: usize, count: usize, total: usize
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn without_a_wait_a_batch_is_what_already_queued() {
+        let bytes = std::fs::read("examples/models/risk.onnx").unwrap();
+        let config: crate::inference::config::ModelConfig =
+            serde_yaml_ng::from_str("path: examples/models/risk.onnx").unwrap();
+        let model = Arc::new(LoadedModel::load("risk", &bytes, &config).unwrap());
+        let (tx, rx) = mpsc::channel();
+        let mut queue = Queue { rx, carry: None };
+        let admitted = Arc::new(AtomicUsize::new(0));
+        let job = || Job {
+            model: model.clone(),
+            inputs: Vec::new(),
+            rows: 1,
+            queued: Instant::now(),
+            deadline: Instant::now() + Duration::from_secs(60),
+            reply: oneshot::channel().0,
+            _admitted: Admitted(admitted.clone()),
+        };
+        for _ in 0..5 {
+            tx.send(job()).unwrap();
+        }
+        let knobs = |max_size| Knobs {
+            max_size,
+            max_wait: Duration::ZERO,
+        };
+        // Everything queued joins at once, up to max_size; the rest starts the next batch.
+        assert_eq!(collect(&mut queue, knobs(3)).unwrap().len(), 3);
+        assert_eq!(collect(&mut queue, knobs(32)).unwrap().len(), 2);
+        // Nothing more queued: the next job runs alone, without waiting for company.
+        tx.send(job()).unwrap();
+        assert_eq!(collect(&mut queue, knobs(32)).unwrap().len(), 1);
+        drop(tx);
+        assert!(collect(&mut queue, knobs(32)).is_none());
+    }
 
     #[test]
     fn split_rows_gives_each_caller_its_own_rows() {
