@@ -38,6 +38,10 @@ routes:
     match: {{ path_prefix: /client }}
     upstream: app
     cache: {{ ttl: 1h, respect_origin: true, heuristic: none, client_directives: honour }}
+  - name: swr-variants
+    match: {{ path_prefix: /swr-variants }}
+    upstream: app
+    cache: {{ ttl: 1s, stale_while_revalidate: 1h, vary: match }}
   - name: variants
     match: {{ path_prefix: /variants }}
     upstream: app
@@ -574,6 +578,27 @@ async fn no_cache_responses_are_stored_and_revalidated_on_every_use() {
     assert!(!reused(&proxy, &app, "/rfc/nc/with-headers?cache-control=no-cache").await);
 }
 
+/// GETs `path` with `Accept-Language: lang`: the cache status and the Accept-Language the app
+/// saw when it made the answer (its echo).
+async fn get_lang(proxy: &Proxy, path: &str, lang: &str) -> (String, String) {
+    let resp = client()
+        .get(proxy.url(path))
+        .header("accept-language", lang)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.headers()["x-cache-status"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let echo: serde_json::Value = resp.json().await.unwrap();
+    let made_for = echo["headers"]["accept-language"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (status, made_for)
+}
+
 /// GETs `path` with a request `Cache-Control`; the status and `x-cache-status`.
 async fn get_cc(proxy: &Proxy, path: &str, cc: &str) -> (u16, String) {
     let resp = client()
@@ -619,10 +644,19 @@ async fn request_directives_narrow_or_widen_what_is_reused_where_honoured() {
 
     // §5.2.1.2 max-stale: a stale response is accepted within the client's bound, unless the
     // origin forbids serving it stale.
-    let stale = "/client/stale/with-headers?cache-control=max-age=1";
-    let strict = "/client/strict/with-headers?cache-control=max-age=1,%20must-revalidate";
+    // A `Date` in the future: no apparent age, so one second of freshness whatever the clock's
+    // fraction; one GET stores each.
+    let stale = format!(
+        "/client/stale/with-headers?cache-control=max-age=1&date={}",
+        date(30)
+    );
+    let strict = format!(
+        "/client/strict/with-headers?cache-control=max-age=1,%20must-revalidate&date={}",
+        date(30)
+    );
+    let (stale, strict) = (stale.as_str(), strict.as_str());
     for p in [stale, strict] {
-        assert!(reused(&proxy, &app, p).await);
+        assert_eq!(get_cc(&proxy, p, "max-age=9999").await.0, 200);
     }
     // Waiting only makes the entries older; nothing here depends on how much longer it takes.
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -631,10 +665,25 @@ async fn request_directives_narrow_or_widen_what_is_reused_where_honoured() {
     assert_eq!(app.hits("/client/stale/with-headers"), 1);
     assert_ne!(get_cc(&proxy, strict, "max-stale").await.1, "HIT");
     assert_eq!(app.hits("/client/strict/with-headers"), 2);
+    // A client max-age without max-stale wants no stale answer (§5.2.1.1).
+    assert_ne!(get_cc(&proxy, stale, "max-age=3600").await.1, "HIT");
+    assert_eq!(app.hits("/client/stale/with-headers"), 2);
     // only-if-cached with nothing usable (stale, no max-stale): 504, upstream not asked.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(get_cc(&proxy, stale, "only-if-cached").await.0, 504);
-    assert_eq!(app.hits("/client/stale/with-headers"), 1);
+    assert_eq!(app.hits("/client/stale/with-headers"), 2);
+    // Nor when the request would otherwise bypass the cache or refetch.
+    for cc in ["only-if-cached, no-store", "only-if-cached"] {
+        let resp = client()
+            .get(proxy.url(absent))
+            .header("cache-control", cc)
+            .header("authorization", "Bearer x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 504, "{cc}");
+    }
+    assert_eq!(app.hits("/client/absent/with-headers"), 0);
 
     // Where not honoured (the default), the client's max-age=0 cannot force a refetch of a
     // shared entry; only-if-cached still never reaches the upstream.
@@ -653,19 +702,26 @@ async fn several_variants_of_a_url_are_stored_up_to_the_routes_bound() {
     let app = Backend::start("app").await;
     let proxy = Proxy::start(&config(&app.url())).await;
     let path = "/variants/v/with-headers?cache-control=max-age=600&vary=Accept-Language";
+    // The cache status, after checking that the answer is the variant of this request's own
+    // Accept-Language (as the app saw it when it made the variant).
     let send = |lang: &'static str| {
-        let url = proxy.url(path);
+        let proxy = &proxy;
         async move {
-            let resp = client()
-                .get(url)
-                .header("accept-language", lang)
-                .send()
-                .await
-                .unwrap();
-            resp.headers()["x-cache-status"]
-                .to_str()
-                .unwrap()
-                .to_string()
+            let (status, made_for) = get_lang(proxy, path, lang).await;
+            let set = |l: &str| {
+                let mut v: Vec<String> = l
+                    .split(',')
+                    .map(|m| m.replace(' ', "").to_ascii_lowercase())
+                    .collect();
+                v.sort();
+                v
+            };
+            assert_eq!(
+                set(&made_for),
+                set(lang),
+                "{lang}: another variant's answer"
+            );
+            status
         }
     };
     let upstream = || app.hits("/variants/v/with-headers");
@@ -733,4 +789,31 @@ async fn the_origins_date_reaches_the_client_on_a_miss_and_a_hit() {
     assert_eq!(resp.status(), 504);
     let own = resp.headers()["date"].to_str().unwrap();
     assert!(httpdate::parse_http_date(own).is_ok(), "{own}");
+}
+
+#[tokio::test]
+async fn a_background_refresh_keeps_its_variant_to_itself() {
+    let app = Backend::start("app").await;
+    let proxy = Proxy::start(&config(&app.url())).await;
+    let path = "/swr-variants/v/with-headers?vary=Accept-Language";
+    let send = |lang: &'static str| get_lang(&proxy, path, lang);
+    assert_eq!(send("fr").await.0, "MISS");
+    assert_eq!(send("de").await.0, "MISS");
+    // Stale: `de` is answered at once and refreshed in the background, with de's headers.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(send("de").await, ("STALE".to_string(), "de".to_string()));
+    support::wait_for(
+        "the background refresh",
+        Duration::from_secs(20),
+        || async { (app.hits("/swr-variants/v/with-headers") >= 3).then_some(()) },
+    )
+    .await;
+    // The refreshed entry is de's variant only, and fr's is still found: each language gets
+    // its own answer, never the other's.
+    for _ in 0..3 {
+        for lang in ["fr", "de"] {
+            let (_, made_for) = send(lang).await;
+            assert_eq!(made_for, lang);
+        }
+    }
 }

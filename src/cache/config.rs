@@ -59,6 +59,7 @@ pub struct RouteCacheConfig {
     pub vary: VaryMode,
     /// With `vary: match`, how many variants of one URL stay reachable (the newest).
     #[serde(default = "default_max_variants")]
+    #[schemars(range(min = 1, max = 64))]
     pub max_variants: usize,
     /// Upper bound of `heuristic: last_modified` freshness.
     #[serde(default = "default_heuristic_max")]

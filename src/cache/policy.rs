@@ -697,8 +697,16 @@ impl ClientLimits {
                 if limit.is_none_or(|limit| stale_for <= limit)
                     && !forbids_stale(&entry.headers) =>
             {
-                Freshness::Fresh
+                // Within a stale-while-revalidate window the entry is still refreshed, so
+                // clients that always accept stale answers do not keep it stale for good.
+                if state == Freshness::StaleWhileRevalidate {
+                    state
+                } else {
+                    Freshness::Fresh
+                }
             }
+            // §5.2.1.1: a client with `max-age` and no `max-stale` wants no stale answer.
+            _ if self.max_age.is_some() => Freshness::Expired,
             _ => state,
         }
     }

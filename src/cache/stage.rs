@@ -128,6 +128,8 @@ struct RefreshJob {
     key: CacheKey,
     entry: Arc<StoredResponse>,
     guard: RevalidationGuard,
+    /// The URL's primary entry (`vary: match`), whose variant list the refresh keeps.
+    primary: Option<Arc<StoredResponse>>,
 }
 
 /// 204 and 304 responses never carry a body or a length (RFC 9110 §8.6).
@@ -202,6 +204,15 @@ fn not_modified(entry: &StoredResponse, request: &http::HeaderMap) -> bool {
         .and_then(|v| http::HeaderValue::from_bytes(&v).ok())
         .and_then(|v| policy::http_date(&v));
     modified.is_some_and(|m| m <= since)
+}
+
+/// RFC 9111 §5.2.1.7: `only-if-cached` with no stored response that may answer.
+fn not_cached() -> StageError {
+    StageError {
+        status: 504,
+        code: "not_cached",
+        message: "only-if-cached: no stored response can answer this request".into(),
+    }
 }
 
 /// The answer for a client that already has `entry`: its headers as a 304 without a body.
@@ -472,7 +483,15 @@ impl HttpCache {
         } else {
             None
         };
-        self.store.invalidate(&self.key(req, credential.as_deref()));
+        let key = self.key(req, credential.as_deref());
+        // Every variant of the URL goes with it (those this replica knows of; elsewhere they
+        // can no longer be reached once the primary is gone).
+        if let Some(primary) = self.store.lookup_l1(&key) {
+            for id in policy::listed_variants(&primary.headers) {
+                self.store.invalidate(&key.variant(&id));
+            }
+        }
+        self.store.invalidate(&key);
         let host = req
             .headers
             .get(http::header::HOST)
@@ -526,17 +545,22 @@ impl HttpCache {
             None
         };
         if let Some(id) = id {
+            // With L1, the primary it holds now is the truth: after an invalidation there is
+            // none, and what this request saw before it must not bring the variants back.
             let current = self.store.lookup_l1(key);
+            let primary = if self.store.has_l1() {
+                current.as_ref()
+            } else {
+                seen
+            };
             let mut ids = vec![id];
-            if let Some(primary) = current.as_ref().or(seen) {
+            let mut moving = None;
+            if let Some(primary) = primary {
                 if policy::same_vary_names(&primary.headers, &entry.headers) {
                     if let Some(old) = policy::variant_id(&primary.headers) {
                         if !ids.contains(&old) {
-                            let mut moved = (**primary).clone();
-                            moved.headers.retain(|(n, _)| n != policy::VARIANTS_HEADER);
-                            if self.store.store_now(&key.variant(&old), moved).is_some() {
-                                ids.push(old);
-                            }
+                            ids.push(old.clone());
+                            moving = Some((old, primary));
                         }
                     }
                     for listed in policy::listed_variants(&primary.headers) {
@@ -546,7 +570,20 @@ impl HttpCache {
                     }
                 }
             }
-            ids.truncate(self.policy.max_variants);
+            // Variants pushed out of the list are deleted, so a URL never holds more than
+            // `max_variants` entries however many header values clients send.
+            for dropped in ids.drain(self.policy.max_variants.min(ids.len())..) {
+                self.store.discard(&key.variant(&dropped));
+            }
+            if let Some((old, primary)) = moving {
+                if ids.contains(&old) {
+                    let mut moved = (**primary).clone();
+                    moved.headers.retain(|(n, _)| n != policy::VARIANTS_HEADER);
+                    if self.store.store_now(&key.variant(&old), moved).is_none() {
+                        ids.retain(|i| *i != old);
+                    }
+                }
+            }
             if ids.len() > 1 {
                 entry.headers.push((
                     policy::VARIANTS_HEADER.to_string(),
@@ -606,6 +643,13 @@ impl Stage for HttpCache {
         } else {
             request_decision(&req.method, &req.headers, &self.policy)
         };
+        let limits = ClientLimits::of(&req.headers, &self.policy);
+        let reads = matches!(req.method, http::Method::GET | http::Method::HEAD);
+        if limits.only_if_cached && reads && !matches!(decision, RequestDecision::Lookup { .. }) {
+            // Bypassed or refreshed, it could only be answered by the upstream.
+            *cx.slot = Some(Box::new(state));
+            return Err(not_cached());
+        }
         let (credential, client_refresh) = match decision {
             RequestDecision::Bypass(reason) => {
                 tracing::debug!(route = cx.route, reason = reason.as_str(), "cache bypass");
@@ -656,7 +700,6 @@ impl Stage for HttpCache {
                 state.primary = Some(primary);
             }
         }
-        let limits = ClientLimits::of(&req.headers, &self.policy);
         if let Some(entry) = entry {
             let now = SystemTime::now();
             match limits.apply(
@@ -696,6 +739,7 @@ impl Stage for HttpCache {
                                 key: key.clone(),
                                 entry: entry.clone(),
                                 guard,
+                                primary: state.primary.clone(),
                             }));
                         }
                         *cx.slot = Some(Box::new(state));
@@ -712,11 +756,7 @@ impl Stage for HttpCache {
             // RFC 9111 §5.2.1.7: nothing usable is stored, and the upstream is not asked.
             state.may_store = false;
             *cx.slot = Some(Box::new(state));
-            return Err(StageError {
-                status: 504,
-                code: "not_cached",
-                message: "only-if-cached: no stored response can answer this request".into(),
-            });
+            return Err(not_cached());
         }
 
         // A conditional or range request's answer (304, 206) cannot fill the entry either.
@@ -745,7 +785,15 @@ impl Stage for HttpCache {
                     Waited::Served(entry)
                         if (!self.policy.vary_match
                             || policy::variant_matches(&entry, &req.headers))
-                            && self.usable_now(&entry, &limits) =>
+                            // The leader's response came after this request arrived: it is
+                            // as fresh as the client can ask (a reload's `max-age=0` too).
+                            && self.usable_now(
+                                &entry,
+                                &ClientLimits {
+                                    max_age: None,
+                                    ..limits
+                                },
+                            ) =>
                     {
                         if let Some(answer) = answer_from(&entry) {
                             // Served by another request's fetch, not found in a tier.
@@ -779,8 +827,19 @@ impl Stage for HttpCache {
         let Ok(job) = job.downcast::<RefreshJob>() else {
             return Ok(Verdict::Continue);
         };
-        let RefreshJob { key, entry, guard } = *job;
+        let RefreshJob {
+            key,
+            entry,
+            guard,
+            primary,
+        } = *job;
         let mut state = CacheState::new();
+        if self.policy.vary_match {
+            // The refresh repeats the request that found the entry stale: what it fetches is
+            // that request's variant, recorded as such.
+            state.request_headers = Some(Box::new(cx.req.headers.clone()));
+            state.primary = primary;
+        }
         state.revalidating = policy::has_validator(&entry.headers).then_some(entry);
         state.key = Some(key);
         state.may_store = true;

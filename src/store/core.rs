@@ -343,6 +343,26 @@ impl Store {
         Some(entry)
     }
 
+    /// Whether entries are kept in memory (L1) at all.
+    pub fn has_l1(&self) -> bool {
+        self.l1.is_some()
+    }
+
+    /// Drops one entry from L1 and Redis without telling other replicas: for entries nothing
+    /// can reach any more (a URL's variant pushed out of its list), so no copy of it is served.
+    pub fn discard(&self, key: &CacheKey) {
+        if let Some(l1) = &self.l1 {
+            l1.remove(&key.hash);
+        }
+        if let Some(l2) = &self.l2 {
+            l2.delete_and_announce(
+                l2.key(&key.namespace, &key.label, &key.hex()),
+                None,
+                |_, _| {},
+            );
+        }
+    }
+
     /// Evicts one entry from L1 now and from Redis in the background (RFC 9111 §4.4
     /// invalidation after an unsafe request).
     pub fn invalidate(&self, key: &CacheKey) {
