@@ -774,30 +774,27 @@ pub const VARIANTS_HEADER: &str = "@variants";
 /// The id of the variant `headers` (a stored entry's) records, from its `Vary` names and the
 /// request values it was selected by; `None` for a response that varies on nothing unkeyed.
 pub fn variant_id(headers: &[(String, Bytes)]) -> Option<String> {
-    let mut hasher = blake3::Hasher::new();
-    let mut any = false;
-    for (name, value) in headers {
-        if let Some(header) = name.strip_prefix(VARY_PREFIX) {
-            any = true;
-            hash_member(&mut hasher, header.as_bytes(), value);
-        }
-    }
-    any.then(|| short_id(&hasher))
+    id_of_members(headers, |_, recorded| recorded.clone())
 }
 
 /// The id a request would select among the variants of `primary`'s URL: `primary`'s `Vary`
 /// names with the request's values.
 pub fn requested_variant_id(primary: &[(String, Bytes)], req: &HeaderMap) -> Option<String> {
+    id_of_members(primary, |header, _| vary_request_value(req, header))
+}
+
+/// Hashes the `Vary` names recorded in `headers`, each with the value `value` gives for it
+/// (from the record, or from a request); the same function for both keeps the ids equal.
+fn id_of_members(
+    headers: &[(String, Bytes)],
+    value: impl Fn(&str, &Bytes) -> Bytes,
+) -> Option<String> {
     let mut hasher = blake3::Hasher::new();
     let mut any = false;
-    for (name, _) in primary {
+    for (name, recorded) in headers {
         if let Some(header) = name.strip_prefix(VARY_PREFIX) {
             any = true;
-            hash_member(
-                &mut hasher,
-                header.as_bytes(),
-                &vary_request_value(req, header),
-            );
+            hash_member(&mut hasher, header.as_bytes(), &value(header, recorded));
         }
     }
     any.then(|| short_id(&hasher))

@@ -530,8 +530,8 @@ impl HttpCache {
 
     /// Stores `entry` as `key`'s primary entry. With `vary: match`, a primary holding another
     /// variant of the URL moves to that variant's own key first, and the new primary lists the
-    /// URL's variants (newest first, at most `max_variants`; older ones are no longer found
-    /// and expire). `seen` is the primary the request's lookup found, for when L1 is off.
+    /// URL's variants (newest first, at most `max_variants`; older ones are deleted). `seen` is
+    /// the primary the request's lookup found, used only when L1 is off.
     fn store_entry(
         &self,
         key: &CacheKey,
