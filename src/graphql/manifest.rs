@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde::Deserialize;
 
+use super::operation::normalized;
 use super::protocol::sha256_hex;
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +49,9 @@ pub struct Manifest {
     by_id: HashMap<String, usize>,
     operations: Vec<ListedOperation>,
     names: HashSet<String>,
+    /// Bodies as `operation::normalized` reduces them: freeform requests laid out differently
+    /// from the manifest still match, as in Apollo Router.
+    normalized: HashSet<String>,
 }
 
 impl Manifest {
@@ -78,6 +82,9 @@ impl Manifest {
             if let Some(name) = &op.name {
                 manifest.names.insert(name.clone());
             }
+            if let Some(normal) = normalized(&op.body) {
+                manifest.normalized.insert(normal);
+            }
             manifest.operations.push(ListedOperation {
                 name: op.name,
                 body: op.body,
@@ -97,6 +104,13 @@ impl Manifest {
 
     pub fn is_empty(&self) -> bool {
         self.operations.is_empty()
+    }
+
+    /// Whether a freeform document is a listed operation up to layout, comments, commas and
+    /// the order of its definitions.
+    pub fn lists_document(&self, query: &str) -> bool {
+        !self.normalized.is_empty()
+            && normalized(query).is_some_and(|n| self.normalized.contains(&n))
     }
 
     /// Whether an operation name appears in the manifest (a bounded metric label).
@@ -120,6 +134,8 @@ mod tests {
         assert!(m.get(&sha256_hex("query Q { a }")).is_some());
         assert!(m.get("nope").is_none());
         assert!(m.has_name("Q"));
+        assert!(m.lists_document("# reformatted\nquery Q {\n  a,\n}"));
+        assert!(!m.lists_document("query Q { b }"));
         assert!(Manifest::parse(r#"{"format":"other","version":1,"operations":[]}"#).is_err());
         assert!(Manifest::parse("[").is_err());
     }

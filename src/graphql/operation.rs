@@ -1,8 +1,8 @@
 //! Which operation a request runs, decided by a real GraphQL parser (apollo-parser, the one
 //! Apollo Router uses) with limits for untrusted input, never by string matching.
 
-use apollo_parser::cst;
-use apollo_parser::Parser;
+use apollo_parser::cst::{self, CstNode};
+use apollo_parser::{Lexer, Parser, TokenKind};
 
 /// Nesting deeper than this is refused by the parser (stack safety on hostile input).
 const RECURSION_LIMIT: usize = 256;
@@ -74,6 +74,40 @@ pub fn analyse(query: &str, operation_name: Option<&str>) -> Option<Operation> {
     chosen
 }
 
+/// A document reduced to what it means for safelisting, as Apollo Router matches freeform
+/// operations: ignored tokens (whitespace, comments, commas) dropped and top-level definitions
+/// (operations, fragments) in sorted order. `None` when it does not parse or is over the limits.
+pub fn normalized(query: &str) -> Option<String> {
+    let tree = Parser::new(query)
+        .recursion_limit(RECURSION_LIMIT)
+        .token_limit(TOKEN_LIMIT)
+        .parse();
+    if tree.errors().next().is_some() {
+        return None;
+    }
+    let mut definitions: Vec<String> = Vec::new();
+    for definition in tree.document().definitions() {
+        let text = definition.syntax().text().to_string();
+        let mut out = String::with_capacity(text.len());
+        for token in Lexer::new(&text) {
+            let token = token.ok()?;
+            match token.kind() {
+                TokenKind::Whitespace | TokenKind::Comment | TokenKind::Comma | TokenKind::Eof => {}
+                _ => {
+                    // One space between significant tokens keeps `a b` apart from `ab`.
+                    if !out.is_empty() {
+                        out.push(' ');
+                    }
+                    out.push_str(token.data());
+                }
+            }
+        }
+        definitions.push(out);
+    }
+    definitions.sort_unstable();
+    Some(definitions.join(" "))
+}
+
 fn kind_of(op: &cst::OperationDefinition) -> OperationKind {
     match op.operation_type() {
         Some(t) if t.mutation_token().is_some() => OperationKind::Mutation,
@@ -113,6 +147,22 @@ mod tests {
             Some(OperationKind::Query)
         );
         assert_eq!(q("query {", None), None);
+    }
+
+    #[test]
+    fn normalization_ignores_layout_comments_commas_and_definition_order() {
+        let listed = "query Q($id: ID!) { item(id: $id) { ...F } }\nfragment F on Item { a b }";
+        let reformatted = "# a comment\nfragment F on Item {\n  a,\n  b\n}\n\nquery Q( $id : ID! ) {\n  item(id: $id) { ...F }\n}";
+        assert_eq!(normalized(listed), normalized(reformatted));
+        assert!(normalized(listed).is_some());
+        // What changes the operation still counts, strings included.
+        assert_ne!(normalized("{ a b }"), normalized("{ ab }"));
+        assert_ne!(
+            normalized(r#"{ a(x: "p q") }"#),
+            normalized(r#"{ a(x: "p  q") }"#)
+        );
+        assert_ne!(normalized("query Q { a }"), normalized("query Q { b }"));
+        assert_eq!(normalized("query {"), None);
     }
 
     #[test]

@@ -80,10 +80,12 @@ struct GraphqlState {
     convert_get: bool,
     /// A GET carrying an APQ hash (the requests a CDN may cache).
     hashed_get: bool,
-    /// Results are keyed per credential: never `public`.
+    /// The answer may belong to one credential (keyed per credential, or not cached by us and
+    /// sent with credentials): never `public`.
     per_credential: bool,
-    /// Served from the response cache, with this many seconds of freshness left.
-    served_fresh: Option<i64>,
+    /// Served fresh from the response cache, whose freshness lifetime is this many seconds;
+    /// `Age` goes with it, so a CDN keeps it for the lifetime less the age (RFC 9111 §4.2.3).
+    served_lifetime: Option<u64>,
     /// The route caches results, but not of this operation (a mutation, a subscription).
     bypass: bool,
     /// The request was refused: no cache headers on the refusal.
@@ -227,31 +229,41 @@ impl GraphqlStage {
 
     /// A request passed through without looking inside (a batch, a non-JSON body): only where
     /// no safelist is enforced, since its operations cannot be checked.
+    /// Under `log_only` it goes through counted as `logged`, so a rollout sees what enforcing
+    /// would refuse.
     fn unchecked(&self) -> Result<Option<Answer>, GraphqlError> {
-        let enforced = self
+        let Some(pq) = self
             .config
             .persisted_queries
             .as_ref()
-            .is_some_and(|pq| pq.safelist && !pq.log_only);
-        if enforced {
-            self.metrics
-                .safelist
-                .with_label_values(&[&*self.route, "rejected"])
-                .inc();
-            return Err(GraphqlError::Unverifiable);
+            .filter(|pq| pq.safelist)
+        else {
+            return Ok(None);
+        };
+        let result = if pq.log_only { "logged" } else { "rejected" };
+        self.metrics
+            .safelist
+            .with_label_values(&[&*self.route, result])
+            .inc();
+        if pq.log_only {
+            tracing::info!(
+                route = &*self.route,
+                "batch or non-JSON request not checked against the safelist (log_only)"
+            );
+            return Ok(None);
         }
-        Ok(None)
+        Err(GraphqlError::Unverifiable)
     }
 
     /// Checks the operation against the manifest's safelist; `Ok` lets it through.
-    fn safelist(&self, hash: &str) -> Result<(), GraphqlError> {
+    fn safelist(&self, hash: &str, query: &str) -> Result<(), GraphqlError> {
         let (Some(manifest), Some(pq)) = (&self.manifest, &self.config.persisted_queries) else {
             return Ok(());
         };
         if !pq.safelist {
             return Ok(());
         }
-        let result = if manifest.get(hash).is_some() {
+        let result = if manifest.get(hash).is_some() || manifest.lists_document(query) {
             "listed"
         } else if pq.log_only {
             tracing::info!(
@@ -337,7 +349,7 @@ impl GraphqlStage {
                         Outcome::Hit { tier: lookup.tier },
                     );
                     self.count_cache("hit");
-                    state.served_fresh = Some(left);
+                    state.served_lifetime = Some(fresh_for.as_secs());
                     state.cache = Some(CacheCx::new(key, CacheStatus::Hit { ttl: left }, ttl));
                     return Some(answer);
                 }
@@ -378,10 +390,12 @@ impl GraphqlStage {
                     match wait.wait(patience).await {
                         Waited::Served(entry) => {
                             if let Some(answer) = Self::answer_from(&entry) {
-                                let left = entry.ttl.min(ttl).as_secs() as i64
-                                    - entry.age(now).as_secs() as i64;
+                                let fresh_for = entry.ttl.min(ttl).as_secs();
+                                let left = fresh_for as i64 - entry.age(now).as_secs() as i64;
                                 cache.status = CacheStatus::Hit { ttl: left };
-                                state.served_fresh = Some(left);
+                                if left > 0 {
+                                    state.served_lifetime = Some(fresh_for);
+                                }
                                 state.cache = Some(cache);
                                 return Some(answer);
                             }
@@ -436,7 +450,7 @@ impl GraphqlStage {
         };
 
         let (query, hash) = self.resolve(&request).await?;
-        self.safelist(&hash)?;
+        self.safelist(&hash, &query)?;
         let operation = self.operation(&hash, &query, request.operation_name.as_deref());
         let kind = operation.as_ref().map(|o| o.kind);
         if state.convert_get {
@@ -479,6 +493,8 @@ impl GraphqlStage {
         };
 
         let Some(rc) = &self.config.response_cache else {
+            // Not cached here, so nothing says the app's answer is the same for everyone.
+            state.per_credential = credential_bytes(&req.headers).is_some();
             forward(cx);
             return Ok(None);
         };
@@ -727,11 +743,12 @@ impl Stage for GraphqlStage {
         }
         if state.hashed_get {
             // What a CDN in front may do with it: results known to be error-free and shared
-            // are public for their remaining freshness; per-credential ones never.
+            // are public for their lifetime (the `Age` header says how much is used up);
+            // per-credential ones never.
             if state.per_credential {
                 let _ = resp.insert_header("cache-control", "private");
-            } else if let Some(left) = state.served_fresh.filter(|l| *l > 0) {
-                let _ = resp.insert_header("cache-control", format!("public, max-age={left}"));
+            } else if let Some(lifetime) = state.served_lifetime {
+                let _ = resp.insert_header("cache-control", format!("public, max-age={lifetime}"));
             } else if !resp.headers.contains_key(http::header::CACHE_CONTROL) {
                 // Not yet known to be error-free: a CDN must not apply a default TTL to it.
                 let _ = resp.insert_header("cache-control", "no-cache");

@@ -326,7 +326,7 @@ fn headers_json(headers: &hyper::HeaderMap) -> serde_json::Map<String, serde_jso
 }
 
 /// A GraphQL stand-in at `/graphql`: answers `{"data": {"seq", "method", "uri", "received",
-/// "headers"}}` with the request it got; a query containing `boom` gets an `errors` answer, one
+/// "headers", "body_length"}}` with the request it got; a query containing `boom` gets an `errors` answer, one
 /// containing `slow` is answered after 300 ms, and
 /// an `x-test-cache-control` request header becomes the response's `Cache-Control`.
 async fn graphql_handle(seq: usize, req: Request<Incoming>) -> Response<BoxBody> {
@@ -351,6 +351,7 @@ async fn graphql_handle(seq: usize, req: Request<Incoming>) -> Response<BoxBody>
     } else {
         serde_json::json!({"data": {
             "seq": seq, "method": method, "uri": uri, "received": received, "headers": headers,
+            "body_length": body.len(),
         }})
     };
     let mut resp = Response::new(full(answer.to_string()));
