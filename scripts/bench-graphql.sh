@@ -46,7 +46,7 @@ routes:
     upstream: app
     graphql: { response_cache: { ttl: 5m, scope: shared } }
 YAML
-taskset -c 1 "$ROOT/target/release/outrider" run --config "$W/outrider.yaml" >"$W/outrider.log" 2>&1 &
+taskset -c 1 "${OUTRIDER:-$ROOT/target/release/outrider}" run --config "$W/outrider.yaml" >"$W/outrider.log" 2>&1 &
 SUT_PID=$!; PIDS+=("$SUT_PID")
 wait_port "http://127.0.0.1:$APP_PORT/healthz"
 wait_port "http://127.0.0.1:$ADMIN/ready"

@@ -130,3 +130,13 @@ echo "| open loop | rate asked/s | req/s | p50 | p99 | p99.9 | failed |"
 echo "|---|---|---|---|---|---|---|"
 rate_latency outrider-hit "http://127.0.0.1:$PORT/v1/chat/completions" "${RATE:-2000}" "$BODY" \
   "authorization: Bearer $KEY"
+
+# The hit's own latency: one client sending one request at a time (no queue to wait in, and no
+# open-loop timer whose ~1 ms granularity would be counted as latency); LiteLLM likewise.
+echo
+echo "| one connection, closed loop | req/s | p50 | p99 | CPU µs/req |"
+echo "|---|---|---|---|---|"
+CONNS=1 measure outrider-hit-1conn "$SUT_PID" "http://127.0.0.1:$PORT/v1/chat/completions" "$W/chat.lua"
+if [[ -n ${LITELLM_PID:-} ]]; then
+  CONNS=1 measure litellm-hit-1conn "$LITELLM_PID" "http://127.0.0.1:$LITELLM_PORT/v1/chat/completions" "$W/chat.lua"
+fi

@@ -3,6 +3,7 @@
 # Varnish measured in the same run, every proxy on its own CPU with one worker):
 #
 #   bash scripts/bench.sh [fast|app|redis|bare|tracing|graphql|llm|overload|inference|scale]...  (default: fast bare)
+#   Env OUTRIDER: the binary to measure (default: a release build of this checkout).
 #
 #   fast   outrider with L1 caching GET /hit/*, passing /pass/* through; nginx backend
 #   app    the same in front of the FastAPI backend (~20 ms per call)
@@ -15,8 +16,8 @@
 #          from their process CPU time; prints each variant's median CPU/request and its ratio
 #          to "off"
 #   overload the FastAPI example (1 worker, ~20 ms per call) driven open-loop at about twice its
-#          capacity (scripts/overload.py): no protection (plain outrider), nginx with limit_conn,
-#          outrider with a fixed limit, outrider adaptive; admitted p50/p95/p99, goodput, shed
+#          capacity (oha open loop, summarised by scripts/overload-report.py): no protection
+#          (plain outrider), nginx with limit_conn, outrider with a fixed limit, outrider adaptive; admitted p50/p95/p99, goodput, shed
 #          ratio and shed answer latency (as the client saw it, and as outrider decided it, from
 #          outrider_slo_admission_wait_seconds). Capacity is probed closed-loop with wrk. Env
 #          OVERLOAD_SECONDS (default 10).
@@ -38,7 +39,14 @@ BENCH=${BENCH:-$ROOT/../shared/bench/bench.sh}
 MODES=("${@:-fast bare}")
 read -r -a MODES <<<"${MODES[*]}"
 scripts/setup-debian.sh
-cargo build --release --bin outrider --example bare_pingora
+# The binary under test: OUTRIDER=path, or a release build of this checkout. (The example is
+# built on its own, in `bare` mode: building it with the binary unifies dev-dependency features
+# into the binary's build and rebuilds every dependency.)
+if [[ -z ${OUTRIDER:-} ]]; then
+  cargo build --release --bin outrider
+  OUTRIDER=$ROOT/target/release/outrider
+fi
+export OUTRIDER
 OUT=$(mktemp -d -t outrider-bench.XXXXXX)
 trap 'rm -rf "$OUT"; [[ -n ${REDIS_PID:-} ]] && kill "$REDIS_PID" 2>/dev/null || true' EXIT
 
@@ -70,7 +78,7 @@ for mode in "${MODES[@]}"; do
     fast | app)
       config 256MiB "" >"$OUT/outrider.yaml"
       echo "### $mode: outrider (L1 cache) vs peers"
-      SUT_NAME=outrider SUT_CMD="$ROOT/target/release/outrider run --config $OUT/outrider.yaml" \
+      SUT_NAME=outrider SUT_CMD="$OUTRIDER run --config $OUT/outrider.yaml" \
         bash "$BENCH" "$mode"
       ;;
     redis)
@@ -80,10 +88,11 @@ for mode in "${MODES[@]}"; do
       config 0 "redis://127.0.0.1:$port" >"$OUT/outrider.yaml"
       echo "### redis: outrider with L1 disabled (every hit from Redis) vs nginx proxy_cache"
       PEERS="nginx-cache" SUT_NAME=outrider-l2 \
-        SUT_CMD="$ROOT/target/release/outrider run --config $OUT/outrider.yaml" bash "$BENCH" fast
+        SUT_CMD="$OUTRIDER run --config $OUT/outrider.yaml" bash "$BENCH" fast
       kill "$REDIS_PID"; REDIS_PID=
       ;;
     bare)
+      cargo build --release --example bare_pingora
       echo "### bare: a bare Pingora pass-through vs nginx (baseline for outrider's own cost)"
       PEERS="nginx" SUT_NAME=bare-pingora \
         SUT_CMD="$ROOT/target/release/examples/bare_pingora 127.0.0.1:18100 127.0.0.1:18001" \
@@ -136,7 +145,7 @@ PY
           ratio1) otlp="{ endpoint: \"http://127.0.0.1:$sink_port\", sample_ratio: 1.0 }" ;;
         esac
         config 256MiB "" "$otlp" | sed -e "s/18100/1811$i/; s/18190/1819$i/" >"$OUT/trace-$variant.yaml"
-        taskset -c 1 "$ROOT/target/release/outrider" run --config "$OUT/trace-$variant.yaml" \
+        taskset -c 1 "$OUTRIDER" run --config "$OUT/trace-$variant.yaml" \
           >"$OUT/trace-$variant.log" 2>&1 &
         TPID[$variant]=$!
         for _ in $(seq 100); do curl -fsS -o /dev/null "http://127.0.0.1:1811$i/pass/1" && break; sleep 0.1; done
@@ -195,14 +204,17 @@ PY
     overload)
       command -v nginx >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq nginx >/dev/null; }
       secs=${OVERLOAD_SECONDS:-10}
+      # The load: oha, open loop (a native generator; a Python one added its own event-loop lag).
+      oha=$(command -v oha || echo "${OHA:-/work/tools/bin/oha}")
+      if [[ ! -x $oha ]]; then cargo install --locked oha --root "$OUT/oha" && oha="$OUT/oha/bin/oha"; fi
       (cd examples/fastapi-backend && APP_DELAY_MS=20 exec taskset -c 0 python3 -m uvicorn app:app \
         --host 127.0.0.1 --port 18001 --workers 1 --log-level warning --no-access-log) &
       APP_PID=$!
-      for _ in $(seq 100); do curl -fsS -o /dev/null http://127.0.0.1:18001/healthz && break; sleep 0.2; done
+      for _ in $(seq 100); do curl -fs -o /dev/null http://127.0.0.1:18001/healthz && break; sleep 0.2; done
+      # The app has CPU 0 to itself; the load generators and the proxies share CPU 1.
       # Capacity: what the app answers closed-loop with plenty of concurrency, measured directly
-      # with wrk (a Python open-loop generator at a high rate would take the app's CPU from it
-      # and read low).
-      cap=$(taskset -c 0 wrk -t1 -c32 -d5s http://127.0.0.1:18001/api/items/1 |
+      # with wrk.
+      cap=$(taskset -c 1 wrk -t1 -c32 -d5s http://127.0.0.1:18001/api/items/1 |
         awk '/^Requests\/sec/ {print $2}')
       rate=$(python3 -c "print(round(2 * $cap))")
       echo "### overload: app capacity ~${cap} req/s direct; offered ${rate} req/s (2x) for ${secs}s"
@@ -214,7 +226,8 @@ http {
   access_log off;
   client_body_temp_path $OUT/nginx; proxy_temp_path $OUT/nginx; fastcgi_temp_path $OUT/nginx;
   uwsgi_temp_path $OUT/nginx; scgi_temp_path $OUT/nginx;
-  limit_conn_zone \$server_name zone=app:1m;
+  # A constant key: every request counts against the one limit (an empty key is not counted).
+  limit_conn_zone \$server_port zone=app:1m;
   upstream app { server 127.0.0.1:18001; keepalive 64; }
   server { listen 127.0.0.1:18101;
     location / { limit_conn app 32; limit_conn_status 503; proxy_http_version 1.1;
@@ -222,9 +235,11 @@ http {
 }
 NGINX
       run_sut() { # name port
-        for _ in $(seq 100); do curl -fsS -o /dev/null "http://127.0.0.1:$2/healthz" && break; sleep 0.1; done
+        for _ in $(seq 100); do curl -fs -o /dev/null "http://127.0.0.1:$2/healthz" && break; sleep 0.1; done
         printf '%-22s ' "$1"
-        taskset -c 0 python3 scripts/overload.py "$2" /api/items/1 "$rate" "$secs"
+        taskset -c 1 "$oha" -z "${secs}s" -q "$rate" --latency-correction -c 512 --no-tui \
+          --stats-success-breakdown --output-format json "http://127.0.0.1:$2/api/items/1" >"$OUT/oha-overload.json"
+        python3 scripts/overload-report.py "$OUT/oha-overload.json" "$secs" "$rate"
       }
       overload_config() { # slo section
         cat <<YAML
@@ -258,7 +273,7 @@ YAML
               adaptive) slo="    slo: { latency: { p95: 60ms }, enforce: { adaptive: true, max_concurrency: 200, queue_timeout: 20ms, queue_size: 8 } }" ;;
             esac
             overload_config "$slo" >"$OUT/overload.yaml"
-            taskset -c 1 "$ROOT/target/release/outrider" run --config "$OUT/overload.yaml" >"$OUT/overload.log" 2>&1 & SUT_PID=$!
+            taskset -c 1 "$OUTRIDER" run --config "$OUT/overload.yaml" >"$OUT/overload.log" 2>&1 & SUT_PID=$!
             run_sut "outrider-$variant" 18100
             # The shed answers' latency as outrider decided it (the client's figure above also
             # holds the load generator's own event-loop lag).
