@@ -33,6 +33,8 @@ struct Cluster {
     nodes: Vec<(u16, Option<Child>)>,
     /// redis-cli's TLS arguments when the cluster speaks only TLS (clients and bus).
     tls: Vec<String>,
+    /// Nodes stopped with SIGSTOP: they would never answer redis-cli.
+    frozen: Vec<usize>,
     _dir: tempfile::TempDir,
 }
 
@@ -125,6 +127,7 @@ impl Cluster {
         Cluster {
             nodes,
             tls,
+            frozen: Vec::new(),
             _dir: dir,
         }
     }
@@ -146,11 +149,60 @@ impl Cluster {
         format!("[{}]", urls.join(", "))
     }
 
+    /// Like [`Cluster::seeds`], with node `last` at the end of the list (a replica subscribes
+    /// on the first seed that works).
+    fn seeds_last(&self, last: usize) -> String {
+        let mut order: Vec<usize> = (0..self.nodes.len()).filter(|&i| i != last).collect();
+        order.push(last);
+        let scheme = if self.tls.is_empty() {
+            "redis"
+        } else {
+            "rediss"
+        };
+        let urls: Vec<String> = order
+            .iter()
+            .map(|&i| format!("\"{scheme}://127.0.0.1:{}\"", self.nodes[i].0))
+            .collect();
+        format!("[{}]", urls.join(", "))
+    }
+
+    /// The index of the master that owns `key`'s slot, from `CLUSTER NODES`.
+    fn owner_of(&self, key: &str) -> usize {
+        let port = self.nodes[0].0;
+        let slot: u16 = tls_cli(port, &self.tls, &["CLUSTER", "KEYSLOT", key])
+            .trim()
+            .parse()
+            .expect("CLUSTER KEYSLOT");
+        for line in tls_cli(port, &self.tls, &["CLUSTER", "NODES"]).lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 9 || !fields[2].contains("master") {
+                continue;
+            }
+            let owns = fields[8..].iter().any(|range| {
+                let (first, last) = range.split_once('-').unwrap_or((range, range));
+                matches!((first.parse::<u16>(), last.parse::<u16>()), (Ok(f), Ok(l)) if f <= slot && slot <= l)
+            });
+            let node_port = fields[1]
+                .split('@')
+                .next()
+                .and_then(|a| a.rsplit_once(':'))
+                .and_then(|(_, p)| p.parse::<u16>().ok());
+            if owns {
+                if let Some(i) = self.nodes.iter().position(|(p, _)| Some(*p) == node_port) {
+                    return i;
+                }
+            }
+        }
+        panic!("no master owns slot {slot} of {key}");
+    }
+
     /// Keys under `prefix` on each live node.
     fn keys_per_node(&self, prefix: &str) -> Vec<usize> {
         self.nodes
             .iter()
-            .filter(|(_, c)| c.is_some())
+            .enumerate()
+            .filter(|(i, (_, c))| c.is_some() && !self.frozen.contains(i))
+            .map(|(_, node)| node)
             .map(|(p, _)| {
                 tls_cli(
                     *p,
@@ -162,6 +214,18 @@ impl Cluster {
                 .count()
             })
             .collect()
+    }
+
+    /// Stops node `i` without closing its sockets (SIGSTOP): a hung or black-holed master, whose
+    /// commands time out instead of failing at once.
+    fn freeze(&mut self, i: usize) {
+        let pid = self.nodes[i].1.as_ref().expect("node running").id();
+        let status = Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()
+            .expect("kill -STOP");
+        assert!(status.success());
+        self.frozen.push(i);
     }
 
     fn kill(&mut self, i: usize) {
@@ -419,6 +483,115 @@ async fn killed_cluster_node_under_load_fails_no_request() {
         },
     )
     .await;
+}
+
+/// A dead master, the very one that owns the purge channel's slot: a purge still clears the
+/// other masters, says which one failed, and still reaches the other replica (any node forwards a
+/// PUBLISH to the whole cluster).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_with_a_killed_master_clears_the_others_and_still_reaches_replicas() {
+    purge_with_a_dead_master(Outage::Killed).await;
+}
+
+/// The same with a hung master (its connections stay open, its commands time out): the cluster
+/// client cannot tell it is gone, so the broadcast must be retried on another node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_with_a_hung_master_clears_the_others_and_still_reaches_replicas() {
+    purge_with_a_dead_master(Outage::Hung).await;
+}
+
+enum Outage {
+    Killed,
+    Hung,
+}
+
+async fn purge_with_a_dead_master(outage: Outage) {
+    let mut cluster = Cluster::start();
+    let dead = cluster.owner_of("outrider:invalidate");
+    let app = Backend::start("app").await;
+    let a = Proxy::start(&config(
+        &app.url(),
+        &format!("cluster_nodes: {}", cluster.seeds()),
+        "64MiB",
+    ))
+    .await;
+    // B subscribes on a seed that stays up: its subscription must not be what is tested (a
+    // resubscribing replica clears its whole L1).
+    let b = Proxy::start(&config(
+        &app.url(),
+        &format!("cluster_nodes: {}", cluster.seeds_last(dead)),
+        "64MiB",
+    ))
+    .await;
+    for p in [&a, &b] {
+        wait_redis_up(p).await;
+        wait_subscribed(p).await;
+    }
+    let paths: Vec<String> = (0..12).map(|i| format!("/echo/items/p{i}")).collect();
+    let keep = "/echo/items/keep";
+    for p in paths.iter().map(String::as_str).chain([keep]) {
+        assert_eq!(get(&a, p).await, (200, "MISS".into()), "{p} on A");
+    }
+    let purged_prefix = "outrider:v1:items:/echo/items/p";
+    let per_node = wait_for(
+        "entries in the cluster",
+        Duration::from_secs(10),
+        || async {
+            let all = cluster.keys_per_node("outrider:").iter().sum::<usize>();
+            (all == paths.len() + 1).then(|| cluster.keys_per_node(purged_prefix))
+        },
+    )
+    .await;
+    let on_survivors: usize = (0..3).filter(|&i| i != dead).map(|i| per_node[i]).sum();
+    assert!(
+        on_survivors > 0 && per_node[dead] > 0,
+        "keys on the dead master and on others: {per_node:?}"
+    );
+    for p in paths.iter().map(String::as_str).chain([keep]) {
+        assert_eq!(get(&b, p).await, (200, "HIT".into()), "{p} on B from L2");
+    }
+
+    match outage {
+        Outage::Killed => cluster.kill(dead),
+        Outage::Hung => cluster.freeze(dead),
+    }
+    let before = applied(&b).await;
+    let purge = client()
+        .post(a.admin("/cache/purge"))
+        .json(&serde_json::json!({ "path_prefix": "/echo/items/p" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(purge.status(), 200);
+    let report: serde_json::Value = purge.json().await.unwrap();
+    let dead_addr = format!("127.0.0.1:{}", cluster.nodes[dead].0);
+    assert_eq!(
+        report["purged"]["l2_failed_nodes"],
+        serde_json::json!([dead_addr]),
+        "{report}"
+    );
+    assert_eq!(report["purged"]["l2"], on_survivors, "{report}");
+    let error = report["purged"]["l2_error"].as_str().unwrap_or_default();
+    assert!(error.contains("1 of 3 masters"), "{report}");
+    assert_eq!(report["purged"]["broadcast"], true, "{report}");
+    assert!(a.log().contains(&dead_addr), "the log names the master");
+    assert_eq!(
+        cluster.keys_per_node(purged_prefix).iter().sum::<usize>(),
+        0,
+        "the surviving masters are purged"
+    );
+
+    // B heard it although the channel's master is dead, and applied the scope, not a restart.
+    wait_for("B applies the purge", Duration::from_secs(10), || async {
+        (applied(&b).await > before).then_some(())
+    })
+    .await;
+    // The L1 walk follows the message on a blocking thread: wait for its result.
+    support::metric_eventually(&b, "outrider_cache_l1_entries", &[], 1.0).await;
+    for p in &paths {
+        assert_eq!(get(&b, p).await.1, "MISS", "{p} on B after the purge");
+    }
+    assert_eq!(get(&b, keep).await, (200, "HIT".into()), "B kept the rest");
 }
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files.

@@ -123,6 +123,8 @@ pub struct PurgeReport {
     /// `None` when Redis is disabled or could not be purged (see `l2_error`).
     pub l2: Option<u64>,
     pub l2_error: Option<String>,
+    /// Cluster masters the purge could not clear (`host:port`); `l2` counts the others.
+    pub l2_failed_nodes: Vec<String>,
     /// Whether the purge was published to the other replicas (`None` without Redis).
     pub broadcast: Option<bool>,
 }
@@ -423,7 +425,25 @@ impl Store {
         // L2 key that was not deleted yet; the second pass removes what it put back.
         if let Some(l2) = &self.l2 {
             match l2.purge(&filter).await {
-                Ok(n) => report.l2 = Some(n),
+                Ok(done) if done.failed.is_empty() => report.l2 = Some(done.removed),
+                Ok(done) => {
+                    let nodes: Vec<String> = done.failed.iter().map(|(n, _)| n.clone()).collect();
+                    let errors: Vec<String> = done
+                        .failed
+                        .iter()
+                        .map(|(n, e)| format!("{n}: {e}"))
+                        .collect();
+                    tracing::warn!(failed = ?errors, purged = done.removed, "purge could not reach every redis master; their matching keys stay until they expire or the purge is repeated");
+                    // Partial: what the reachable masters removed, and who did not answer.
+                    report.l2 = (done.failed.len() < done.nodes).then_some(done.removed);
+                    report.l2_error = Some(format!(
+                        "purge failed on {} of {} masters ({}); the others are purged",
+                        done.failed.len(),
+                        done.nodes,
+                        errors.join("; ")
+                    ));
+                    report.l2_failed_nodes = nodes;
+                }
                 Err(e) => report.l2_error = Some(e.to_string()),
             }
             report.broadcast = Some(self.publish_filter(&filter).await.is_ok());
@@ -773,6 +793,7 @@ mod tests {
                 l1: 2,
                 l2: None,
                 l2_error: None,
+                l2_failed_nodes: Vec::new(),
                 broadcast: None
             })
         );

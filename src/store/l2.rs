@@ -190,12 +190,69 @@ impl Client {
         }
     }
 
+    /// Plain clients for single cluster nodes, with the seeds' scheme, TLS settings and
+    /// password: `known` masters first (`last` at the end), then seeds not among them.
+    fn node_clients(&self, known: &[String], last: Option<&str>) -> Vec<(String, redis::Client)> {
+        let Client::Cluster { seeds, .. } = self else {
+            return Vec::new();
+        };
+        let mut out: Vec<(String, redis::Client)> = Vec::new();
+        let mut ordered: Vec<&String> = known.iter().filter(|a| Some(a.as_str()) != last).collect();
+        ordered.extend(known.iter().filter(|a| Some(a.as_str()) == last));
+        if let Some(template) = seeds.first() {
+            for addr in ordered {
+                if let Some(client) = client_at(template, addr) {
+                    out.push((addr.clone(), client));
+                }
+            }
+        }
+        for seed in seeds {
+            if let Some(addr) = node_addr(seed) {
+                if !out.iter().any(|(a, _)| *a == addr) {
+                    out.push((addr, seed.clone()));
+                }
+            }
+        }
+        out
+    }
+
     fn describe(&self, url: &str) -> String {
         match self {
             Client::Single(_) => url.to_owned(),
             Client::Cluster { seeds, .. } => format!("cluster via {} seed node(s)", seeds.len()),
         }
     }
+}
+
+/// `host:port` of a plain client.
+fn node_addr(client: &redis::Client) -> Option<String> {
+    match &client.get_connection_info().addr {
+        redis::ConnectionAddr::Tcp(host, port)
+        | redis::ConnectionAddr::TcpTls { host, port, .. } => Some(format!("{host}:{port}")),
+        redis::ConnectionAddr::Unix(_) => None,
+    }
+}
+
+/// A client for the node at `addr` (`host:port`, as the cluster announces it) made from a seed's
+/// settings, so it speaks the same scheme, TLS and credentials.
+fn client_at(template: &redis::Client, addr: &str) -> Option<redis::Client> {
+    let (host, port) = addr.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    let mut info = template.get_connection_info().clone();
+    match &mut info.addr {
+        redis::ConnectionAddr::Tcp(h, p) => {
+            *h = host.to_owned();
+            *p = port;
+        }
+        redis::ConnectionAddr::TcpTls {
+            host: h, port: p, ..
+        } => {
+            *h = host.to_owned();
+            *p = port;
+        }
+        redis::ConnectionAddr::Unix(_) => return None,
+    }
+    redis::Client::open(info).ok()
 }
 
 /// A command connection to either shape of deployment; both are cheap to clone and multiplex.
@@ -234,6 +291,16 @@ impl redis::aio::ConnectionLike for Conn {
             Conn::Cluster(c) => c.get_db(),
         }
     }
+}
+
+/// What a purge did to Redis.
+#[derive(Debug, Default)]
+pub(crate) struct L2Purge {
+    pub(crate) removed: u64,
+    /// Servers scanned: 1, or the cluster's masters.
+    pub(crate) nodes: usize,
+    /// Masters that could not be purged (`host:port`, error): their keys stay until they expire.
+    pub(crate) failed: Vec<(String, String)>,
 }
 
 pub(crate) struct L2 {
@@ -663,30 +730,47 @@ impl L2 {
     }
 
     /// Deletes every key the filter selects, with SCAN (never KEYS) and UNLINK; on a cluster,
-    /// SCAN runs on every master (each holds only its own slots).
-    pub(crate) async fn purge(&self, filter: &KeyFilter) -> Result<u64, CacheError> {
+    /// SCAN runs on every master (each holds only its own slots), all of them even when some
+    /// fail: what can be cleared is, and the answer names the masters that could not be.
+    pub(crate) async fn purge(&self, filter: &KeyFilter) -> Result<L2Purge, CacheError> {
         let inner = &self.inner;
         let Some(conn) = inner.conn.load_full() else {
             return Err(CacheError::Redis("not connected".into()));
         };
-        let mut conn = Conn::clone(&conn);
+        let conn = Conn::clone(&conn);
         // An admin purge is worth more patience than a request, but must still end.
         let op_timeout = inner.timeout.max(Duration::from_secs(5));
         let started = Instant::now();
         let result = async {
-            let nodes = match &mut conn {
+            let nodes: Vec<Option<(String, u16)>> = match &conn {
                 Conn::Single(_) => vec![None],
-                Conn::Cluster(c) => masters(c, op_timeout)
+                Conn::Cluster(c) => masters_anywhere(inner, &mut c.clone(), op_timeout)
                     .await?
                     .into_iter()
                     .map(Some)
                     .collect(),
             };
-            let mut removed = 0;
-            for node in nodes {
-                removed += purge_node(&mut conn, node, filter, &inner.prefix, op_timeout).await?;
+            let runs = nodes.iter().map(|node| {
+                let mut conn = conn.clone();
+                async move {
+                    purge_node(&mut conn, node.clone(), filter, &inner.prefix, op_timeout).await
+                }
+            });
+            let results = futures::future::join_all(runs).await;
+            let mut out = L2Purge {
+                nodes: nodes.len(),
+                ..L2Purge::default()
+            };
+            for (node, res) in nodes.into_iter().zip(results) {
+                match (res, node) {
+                    (Ok(n), _) => out.removed += n,
+                    (Err(e), None) => return Err(e),
+                    (Err(e), Some((host, port))) => {
+                        out.failed.push((format!("{host}:{port}"), e.to_string()));
+                    }
+                }
             }
-            Ok(removed)
+            Ok(out)
         }
         .await;
         inner
@@ -697,7 +781,7 @@ impl L2 {
     }
 
     /// Publishes `message` on `channel` within the admin timeout; pub/sub is not gated by the
-    /// breaker (a purge is rare and its broadcast is worth one try).
+    /// breaker (a purge is rare and its broadcast is worth a try on every node).
     pub(crate) async fn publish(&self, channel: &str, message: &str) -> Result<(), CacheError> {
         publish_on(&self.inner, channel, message).await
     }
@@ -731,9 +815,13 @@ async fn slot_ranges(
         ),
     )
     .await?;
+    parse_slots(&reply)
+}
+
+fn parse_slots(reply: &redis::Value) -> Result<Vec<SlotRange>, CacheError> {
     let bad = |what: &str| CacheError::Redis(format!("unexpected CLUSTER SLOTS reply: {what}"));
     let ranges: Vec<Vec<redis::Value>> =
-        redis::from_redis_value(&reply).map_err(|e| bad(&e.to_string()))?;
+        redis::from_redis_value(reply).map_err(|e| bad(&e.to_string()))?;
     let mut out = Vec::with_capacity(ranges.len());
     for range in ranges {
         let [first, last, master, ..] = range.as_slice() else {
@@ -754,13 +842,10 @@ async fn slot_ranges(
     Ok(out)
 }
 
-/// The masters of a cluster, each once.
-async fn masters(
-    conn: &mut ClusterConnection,
-    timeout: Duration,
-) -> Result<Vec<(String, u16)>, CacheError> {
+/// `host:port` addresses as (host, port), each once.
+fn parse_nodes<'a>(addrs: impl IntoIterator<Item = &'a String>) -> Vec<(String, u16)> {
     let mut out: Vec<(String, u16)> = Vec::new();
-    for (_, _, addr) in slot_ranges(conn, timeout).await? {
+    for addr in addrs {
         let parsed = addr
             .rsplit_once(':')
             .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)));
@@ -770,25 +855,117 @@ async fn masters(
             }
         }
     }
-    Ok(out)
+    out
 }
 
-/// One PUBLISH on the shared connection (a purge is rare and its broadcast is worth one try).
-async fn publish_on(inner: &Inner, channel: &str, message: &str) -> Result<(), CacheError> {
-    let Some(conn) = inner.conn.load_full() else {
-        return Err(CacheError::Redis("not connected".into()));
+/// A direct connection to one node, for the rare commands that must not depend on the cluster
+/// connection's routing (a purge's slot map, a broadcast whose routed node is down).
+async fn direct(
+    inner: &Inner,
+    client: &redis::Client,
+) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(connect_timeout(inner.timeout))
+        .set_response_timeout(inner.timeout.max(Duration::from_secs(1)));
+    client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+}
+
+/// The masters of a cluster, each once: from the cluster connection, else from any node that
+/// answers `CLUSTER SLOTS` directly (the node the connection asked may be the dead one), else
+/// from the last slot map the breakers hold.
+async fn masters_anywhere(
+    inner: &Inner,
+    conn: &mut ClusterConnection,
+    timeout: Duration,
+) -> Result<Vec<(String, u16)>, CacheError> {
+    let first = match slot_ranges(conn, timeout).await {
+        Ok(ranges) if !ranges.is_empty() => {
+            return Ok(parse_nodes(ranges.iter().map(|(_, _, a)| a)))
+        }
+        Ok(_) => CacheError::Redis("CLUSTER SLOTS listed no master".into()),
+        Err(e) => e,
     };
-    let mut conn = Conn::clone(&conn);
+    let known = inner.breakers.known_nodes();
+    for (addr, client) in inner.client.node_clients(&known, None) {
+        let asked = run(timeout, async {
+            let mut c = direct(inner, &client).await?;
+            redis::cmd("CLUSTER")
+                .arg("SLOTS")
+                .query_async::<redis::Value>(&mut c)
+                .await
+        })
+        .await
+        .and_then(|reply| parse_slots(&reply));
+        match asked {
+            Ok(ranges) if !ranges.is_empty() => {
+                return Ok(parse_nodes(ranges.iter().map(|(_, _, a)| a)))
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(node = %addr, error = %e, "CLUSTER SLOTS failed"),
+        }
+    }
+    if known.is_empty() {
+        Err(first)
+    } else {
+        Ok(parse_nodes(&known))
+    }
+}
+
+/// PUBLISH on the shared connection, which routes it to the master of the channel's slot; if
+/// that fails, on every other node in turn: a cluster forwards a PUBLISH received on any node
+/// to the subscribers on all of them, so one dead master must not silence purges.
+async fn publish_on(inner: &Inner, channel: &str, message: &str) -> Result<(), CacheError> {
     let timeout = inner.timeout.max(Duration::from_secs(1));
-    run(
-        timeout,
-        redis::cmd("PUBLISH")
-            .arg(channel)
-            .arg(message)
-            .query_async::<i64>(&mut conn),
-    )
-    .await
-    .map(drop)
+    let routed = match inner.conn.load_full() {
+        Some(conn) => {
+            let mut conn = Conn::clone(&conn);
+            run(
+                timeout,
+                redis::cmd("PUBLISH")
+                    .arg(channel)
+                    .arg(message)
+                    .query_async::<i64>(&mut conn),
+            )
+            .await
+            .map(drop)
+        }
+        None => Err(CacheError::Redis("not connected".into())),
+    };
+    let Err(first) = routed else {
+        return Ok(());
+    };
+    // The routed node is tried last: it has just failed.
+    let known = inner.breakers.known_nodes();
+    let owner = inner.breakers.node_of(channel);
+    let others = inner.client.node_clients(&known, owner.as_deref());
+    if others.is_empty() {
+        return Err(first);
+    }
+    for (addr, client) in others {
+        let sent = run(timeout, async {
+            let mut c = direct(inner, &client).await?;
+            redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(message)
+                .query_async::<i64>(&mut c)
+                .await
+        })
+        .await;
+        match sent {
+            Ok(_) => {
+                tracing::info!(node = %addr, error = %first, "purge broadcast sent through another cluster node (the channel's master failed)");
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::debug!(node = %addr, error = %e, "purge broadcast failed on this node too")
+            }
+        }
+    }
+    Err(CacheError::Redis(format!(
+        "{first} (and on every other cluster node)"
+    )))
 }
 
 /// Keeps the per-node breakers' slot map current for as long as the tier lives.

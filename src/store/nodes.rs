@@ -114,6 +114,23 @@ impl Breakers {
         self.map.store(Arc::new(SlotMap { slots, nodes }));
     }
 
+    /// Every master of the last slot map, as `host:port` (empty until one is known).
+    pub(crate) fn known_nodes(&self) -> Vec<String> {
+        self.map
+            .load()
+            .nodes
+            .iter()
+            .map(|(a, _)| a.clone())
+            .collect()
+    }
+
+    /// The master that owns `key`'s slot in the last slot map, as `host:port`.
+    pub(crate) fn node_of(&self, key: &str) -> Option<String> {
+        let map = self.map.load();
+        let node = *map.slots.get(usize::from(key_slot(key.as_bytes())))?;
+        map.nodes.get(usize::from(node)).map(|(a, _)| a.clone())
+    }
+
     /// The worst state of any breaker: what the single gauge and `/cache/stats` report.
     pub(crate) fn worst(&self) -> BreakerState {
         let mut worst = self.whole.lock().state();
@@ -183,6 +200,8 @@ mod tests {
         assert_eq!(b.for_key("hello").lock().state(), BreakerState::Closed);
         assert_eq!(b.worst(), BreakerState::Open);
         assert_eq!(b.troubled_nodes(), ["b:2"]);
+        assert_eq!(b.known_nodes(), ["a:1", "b:2"]);
+        assert_eq!(b.node_of("foo").as_deref(), Some("b:2"));
         // A refresh keeps the state of masters that stay.
         b.set_topology(&[(0, 16383, "b:2".into())]);
         assert_eq!(b.for_key("hello").lock().state(), BreakerState::Open);
