@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use super::breaker::{BreakerSettings, BreakerState};
 use super::budget::{InflightBudget, Reservation};
 use super::flight::{Flight, Flights, RevalidationGuard, Revalidations};
-use super::invalidate::{self, Message};
+use super::invalidate::{self, Message, Repass};
 use super::key::parse_hex32;
 use super::l1::L1;
 use super::l2::{KeyFilter, L2Get, RedisEndpoint, RedisState, L2};
@@ -143,6 +143,9 @@ pub struct Store {
     inflight: Arc<InflightBudget>,
     /// Tells this replica's purge broadcasts from other replicas'.
     instance: String,
+    /// Second L1 passes of purges, sent and received (with Redis only: without it, nothing
+    /// can race a purge back into L1).
+    repass: Option<Arc<Repass>>,
 }
 
 /// How long a key stays marked uncacheable after a response that could not be stored.
@@ -194,19 +197,27 @@ impl Store {
                 Arc::clone(&inflight),
             )?),
         };
-        let store = Arc::new(Store {
-            settings,
-            l1,
-            l2,
-            flights: Arc::default(),
-            revalidations: Arc::default(),
-            uncacheable: moka::sync::Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(UNCACHEABLE_MEMORY)
-                .build(),
-            metrics,
-            inflight,
-            instance: invalidate::instance_id(),
+        // The longest a racing Redis read can take, plus the moment its L1 insert needs.
+        let repass_after = settings.redis_timeout + Duration::from_millis(100);
+        let store = Arc::new_cyclic(|weak: &std::sync::Weak<Store>| {
+            let repass = l2
+                .as_ref()
+                .map(|l2| Repass::new(repass_after, l2.pubsub().1, l1_purger(weak.clone())));
+            Store {
+                settings,
+                repass,
+                l1,
+                l2,
+                flights: Arc::default(),
+                revalidations: Arc::default(),
+                uncacheable: moka::sync::Cache::builder()
+                    .max_capacity(100_000)
+                    .time_to_live(UNCACHEABLE_MEMORY)
+                    .build(),
+                metrics,
+                inflight,
+                instance: invalidate::instance_id(),
+            }
         });
         store.subscribe_invalidations();
         Ok(store)
@@ -218,15 +229,14 @@ impl Store {
         let Some(l2) = &self.l2 else {
             return;
         };
-        let weak = Arc::downgrade(self);
-        let apply: invalidate::Apply = Arc::new(move |filter| {
-            if let Some(store) = weak.upgrade() {
-                // The L1 walk is blocking work; keep it off the Redis runtime's only thread.
-                tokio::task::spawn_blocking(move || {
-                    store.purge_l1(&filter);
-                    store.refresh_gauges();
-                });
+        let purge = l1_purger(Arc::downgrade(self));
+        let repass = self.repass.clone();
+        // Like the sender, twice: once now, once when a read that raced the purge is over.
+        let apply: invalidate::Apply = Arc::new(move |filter: KeyFilter| {
+            if let Some(repass) = &repass {
+                repass.schedule(filter.clone());
             }
+            purge(filter);
         });
         let (clients, rt) = l2.pubsub();
         rt.spawn(invalidate::listen(
@@ -237,6 +247,13 @@ impl Store {
             self.metrics.clone(),
             super::l2::connect_timeout(self.settings.redis_timeout),
         ));
+    }
+
+    /// Schedules the second pass of a purge over L1.
+    fn repass(&self, filter: KeyFilter) {
+        if let (Some(repass), Some(_)) = (&self.repass, &self.l1) {
+            repass.schedule(filter);
+        }
     }
 
     pub fn settings(&self) -> &CacheSettings {
@@ -377,6 +394,8 @@ impl Store {
             let message = Message::new(&self.instance, KeyFilter::Key { hex: key.hex() }).encode();
             let counters = self.metrics.invalidations.clone();
             let (l1, hash) = (self.l1.clone(), key.hash);
+            let repass = self.l1.as_ref().and(self.repass.clone());
+            let hex = key.hex();
             l2.delete_and_announce(
                 l2.key(&key.namespace, &key.label, &key.hex()),
                 Some((invalidate::channel(l2.prefix()), message)),
@@ -384,6 +403,9 @@ impl Store {
                     // A lookup already waiting on Redis may have put the old entry back here.
                     if let Some(l1) = l1 {
                         l1.remove(&hash);
+                    }
+                    if let Some(repass) = repass {
+                        repass.schedule(KeyFilter::Key { hex });
                     }
                     match published {
                         Some(true) => counters.published.inc(),
@@ -449,6 +471,7 @@ impl Store {
             report.broadcast = Some(self.publish_filter(&filter).await.is_ok());
         }
         if self.l1.is_some() {
+            self.repass(filter.clone());
             let this = Arc::clone(self);
             let walk = move || {
                 let removed = this.purge_l1(&filter);
@@ -675,6 +698,19 @@ impl Store {
             },
         })
     }
+}
+
+/// Drops what a filter selects from the store's L1, on a blocking thread (the L1 walk must stay
+/// off the Redis runtime's only thread). Holds the store weakly: never keeps it alive.
+fn l1_purger(store: std::sync::Weak<Store>) -> invalidate::Apply {
+    Arc::new(move |filter| {
+        if let Some(store) = store.upgrade() {
+            tokio::task::spawn_blocking(move || {
+                store.purge_l1(&filter);
+                store.refresh_gauges();
+            });
+        }
+    })
 }
 
 /// Checks a purge target and turns it into the filter Redis, L1 and the broadcast share.

@@ -7,10 +7,12 @@
 //! Classic pub/sub on a cluster is broadcast over the cluster bus, so a subscriber on any one
 //! node hears every publish.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::l2::KeyFilter;
@@ -216,6 +218,88 @@ pub(crate) async fn listen(
     }
 }
 
+/// Queued second passes beyond this collapse into one pass over all of L1: a purge storm must
+/// not grow memory without bound.
+const MAX_REPASSES: usize = 1024;
+
+/// Second passes over L1, each `delay` after its purge. A lookup whose Redis read started before
+/// a purge reached Redis can put the old entry back in L1 after the first pass, but it has its
+/// answer within the Redis timeout; a pass after that removes what it put back. One task at a
+/// time drains the queue and ends when it is empty.
+pub(crate) struct Repass {
+    delay: Duration,
+    rt: tokio::runtime::Handle,
+    apply: Apply,
+    state: Mutex<RepassState>,
+}
+
+#[derive(Default)]
+struct RepassState {
+    queue: VecDeque<(Instant, KeyFilter)>,
+    running: bool,
+}
+
+impl Repass {
+    pub(crate) fn new(delay: Duration, rt: tokio::runtime::Handle, apply: Apply) -> Arc<Self> {
+        Arc::new(Repass {
+            delay,
+            rt,
+            apply,
+            state: Mutex::new(RepassState::default()),
+        })
+    }
+
+    /// Applies `filter` once more after the delay.
+    pub(crate) fn schedule(self: &Arc<Self>, filter: KeyFilter) {
+        let mut state = self.state.lock();
+        let filter = if state.queue.len() >= MAX_REPASSES {
+            state.queue.clear();
+            KeyFilter::All
+        } else {
+            filter
+        };
+        state.queue.push_back((Instant::now() + self.delay, filter));
+        if !state.running {
+            state.running = true;
+            self.rt.spawn(Arc::clone(self).drain());
+        }
+    }
+
+    async fn drain(self: Arc<Self>) {
+        loop {
+            let now = Instant::now();
+            let (due, next) = {
+                let mut state = self.state.lock();
+                let mut due = Vec::new();
+                while state.queue.front().is_some_and(|(at, _)| *at <= now) {
+                    if let Some((_, filter)) = state.queue.pop_front() {
+                        due.push(filter);
+                    }
+                }
+                let next = state.queue.front().map(|(at, _)| *at);
+                if due.is_empty() && next.is_none() {
+                    state.running = false;
+                    return;
+                }
+                (due, next)
+            };
+            for filter in due {
+                (self.apply)(filter);
+            }
+            if let Some(at) = next {
+                tokio::time::sleep_until(at.into()).await;
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn queued(&self) -> (Vec<KeyFilter>, bool) {
+        let state = self.state.lock();
+        let filters = state.queue.iter().map(|(_, f)| f.clone()).collect();
+        (filters, state.running)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,5 +347,38 @@ mod tests {
         ] {
             assert_eq!(classify(bad.as_bytes(), "b"), Received::Malformed, "{bad}");
         }
+    }
+
+    #[tokio::test]
+    async fn second_passes_wait_their_delay_are_bounded_and_end() {
+        let ns = |n: &str| KeyFilter::Namespace {
+            namespace: n.into(),
+        };
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = Arc::clone(&seen);
+        let apply: Apply = Arc::new(move |f| record.lock().push(f));
+        let rt = tokio::runtime::Handle::current();
+
+        // Nothing runs before its delay; a storm collapses into one pass over everything.
+        let slow = Repass::new(Duration::from_secs(3600), rt.clone(), Arc::clone(&apply));
+        slow.schedule(ns("a"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(seen.lock().is_empty());
+        assert_eq!(slow.queued(), (vec![ns("a")], true));
+        for _ in 0..MAX_REPASSES {
+            slow.schedule(ns("b"));
+        }
+        assert_eq!(slow.queued(), (vec![KeyFilter::All], true));
+
+        // Due passes run in order, then the task ends.
+        let fast = Repass::new(Duration::from_millis(10), rt, apply);
+        fast.schedule(ns("c"));
+        fast.schedule(ns("d"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while fast.queued() != (Vec::new(), false) {
+            assert!(Instant::now() < deadline, "the queue never drained");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(*seen.lock(), [ns("c"), ns("d")]);
     }
 }
