@@ -729,6 +729,21 @@ async fn tls_redis_with_private_ca_is_shared_and_a_wrong_ca_degrades() {
     }
     let ready = wrong.admin_json("/ready").await;
     assert_eq!(ready["checks"]["redis"]["status"], "degraded", "{ready}");
+    // "degraded" holds from the start ("connecting"); the reason says why only once the TLS
+    // handshake has failed.
+    wait_for(
+        "/ready to name the TLS failure",
+        Duration::from_secs(10),
+        || async {
+            let ready = wrong.admin_json("/ready").await;
+            let reason = ready["checks"]["redis"]["reason"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            reason.contains("TLS handshake failed").then_some(())
+        },
+    )
+    .await;
     wait_for("a clear TLS warning", Duration::from_secs(10), || async {
         wrong
             .log()

@@ -673,7 +673,7 @@ impl Store {
             (Some(l2), RedisState::Degraded { reason }) => (
                 match l2.breaker_state() {
                     BreakerState::HalfOpen => "half_open",
-                    BreakerState::Open if reason == "connecting" => "down",
+                    BreakerState::Open if !l2.is_connected() => "down",
                     _ => "open",
                 },
                 Some(reason),

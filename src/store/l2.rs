@@ -331,6 +331,8 @@ struct Inner {
     inflight: Arc<InflightBudget>,
     last_decode_log: AtomicU64,
     last_connect_log: AtomicU64,
+    /// Why the last connection attempt failed, for `/ready` while there is no connection.
+    connect_failure: Mutex<Option<&'static str>>,
 }
 
 /// Percent-encodes the separator so a namespace can never swallow part of the label.
@@ -532,6 +534,7 @@ impl L2 {
             inflight,
             last_decode_log: AtomicU64::new(0),
             last_connect_log: AtomicU64::new(0),
+            connect_failure: Mutex::new(None),
         });
         handle.spawn(connect_loop(Arc::clone(&inner), url));
         Ok(L2 {
@@ -552,9 +555,12 @@ impl L2 {
 
     pub(crate) fn state(&self) -> RedisState {
         if self.inner.conn.load().is_none() {
-            return RedisState::Degraded {
-                reason: "connecting".into(),
+            // A TLS misconfiguration must be visible where operators look first.
+            let reason = match *lock(&self.inner.connect_failure) {
+                Some(hint) => format!("not connected: {hint}"),
+                None => "connecting".into(),
             };
+            return RedisState::Degraded { reason };
         }
         let state = self.inner.breakers.worst();
         let nodes = self.inner.breakers.troubled_nodes();
@@ -573,6 +579,11 @@ impl L2 {
                 reason: format!("circuit open after repeated failures{on}"),
             },
         }
+    }
+
+    /// Whether a connection was ever made (until then the breaker counts as open).
+    pub(crate) fn is_connected(&self) -> bool {
+        self.inner.conn.load().is_some()
     }
 
     pub(crate) fn breaker_state(&self) -> BreakerState {
@@ -1215,11 +1226,14 @@ async fn connect_loop(inner: Arc<Inner>, url: String) {
             }
             Ok(Err(e)) => {
                 inner.metrics.redis_error(classify(&e));
+                let hint = connect_hint(&e);
+                *lock(&inner.connect_failure) = Some(hint);
                 if log_allowed(&inner.last_connect_log) {
-                    tracing::warn!(redis = %url, error = %e, "redis L2 not reachable: {}", connect_hint(&e));
+                    tracing::warn!(redis = %url, error = %e, "redis L2 not reachable: {hint}");
                 }
             }
             Err(_) => {
+                *lock(&inner.connect_failure) = Some("connect timed out; retrying in background");
                 inner.metrics.redis_error(RedisErrorKind::Timeout);
                 if log_allowed(&inner.last_connect_log) {
                     tracing::warn!(redis = %url, "redis L2 connect timed out; retrying in background");
