@@ -426,3 +426,55 @@ async fn error_replies_do_not_open_the_breaker() {
     let got = reader.lookup(&k).await;
     assert_eq!(got.tier, Tier::L2, "reads still served by Redis");
 }
+
+/// Feature namespaces (the APQ registry, LLM entries) ride the same broadcast as HTTP routes: a
+/// purge by namespace or by key on one replica drops the other replica's L1 copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feature_namespaces_are_purged_on_other_replicas() {
+    let redis = RedisServer::start();
+    let a = cache(Some(redis.url()), 1 << 20);
+    let b = cache(Some(redis.url()), 1 << 20);
+    for c in [&a, &b] {
+        wait_up(c).await;
+        wait_until("subscribed", Duration::from_secs(10), || {
+            c.invalidation_subscribed() == Some(true)
+        })
+        .await;
+    }
+    // As the GraphQL and LLM stages build them: namespace `apq` or the route's name, the label
+    // is the query hash or the model, not a path.
+    let apq = CacheKey::from_parts("apq", &"ab".repeat(32), &[b"query"]);
+    let llm = CacheKey::from_parts("chat", "gpt-4o-mini", &[b"prompt"]);
+    for k in [&apq, &llm] {
+        a.store(k, entry(&k.namespace, &k.label, "x")).await;
+        wait_until("write reaches redis", Duration::from_secs(5), || {
+            exists(&redis, k)
+        })
+        .await;
+        assert_eq!(b.lookup(k).await.tier, Tier::L2);
+        assert!(b.lookup_l1(k).is_some(), "B holds its own copy");
+    }
+    let applied = |c: &Store| c.metrics().invalidations.applied.get();
+
+    let r = a
+        .purge(PurgeTarget::Namespace("apq".into()))
+        .await
+        .expect("purge");
+    assert_eq!((r.l2, r.broadcast), (Some(1), Some(true)), "{r:?}");
+    wait_until("B applies the purge", Duration::from_secs(10), || {
+        applied(&b) >= 1
+    })
+    .await;
+    wait_until("B drops its APQ copy", Duration::from_secs(10), || {
+        b.lookup_l1(&apq).is_none()
+    })
+    .await;
+    assert!(b.lookup_l1(&llm).is_some(), "another namespace stays");
+
+    let r = a.purge(PurgeTarget::Key(llm.hex())).await.expect("purge");
+    assert_eq!((r.l2, r.broadcast), (Some(1), Some(true)), "{r:?}");
+    wait_until("B drops its LLM copy", Duration::from_secs(10), || {
+        b.lookup_l1(&llm).is_none()
+    })
+    .await;
+}
