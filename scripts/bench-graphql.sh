@@ -79,3 +79,12 @@ measure http-hit "$SUT_PID" "http://127.0.0.1:$PORT/api/items/1"
 measure apq-get-hit "$SUT_PID" "http://127.0.0.1:$PORT$GET_PATH"
 measure apq-post-hit "$SUT_PID" "http://127.0.0.1:$PORT/graphql" "$W/hash_only.lua"
 measure app-direct "$APP_PID" "http://127.0.0.1:$APP_PORT/graphql" "$W/full.lua"
+read -r _ _ http_cpu <"$W/http-hit"
+read -r _ _ get_cpu <"$W/apq-get-hit"
+read -r _ _ post_cpu <"$W/apq-post-hit"
+python3 - "$http_cpu" "$get_cpu" "$post_cpu" <<'PY'
+import sys
+http, get, post = map(float, sys.argv[1:])
+print(f"# CPU per cached GraphQL hit / L1 HTTP hit: hashed GET {get / http:.2f}x, "
+      f"hash-only POST {post / http:.2f}x (target <= 1.5x)")
+PY
