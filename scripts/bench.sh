@@ -206,7 +206,10 @@ PY
       secs=${OVERLOAD_SECONDS:-10}
       # The load: oha, open loop (a native generator; a Python one added its own event-loop lag).
       oha=$(command -v oha || echo "${OHA:-/work/tools/bin/oha}")
-      if [[ ! -x $oha ]]; then cargo install --locked oha --root "$OUT/oha" && oha="$OUT/oha/bin/oha"; fi
+      if [[ ! -x $oha ]]; then
+        cargo install --locked oha --root "$OUT/oha" || { echo "cannot install oha" >&2; exit 1; }
+        oha="$OUT/oha/bin/oha"
+      fi
       (cd examples/fastapi-backend && APP_DELAY_MS=20 exec taskset -c 0 python3 -m uvicorn app:app \
         --host 127.0.0.1 --port 18001 --workers 1 --log-level warning --no-access-log) &
       APP_PID=$!
@@ -275,8 +278,8 @@ YAML
             overload_config "$slo" >"$OUT/overload.yaml"
             taskset -c 1 "$OUTRIDER" run --config "$OUT/overload.yaml" >"$OUT/overload.log" 2>&1 & SUT_PID=$!
             run_sut "outrider-$variant" 18100
-            # The shed answers' latency as outrider decided it (the client's figure above also
-            # holds the load generator's own event-loop lag).
+            # How long outrider took to decide each shed (the client's figure above is the whole
+            # round trip, scheduling on the shared CPU included).
             printf '%-22s ' ""
             curl -fsS http://127.0.0.1:18190/metrics | python3 scripts/shed-latency.py items || true
             ;;

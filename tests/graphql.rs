@@ -229,10 +229,22 @@ async fn apq_round_trip_not_found_then_register_then_hash_only() {
     assert_eq!(hit.received()["query"], QUERY);
     assert_eq!(hit.received()["variables"], vars);
     assert_eq!(hit.body["data"]["method"], "POST");
-    // The rewritten body goes with its own length, not the client's.
+    // The rewritten body (the query put back) goes as one compact JSON document with its own
+    // length: not the client's (a shorter one would cut it and `received` would be null).
+    let upstream_length = hit.body["data"]["body_length"].as_u64().unwrap() as usize;
+    assert_eq!(
+        upstream_length,
+        serde_json::to_vec(hit.received()).unwrap().len()
+    );
+    assert_ne!(
+        upstream_length,
+        serde_json::to_vec(&hash_only(QUERY, vars.clone()))
+            .unwrap()
+            .len()
+    );
     assert_eq!(
         hit.body["data"]["headers"]["content-length"],
-        hit.body["data"]["body_length"].to_string()
+        upstream_length.to_string()
     );
     assert_eq!(env.app.hits("/graphql"), 2);
 

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde::Deserialize;
 
-use super::operation::normalized;
+use super::operation::{normalized, normalized_within, significant_tokens, TOKEN_LIMIT};
 use super::protocol::sha256_hex;
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +52,8 @@ pub struct Manifest {
     /// Bodies as `operation::normalized` reduces them: freeform requests laid out differently
     /// from the manifest still match, as in Apollo Router.
     normalized: HashSet<String>,
+    /// The most significant tokens in a listed body: a longer document is no listed one.
+    max_tokens: usize,
 }
 
 impl Manifest {
@@ -84,6 +86,9 @@ impl Manifest {
             }
             if let Some(normal) = normalized(&op.body) {
                 manifest.normalized.insert(normal);
+                manifest.max_tokens = manifest
+                    .max_tokens
+                    .max(significant_tokens(&op.body, TOKEN_LIMIT));
             }
             manifest.operations.push(ListedOperation {
                 name: op.name,
@@ -110,7 +115,8 @@ impl Manifest {
     /// the order of its definitions.
     pub fn lists_document(&self, query: &str) -> bool {
         !self.normalized.is_empty()
-            && normalized(query).is_some_and(|n| self.normalized.contains(&n))
+            && normalized_within(query, self.max_tokens)
+                .is_some_and(|n| self.normalized.contains(&n))
     }
 
     /// Whether an operation name appears in the manifest (a bounded metric label).

@@ -7,7 +7,7 @@ use apollo_parser::{Lexer, Parser, TokenKind};
 /// Nesting deeper than this is refused by the parser (stack safety on hostile input).
 const RECURSION_LIMIT: usize = 256;
 /// Documents with more tokens than this are not analysed (CPU bound per request).
-const TOKEN_LIMIT: usize = 50_000;
+pub(super) const TOKEN_LIMIT: usize = 50_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OperationKind {
@@ -78,6 +78,36 @@ pub fn analyse(query: &str, operation_name: Option<&str>) -> Option<Operation> {
 /// operations: ignored tokens (whitespace, comments, commas) dropped and top-level definitions
 /// (operations, fragments) in sorted order. `None` when it does not parse or is over the limits.
 pub fn normalized(query: &str) -> Option<String> {
+    normalized_within(query, TOKEN_LIMIT)
+}
+
+/// Significant tokens (not whitespace, comments or commas) in a document, counting no further
+/// than `stop_after + 1`.
+pub fn significant_tokens(query: &str, stop_after: usize) -> usize {
+    let mut count = 0;
+    for token in Lexer::new(query) {
+        let Ok(token) = token else {
+            continue;
+        };
+        if !matches!(
+            token.kind(),
+            TokenKind::Whitespace | TokenKind::Comment | TokenKind::Comma | TokenKind::Eof
+        ) {
+            count += 1;
+            if count > stop_after {
+                break;
+            }
+        }
+    }
+    count
+}
+
+/// As [`normalized`], for a document of at most `max_tokens` significant tokens: a longer one
+/// cannot match anything listed, and is not parsed at all.
+pub fn normalized_within(query: &str, max_tokens: usize) -> Option<String> {
+    if significant_tokens(query, max_tokens) > max_tokens {
+        return None;
+    }
     let tree = Parser::new(query)
         .recursion_limit(RECURSION_LIMIT)
         .token_limit(TOKEN_LIMIT)
@@ -163,6 +193,10 @@ mod tests {
         );
         assert_ne!(normalized("query Q { a }"), normalized("query Q { b }"));
         assert_eq!(normalized("query {"), None);
+        // Longer than anything listed: not parsed.
+        assert_eq!(significant_tokens("{ a b c }", 3), 4);
+        assert_eq!(normalized_within("{ a b c }", 3), None);
+        assert!(normalized_within("{ a b c }", 5).is_some());
     }
 
     #[test]

@@ -44,6 +44,9 @@ pub struct GraphqlStage {
     /// Parsed operations by (query hash, operation name): a persisted query is parsed once,
     /// not on every request.
     operations: moka::sync::Cache<(String, Option<String>), Option<Operation>>,
+    /// Whether a text query (by its SHA-256) is a manifest operation laid out differently: the
+    /// safelist parses each distinct document once, not on every request.
+    listed_documents: moka::sync::Cache<String, bool>,
     /// How long a response-cache miss waits for another request's fetch of the same key.
     lock_timeout: Duration,
 }
@@ -71,6 +74,40 @@ struct Capture {
     content_type: Option<Bytes>,
     body: BytesMut,
     reservation: Reservation,
+}
+
+/// Keeps a response out of shared caches without loosening what the app said: `no-store` and
+/// `private` stay as they are; otherwise `public` and `s-maxage` go and `private` is added.
+fn make_private(resp: &mut ResponseHeader) {
+    let current = resp
+        .headers
+        .get(http::header::CACHE_CONTROL)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let directives: Vec<&str> = current
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    let name = |d: &str| {
+        d.split('=')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+    };
+    if directives
+        .iter()
+        .any(|d| matches!(name(d).as_str(), "no-store" | "private"))
+    {
+        return;
+    }
+    let mut kept: Vec<&str> = directives
+        .into_iter()
+        .filter(|d| !matches!(name(d).as_str(), "public" | "s-maxage"))
+        .collect();
+    kept.insert(0, "private");
+    let _ = resp.insert_header("cache-control", kept.join(", "));
 }
 
 /// The stage's part of one request.
@@ -116,6 +153,7 @@ impl GraphqlStage {
             manifest,
             route: Arc::from(route),
             operations: moka::sync::Cache::new(OPERATION_CACHE),
+            listed_documents: moka::sync::Cache::new(OPERATION_CACHE),
             lock_timeout: Duration::from_secs(5),
         }
     }
@@ -263,7 +301,11 @@ impl GraphqlStage {
         if !pq.safelist {
             return Ok(());
         }
-        let result = if manifest.get(hash).is_some() || manifest.lists_document(query) {
+        let listed = manifest.get(hash).is_some()
+            || self
+                .listed_documents
+                .get_with_by_ref(hash, || manifest.lists_document(query));
+        let result = if listed {
             "listed"
         } else if pq.log_only {
             tracing::info!(
@@ -746,7 +788,7 @@ impl Stage for GraphqlStage {
             // are public for their lifetime (the `Age` header says how much is used up);
             // per-credential ones never.
             if state.per_credential {
-                let _ = resp.insert_header("cache-control", "private");
+                make_private(resp);
             } else if let Some(lifetime) = state.served_lifetime {
                 let _ = resp.insert_header("cache-control", format!("public, max-age={lifetime}"));
             } else if !resp.headers.contains_key(http::header::CACHE_CONTROL) {
@@ -853,6 +895,32 @@ mod tests {
             resp.append_header(k.to_string(), *v).unwrap();
         }
         resp
+    }
+
+    #[test]
+    fn private_never_loosens_what_the_app_said() {
+        let private = |cc: Option<&str>| {
+            let headers: Vec<(&str, &str)> = cc.map(|v| ("cache-control", v)).into_iter().collect();
+            let mut resp = response(200, &headers);
+            make_private(&mut resp);
+            resp.headers
+                .get("cache-control")
+                .map(|v| v.to_str().unwrap().to_owned())
+        };
+        assert_eq!(private(None).as_deref(), Some("private"));
+        assert_eq!(private(Some("no-store")).as_deref(), Some("no-store"));
+        assert_eq!(
+            private(Some("private, max-age=5")).as_deref(),
+            Some("private, max-age=5")
+        );
+        assert_eq!(
+            private(Some("public, max-age=60, s-maxage=600")).as_deref(),
+            Some("private, max-age=60")
+        );
+        assert_eq!(
+            private(Some("no-cache")).as_deref(),
+            Some("private, no-cache")
+        );
     }
 
     #[test]
