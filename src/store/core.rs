@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use super::breaker::{BreakerSettings, BreakerState};
 use super::budget::{InflightBudget, Reservation};
 use super::flight::{Flight, Flights, RevalidationGuard, Revalidations};
-use super::invalidate::{self, Message, Repass};
+use super::invalidate::{self, Message, Repass, RepassBatch};
 use super::key::parse_hex32;
 use super::l1::L1;
 use super::l2::{KeyFilter, L2Get, RedisEndpoint, RedisState, L2};
@@ -143,8 +143,8 @@ pub struct Store {
     inflight: Arc<InflightBudget>,
     /// Tells this replica's purge broadcasts from other replicas'.
     instance: String,
-    /// Second L1 passes of purges, sent and received (with Redis only: without it, nothing
-    /// can race a purge back into L1).
+    /// Second L1 passes of purges, sent and received (with Redis and L1 only: without Redis
+    /// nothing can race a purge back into L1, without L1 there is nothing to pass over).
     repass: Option<Arc<Repass>>,
 }
 
@@ -202,7 +202,8 @@ impl Store {
         let store = Arc::new_cyclic(|weak: &std::sync::Weak<Store>| {
             let repass = l2
                 .as_ref()
-                .map(|l2| Repass::new(repass_after, l2.pubsub().1, l1_purger(weak.clone())));
+                .filter(|_| l1.is_some())
+                .map(|l2| Repass::new(repass_after, l2.pubsub().1, l1_batch_purger(weak.clone())));
             Store {
                 settings,
                 repass,
@@ -229,29 +230,38 @@ impl Store {
         let Some(l2) = &self.l2 else {
             return;
         };
-        let purge = l1_purger(Arc::downgrade(self));
-        let repass = self.repass.clone();
-        // Like the sender, twice: once now, once when a read that raced the purge is over.
-        let apply: invalidate::Apply = Arc::new(move |filter: KeyFilter| {
-            if let Some(repass) = &repass {
-                repass.schedule(filter.clone());
-            }
-            purge(filter);
-        });
+        let (apply, resync) = self.invalidation_receivers();
         let (clients, rt) = l2.pubsub();
         rt.spawn(invalidate::listen(
             clients,
             invalidate::channel(l2.prefix()),
             self.instance.clone(),
             apply,
+            resync,
             self.metrics.clone(),
             super::l2::connect_timeout(self.settings.redis_timeout),
         ));
     }
 
+    /// What the subscriber does with another replica's message (purge L1 now, and again once
+    /// a read that raced the purge is over, like the sender) and after a lost subscription
+    /// (clear L1 once, without a second pass: L1 is refilling from L2 by then).
+    fn invalidation_receivers(self: &Arc<Self>) -> (invalidate::Apply, invalidate::Apply) {
+        let purge = l1_purger(Arc::downgrade(self));
+        let repass = self.repass.clone();
+        let first = Arc::clone(&purge);
+        let apply: invalidate::Apply = Arc::new(move |filter: KeyFilter| {
+            if let Some(repass) = &repass {
+                repass.schedule(filter.clone());
+            }
+            first(filter);
+        });
+        (apply, purge)
+    }
+
     /// Schedules the second pass of a purge over L1.
     fn repass(&self, filter: KeyFilter) {
-        if let (Some(repass), Some(_)) = (&self.repass, &self.l1) {
+        if let Some(repass) = &self.repass {
             repass.schedule(filter);
         }
     }
@@ -394,7 +404,7 @@ impl Store {
             let message = Message::new(&self.instance, KeyFilter::Key { hex: key.hex() }).encode();
             let counters = self.metrics.invalidations.clone();
             let (l1, hash) = (self.l1.clone(), key.hash);
-            let repass = self.l1.as_ref().and(self.repass.clone());
+            let repass = self.repass.clone();
             let hex = key.hex();
             l2.delete_and_announce(
                 l2.key(&key.namespace, &key.label, &key.hex()),
@@ -494,19 +504,35 @@ impl Store {
             return 0;
         };
         let removed = match filter {
-            KeyFilter::All => l1.purge(|_, _| true),
-            KeyFilter::Namespace { namespace } => l1.purge(|_, e| e.namespace == *namespace),
-            KeyFilter::PathPrefix { namespace, prefix } => l1.purge(|_, e| {
-                namespace.as_deref().is_none_or(|ns| e.namespace == ns)
-                    && e.label.starts_with(prefix.as_str())
-            }),
+            // One entry: removed by its key, never by walking L1 (every unsafe request
+            // invalidates one).
             KeyFilter::Key { hex } => {
-                let want = parse_hex32(hex);
-                l1.purge(|k, _| Some(*k) == want)
+                return parse_hex32(hex).map_or(0, |k| u64::from(l1.take(&k)));
             }
+            scoped => l1.purge(|k, e| l1_matches(scoped, k, e)),
         };
         l1.sync();
         removed
+    }
+
+    /// A due batch of second passes: each key removed by itself, the scoped filters in one walk.
+    fn purge_l1_batch(&self, batch: &RepassBatch) {
+        let Some(l1) = &self.l1 else {
+            return;
+        };
+        for key in &batch.keys {
+            l1.remove(key);
+        }
+        match batch.filters.as_slice() {
+            [] => {}
+            [one] => {
+                self.purge_l1(one);
+            }
+            many => {
+                l1.purge(|k, e| many.iter().any(|f| l1_matches(f, k, e)));
+                l1.sync();
+            }
+        }
     }
 
     /// Tells the other replicas to drop what `target` selects from their L1 (this replica's L1
@@ -700,13 +726,44 @@ impl Store {
     }
 }
 
-/// Drops what a filter selects from the store's L1, on a blocking thread (the L1 walk must stay
-/// off the Redis runtime's only thread). Holds the store weakly: never keeps it alive.
+/// Whether a scoped filter selects the L1 entry `e` stored under `k`.
+fn l1_matches(filter: &KeyFilter, k: &[u8; 32], e: &StoredResponse) -> bool {
+    match filter {
+        KeyFilter::All => true,
+        KeyFilter::Namespace { namespace } => e.namespace == *namespace,
+        KeyFilter::PathPrefix { namespace, prefix } => {
+            namespace.as_deref().is_none_or(|ns| e.namespace == ns)
+                && e.label.starts_with(prefix.as_str())
+        }
+        KeyFilter::Key { hex } => parse_hex32(hex).is_some_and(|want| want == *k),
+    }
+}
+
+/// Drops what a filter selects from the store's L1: one key at once (an O(1) removal), a scope
+/// on a blocking thread (the L1 walk must stay off the Redis runtime's only thread). Holds the
+/// store weakly: never keeps it alive.
 fn l1_purger(store: std::sync::Weak<Store>) -> invalidate::Apply {
     Arc::new(move |filter| {
+        let Some(store) = store.upgrade() else {
+            return;
+        };
+        if matches!(filter, KeyFilter::Key { .. }) {
+            store.purge_l1(&filter);
+            return;
+        }
+        tokio::task::spawn_blocking(move || {
+            store.purge_l1(&filter);
+            store.refresh_gauges();
+        });
+    })
+}
+
+/// Applies a due batch of second passes to the store's L1 on one blocking thread.
+fn l1_batch_purger(store: std::sync::Weak<Store>) -> invalidate::ApplyBatch {
+    Arc::new(move |batch| {
         if let Some(store) = store.upgrade() {
             tokio::task::spawn_blocking(move || {
-                store.purge_l1(&filter);
+                store.purge_l1_batch(&batch);
                 store.refresh_gauges();
             });
         }
@@ -840,6 +897,87 @@ mod tests {
             })
             .await
             .is_err());
+    }
+
+    #[tokio::test]
+    async fn key_passes_remove_only_their_key_and_batches_apply_together() {
+        let c = l1_only(0);
+        let keys: Vec<CacheKey> = ["/a/1", "/a/2", "/b", "/c"]
+            .iter()
+            .map(|p| CacheKey::http("r", "GET", "h", p, None, &[], None))
+            .collect();
+        for k in &keys {
+            c.store(k, fresh(1)).await;
+        }
+        let key = |k: &CacheKey| KeyFilter::Key { hex: k.hex() };
+        assert_eq!(c.purge_l1(&key(&keys[0])), 1);
+        assert_eq!(c.purge_l1(&key(&keys[0])), 0, "already gone");
+        assert_eq!(c.purge_l1(&KeyFilter::Key { hex: "zz".into() }), 0);
+        assert!(keys[1..].iter().all(|k| c.lookup_l1(k).is_some()));
+
+        c.purge_l1_batch(&RepassBatch {
+            keys: vec![keys[1].hash],
+            filters: vec![KeyFilter::PathPrefix {
+                namespace: None,
+                prefix: "/c".into(),
+            }],
+        });
+        assert!(c.lookup_l1(&keys[1]).is_none());
+        assert!(c.lookup_l1(&keys[3]).is_none());
+        assert!(c.lookup_l1(&keys[2]).is_some(), "selected by nothing");
+        c.purge_l1_batch(&RepassBatch {
+            keys: Vec::new(),
+            filters: vec![
+                KeyFilter::Namespace {
+                    namespace: "other".into(),
+                },
+                KeyFilter::PathPrefix {
+                    namespace: Some("r".into()),
+                    prefix: "/b".into(),
+                },
+            ],
+        });
+        assert!(c.lookup_l1(&keys[2]).is_none());
+    }
+
+    /// Redis configured at a closed port: the store runs its subscriber machinery without a
+    /// server (nothing here needs one).
+    fn with_unreachable_redis(memory_max_bytes: u64) -> Arc<Store> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or(1);
+        let settings = CacheSettings {
+            memory_max_bytes,
+            redis: RedisEndpoint {
+                url: Some(format!("redis://127.0.0.1:{port}")),
+                ..RedisEndpoint::default()
+            },
+            ..CacheSettings::default()
+        };
+        match Store::new(settings, &prometheus::Registry::new()) {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_resubscribe_clears_l1_once_and_second_passes_need_l1() {
+        let c = with_unreachable_redis(1 << 20);
+        let Some(repass) = c.repass.clone() else {
+            panic!("redis and L1: second passes");
+        };
+        let (apply, resync) = c.invalidation_receivers();
+        resync(KeyFilter::All);
+        assert_eq!(repass.queued(), (Vec::new(), Vec::new(), false));
+        let ns = KeyFilter::Namespace {
+            namespace: "a".into(),
+        };
+        apply(ns.clone());
+        assert_eq!(repass.queued(), (Vec::new(), vec![ns], true));
+
+        let redis_only = with_unreachable_redis(0);
+        assert!(redis_only.repass.is_none());
     }
 
     #[tokio::test]

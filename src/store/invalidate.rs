@@ -7,7 +7,7 @@
 //! Classic pub/sub on a cluster is broadcast over the cluster bus, so a subscriber on any one
 //! node hears every publish.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -15,6 +15,7 @@ use futures::StreamExt;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use super::key::parse_hex32;
 use super::l2::KeyFilter;
 use super::metrics::CacheMetrics;
 
@@ -150,12 +151,14 @@ async fn prove(
 }
 
 /// Subscribes for as long as the store lives (the task ends with the Redis runtime), moving
-/// to the next seed node when one fails.
+/// to the next seed node when one fails. `apply` handles other replicas' messages; `resync`
+/// clears L1 after a lost subscription (once: L1 is refilling, a second wipe would only cost).
 pub(crate) async fn listen(
     clients: Vec<redis::Client>,
     channel: String,
     me: String,
     apply: Apply,
+    resync: Apply,
     metrics: CacheMetrics,
     connect_timeout: Duration,
 ) {
@@ -194,7 +197,7 @@ pub(crate) async fn listen(
         if lost {
             // Purges published while we were away were missed: start L1 over.
             tracing::info!(%channel, "invalidation channel back; clearing L1 in case purges were missed");
-            apply(KeyFilter::All);
+            resync(KeyFilter::All);
         } else {
             tracing::info!(%channel, "subscribed to the invalidation channel");
         }
@@ -218,29 +221,136 @@ pub(crate) async fn listen(
     }
 }
 
-/// Queued second passes beyond this collapse into one pass over all of L1: a purge storm must
-/// not grow memory without bound.
-const MAX_REPASSES: usize = 1024;
+/// Queued scoped second passes (namespace, path prefix, all) beyond this collapse into coarser
+/// ones: a storm of admin purges must not grow memory without bound.
+const MAX_SCOPED_REPASSES: usize = 1024;
+/// Queued second passes of single keys beyond this drop the oldest: a missed second pass only
+/// reopens the narrow race it covers, whereas wiping L1 would cost every replica its hot set.
+const MAX_KEY_REPASSES: usize = 32 * 1024;
+
+/// One run of second passes: single keys (each an O(1) removal) and scoped filters (one walk
+/// of L1 for all of them). Applied at once, on one blocking thread.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct RepassBatch {
+    pub(crate) keys: Vec<[u8; 32]>,
+    pub(crate) filters: Vec<KeyFilter>,
+}
+
+impl RepassBatch {
+    fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.filters.is_empty()
+    }
+}
+
+/// What the second pass does with a due batch.
+pub(crate) type ApplyBatch = Arc<dyn Fn(RepassBatch) + Send + Sync>;
 
 /// Second passes over L1, each `delay` after its purge. A lookup whose Redis read started before
 /// a purge reached Redis can put the old entry back in L1 after the first pass, but it has its
 /// answer within the Redis timeout; a pass after that removes what it put back. One task at a
-/// time drains the queue and ends when it is empty.
+/// time drains the queues and ends when they are empty.
 pub(crate) struct Repass {
     delay: Duration,
     rt: tokio::runtime::Handle,
-    apply: Apply,
+    apply: ApplyBatch,
     state: Mutex<RepassState>,
 }
 
 #[derive(Default)]
 struct RepassState {
-    queue: VecDeque<(Instant, KeyFilter)>,
+    /// Key passes in schedule order: (due, sequence, key).
+    keys: VecDeque<(Instant, u64, [u8; 32])>,
+    /// Each queued key's latest sequence: only that entry runs, earlier ones are duplicates.
+    latest: HashMap<[u8; 32], u64>,
+    next_seq: u64,
+    /// Scoped passes in schedule order, each filter once (at its latest due time).
+    scoped: VecDeque<(Instant, KeyFilter)>,
     running: bool,
 }
 
+/// A wider filter that selects everything `filter` does, for collapsing a full queue.
+fn coarsen(filter: KeyFilter) -> KeyFilter {
+    match filter {
+        KeyFilter::PathPrefix {
+            namespace: Some(namespace),
+            ..
+        } => KeyFilter::Namespace { namespace },
+        KeyFilter::PathPrefix {
+            namespace: None, ..
+        } => KeyFilter::All,
+        other => other,
+    }
+}
+
+impl RepassState {
+    fn push_key(&mut self, at: Instant, key: [u8; 32]) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.keys.push_back((at, seq, key));
+        self.latest.insert(key, seq);
+        while self.keys.len() > MAX_KEY_REPASSES {
+            if let Some((_, seq, key)) = self.keys.pop_front() {
+                if self.latest.get(&key) == Some(&seq) {
+                    self.latest.remove(&key);
+                }
+            }
+        }
+    }
+
+    fn push_scoped(&mut self, at: Instant, filter: KeyFilter) {
+        // The later pass covers an earlier one of the same filter.
+        self.scoped.retain(|(_, f)| *f != filter);
+        self.scoped.push_back((at, filter));
+        if self.scoped.len() <= MAX_SCOPED_REPASSES {
+            return;
+        }
+        // Too many: widen each (a path prefix to its namespace, or to all without one) and run
+        // them all at the latest due time, which is late enough for every one of them.
+        let mut wider: Vec<KeyFilter> = Vec::new();
+        for (_, f) in self.scoped.drain(..) {
+            let f = coarsen(f);
+            if !wider.contains(&f) {
+                wider.push(f);
+            }
+        }
+        if wider.len() > MAX_SCOPED_REPASSES || wider.contains(&KeyFilter::All) {
+            wider = vec![KeyFilter::All];
+        }
+        self.scoped.extend(wider.into_iter().map(|f| (at, f)));
+    }
+
+    /// Takes what is due at `now`, and says when the next pass is due.
+    fn take_due(&mut self, now: Instant) -> (RepassBatch, Option<Instant>) {
+        let mut batch = RepassBatch::default();
+        while self.keys.front().is_some_and(|(at, _, _)| *at <= now) {
+            if let Some((_, seq, key)) = self.keys.pop_front() {
+                if self.latest.get(&key) == Some(&seq) {
+                    self.latest.remove(&key);
+                    batch.keys.push(key);
+                }
+            }
+        }
+        while self.scoped.front().is_some_and(|(at, _)| *at <= now) {
+            if let Some((_, filter)) = self.scoped.pop_front() {
+                batch.filters.push(filter);
+            }
+        }
+        if batch.filters.contains(&KeyFilter::All) {
+            batch.keys.clear();
+            batch.filters = vec![KeyFilter::All];
+        }
+        let next = match (self.keys.front(), self.scoped.front()) {
+            (Some((a, _, _)), Some((b, _))) => Some(*a.min(b)),
+            (Some((a, _, _)), None) => Some(*a),
+            (None, Some((b, _))) => Some(*b),
+            (None, None) => None,
+        };
+        (batch, next)
+    }
+}
+
 impl Repass {
-    pub(crate) fn new(delay: Duration, rt: tokio::runtime::Handle, apply: Apply) -> Arc<Self> {
+    pub(crate) fn new(delay: Duration, rt: tokio::runtime::Handle, apply: ApplyBatch) -> Arc<Self> {
         Arc::new(Repass {
             delay,
             rt,
@@ -249,16 +359,22 @@ impl Repass {
         })
     }
 
-    /// Applies `filter` once more after the delay.
+    /// Applies `filter` once more after the delay. A key that is not 64 hex digits selects
+    /// nothing in L1 and is not queued.
     pub(crate) fn schedule(self: &Arc<Self>, filter: KeyFilter) {
-        let mut state = self.state.lock();
-        let filter = if state.queue.len() >= MAX_REPASSES {
-            state.queue.clear();
-            KeyFilter::All
-        } else {
-            filter
+        let key = match &filter {
+            KeyFilter::Key { hex } => match parse_hex32(hex) {
+                Some(key) => Some(key),
+                None => return,
+            },
+            _ => None,
         };
-        state.queue.push_back((Instant::now() + self.delay, filter));
+        let mut state = self.state.lock();
+        let at = Instant::now() + self.delay;
+        match key {
+            Some(key) => state.push_key(at, key),
+            None => state.push_scoped(at, filter),
+        }
         if !state.running {
             state.running = true;
             self.rt.spawn(Arc::clone(self).drain());
@@ -267,24 +383,17 @@ impl Repass {
 
     async fn drain(self: Arc<Self>) {
         loop {
-            let now = Instant::now();
-            let (due, next) = {
+            let (batch, next) = {
                 let mut state = self.state.lock();
-                let mut due = Vec::new();
-                while state.queue.front().is_some_and(|(at, _)| *at <= now) {
-                    if let Some((_, filter)) = state.queue.pop_front() {
-                        due.push(filter);
-                    }
-                }
-                let next = state.queue.front().map(|(at, _)| *at);
-                if due.is_empty() && next.is_none() {
+                let (batch, next) = state.take_due(Instant::now());
+                if batch.is_empty() && next.is_none() {
                     state.running = false;
                     return;
                 }
-                (due, next)
+                (batch, next)
             };
-            for filter in due {
-                (self.apply)(filter);
+            if !batch.is_empty() {
+                (self.apply)(batch);
             }
             if let Some(at) = next {
                 tokio::time::sleep_until(at.into()).await;
@@ -292,11 +401,18 @@ impl Repass {
         }
     }
 
+    /// Queued key passes (each once) and scoped passes, and whether the drain task runs.
     #[cfg(test)]
-    fn queued(&self) -> (Vec<KeyFilter>, bool) {
+    pub(crate) fn queued(&self) -> (Vec<[u8; 32]>, Vec<KeyFilter>, bool) {
         let state = self.state.lock();
-        let filters = state.queue.iter().map(|(_, f)| f.clone()).collect();
-        (filters, state.running)
+        let keys = state
+            .keys
+            .iter()
+            .filter(|(_, seq, key)| state.latest.get(key) == Some(seq))
+            .map(|(_, _, key)| *key)
+            .collect();
+        let scoped = state.scoped.iter().map(|(_, f)| f.clone()).collect();
+        (keys, scoped, state.running)
     }
 }
 
@@ -349,36 +465,138 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn second_passes_wait_their_delay_are_bounded_and_end() {
-        let ns = |n: &str| KeyFilter::Namespace {
+    fn ns(n: &str) -> KeyFilter {
+        KeyFilter::Namespace {
             namespace: n.into(),
-        };
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let record = Arc::clone(&seen);
-        let apply: Apply = Arc::new(move |f| record.lock().push(f));
-        let rt = tokio::runtime::Handle::current();
+        }
+    }
 
-        // Nothing runs before its delay; a storm collapses into one pass over everything.
+    fn key(i: u32) -> [u8; 32] {
+        let mut k = [0u8; 32];
+        k[..4].copy_from_slice(&i.to_le_bytes());
+        k
+    }
+
+    #[test]
+    fn key_passes_run_once_at_their_latest_time_and_never_become_all() {
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_secs(1);
+        let mut state = RepassState::default();
+        state.push_key(t0, key(1));
+        state.push_key(t1, key(1));
+        state.push_key(t1, key(2));
+        // The earlier pass of key 1 is covered by the later one.
+        assert_eq!(state.take_due(t0), (RepassBatch::default(), Some(t1)));
+        let (batch, next) = state.take_due(t1);
+        assert_eq!(batch.keys, [key(1), key(2)]);
+        assert!(batch.filters.is_empty() && next.is_none());
+
+        // A storm of key passes keeps the newest ones and wipes nothing.
+        let extra = 10;
+        for i in 0..MAX_KEY_REPASSES as u32 + extra {
+            state.push_key(t0, key(i));
+        }
+        assert_eq!(state.keys.len(), MAX_KEY_REPASSES);
+        assert_eq!(state.latest.len(), MAX_KEY_REPASSES);
+        assert!(state.scoped.is_empty());
+        let (batch, _) = state.take_due(t1);
+        assert_eq!(batch.keys.len(), MAX_KEY_REPASSES);
+        assert_eq!(batch.keys.first(), Some(&key(extra)));
+        assert!(batch.filters.is_empty());
+        assert!(state.latest.is_empty());
+    }
+
+    #[test]
+    fn scoped_passes_dedupe_and_collapse_to_their_union() {
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_secs(1);
+        let mut state = RepassState::default();
+        state.push_scoped(t0, ns("a"));
+        state.push_scoped(t1, ns("a"));
+        let queued: Vec<_> = state.scoped.iter().cloned().collect();
+        assert_eq!(queued, [(t1, ns("a"))]);
+
+        // Too many prefixes of one namespace become that namespace.
+        let mut state = RepassState::default();
+        state.push_scoped(t0, ns("b"));
+        for i in 0..MAX_SCOPED_REPASSES {
+            state.push_scoped(
+                t0,
+                KeyFilter::PathPrefix {
+                    namespace: Some("a".into()),
+                    prefix: format!("/p{i}"),
+                },
+            );
+        }
+        state.push_key(t0, key(7));
+        let filters: Vec<_> = state.scoped.iter().map(|(_, f)| f.clone()).collect();
+        assert_eq!(filters, [ns("b"), ns("a")]);
+        let (batch, _) = state.take_due(t0);
+        assert_eq!(batch.keys, [key(7)], "key passes are not collapsed");
+        assert_eq!(batch.filters, [ns("b"), ns("a")]);
+
+        // Prefixes of no namespace, or too many namespaces, become one pass over everything,
+        // which then covers the due key passes too.
+        for many in [
+            (0..=MAX_SCOPED_REPASSES)
+                .map(|i| KeyFilter::PathPrefix {
+                    namespace: None,
+                    prefix: format!("/p{i}"),
+                })
+                .collect::<Vec<_>>(),
+            (0..=MAX_SCOPED_REPASSES)
+                .map(|i| ns(&i.to_string()))
+                .collect(),
+        ] {
+            let mut state = RepassState::default();
+            state.push_key(t0, key(1));
+            for f in many {
+                state.push_scoped(t0, f);
+            }
+            let filters: Vec<_> = state.scoped.iter().map(|(_, f)| f.clone()).collect();
+            assert_eq!(filters, [KeyFilter::All]);
+            let (batch, next) = state.take_due(t0);
+            assert_eq!(batch.filters, [KeyFilter::All]);
+            assert!(batch.keys.is_empty() && next.is_none());
+        }
+    }
+
+    #[tokio::test]
+    async fn second_passes_wait_their_delay_run_in_batches_and_end() {
+        let seen = Arc::new(Mutex::new(Vec::<RepassBatch>::new()));
+        let record = Arc::clone(&seen);
+        let apply: ApplyBatch = Arc::new(move |b| record.lock().push(b));
+        let rt = tokio::runtime::Handle::current();
+        let hex = |k: [u8; 32]| KeyFilter::Key {
+            hex: k.iter().map(|b| format!("{b:02x}")).collect(),
+        };
+
+        // Nothing runs before its delay; a key that is not hex is not queued.
         let slow = Repass::new(Duration::from_secs(3600), rt.clone(), Arc::clone(&apply));
         slow.schedule(ns("a"));
+        slow.schedule(KeyFilter::Key { hex: "zz".into() });
+        slow.schedule(hex(key(3)));
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(seen.lock().is_empty());
-        assert_eq!(slow.queued(), (vec![ns("a")], true));
-        for _ in 0..MAX_REPASSES {
-            slow.schedule(ns("b"));
-        }
-        assert_eq!(slow.queued(), (vec![KeyFilter::All], true));
+        assert_eq!(slow.queued(), (vec![key(3)], vec![ns("a")], true));
 
-        // Due passes run in order, then the task ends.
+        // Due passes run (each key and filter once, keys first), then the task ends.
         let fast = Repass::new(Duration::from_millis(10), rt, apply);
         fast.schedule(ns("c"));
+        fast.schedule(hex(key(1)));
+        fast.schedule(hex(key(1)));
         fast.schedule(ns("d"));
+        fast.schedule(ns("c"));
         let deadline = Instant::now() + Duration::from_secs(10);
-        while fast.queued() != (Vec::new(), false) {
+        while fast.queued() != (Vec::new(), Vec::new(), false) {
             assert!(Instant::now() < deadline, "the queue never drained");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        assert_eq!(*seen.lock(), [ns("c"), ns("d")]);
+        let seen = seen.lock();
+        let keys: Vec<_> = seen.iter().flat_map(|b| b.keys.clone()).collect();
+        let filters: Vec<_> = seen.iter().flat_map(|b| b.filters.clone()).collect();
+        assert_eq!(keys, [key(1)]);
+        assert_eq!(filters, [ns("d"), ns("c")]);
+        assert!(seen.iter().all(|b| !b.is_empty()));
     }
 }

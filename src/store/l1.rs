@@ -58,6 +58,11 @@ impl L1 {
         self.cache.invalidate(hash);
     }
 
+    /// Removes one entry; true when it was there.
+    pub(crate) fn take(&self, hash: &[u8; 32]) -> bool {
+        self.cache.remove(hash).is_some()
+    }
+
     /// Removes matching entries and counts them. Walks the whole cache: purges are rare admin
     /// calls, and an exact count is worth more than moka's lazy predicate invalidation.
     pub(crate) fn purge(&self, mut pred: impl FnMut(&[u8; 32], &StoredResponse) -> bool) -> u64 {

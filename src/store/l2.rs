@@ -703,6 +703,8 @@ impl L2 {
     /// PUBLISH `announce` (channel, message) so other replicas drop their L1 copy only once Redis
     /// no longer holds it, then `after(deleted, published)`. A delete that cannot be made (queue
     /// full, breaker open, error) is logged: the entry then lives in Redis until it expires.
+    /// The publish is the routed attempt only: one per write, it must not open direct node
+    /// connections while the channel's master is down (that fallback is for admin purges).
     pub(crate) fn delete_and_announce(
         &self,
         key: String,
@@ -732,7 +734,11 @@ impl L2 {
             }
             let published = match announce {
                 Some((channel, message)) => {
-                    Some(publish_on(&inner, &channel, &message).await.is_ok())
+                    Some(
+                        publish_on(&inner, &channel, &message, Fallback::No)
+                            .await
+                            .is_ok(),
+                    )
                 }
                 None => None,
             };
@@ -794,7 +800,7 @@ impl L2 {
     /// Publishes `message` on `channel` within the admin timeout; pub/sub is not gated by the
     /// breaker (a purge is rare and its broadcast is worth a try on every node).
     pub(crate) async fn publish(&self, channel: &str, message: &str) -> Result<(), CacheError> {
-        publish_on(&self.inner, channel, message).await
+        publish_on(&self.inner, channel, message, Fallback::OtherNodes).await
     }
 
     /// Clients for the invalidation subscriber and the runtime it must run on.
@@ -924,10 +930,25 @@ async fn masters_anywhere(
     }
 }
 
+/// Where a publish goes when the routed attempt fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fallback {
+    /// Nowhere: per-write invalidations, too many to open direct connections for.
+    No,
+    /// Every other node in turn, each over a new direct connection (rare admin purges).
+    OtherNodes,
+}
+
 /// PUBLISH on the shared connection, which routes it to the master of the channel's slot; if
-/// that fails, on every other node in turn: a cluster forwards a PUBLISH received on any node
-/// to the subscribers on all of them, so one dead master must not silence purges.
-async fn publish_on(inner: &Inner, channel: &str, message: &str) -> Result<(), CacheError> {
+/// that fails and `fallback` allows, on every other node in turn: a cluster forwards a PUBLISH
+/// received on any node to the subscribers on all of them, so one dead master must not silence
+/// purges.
+async fn publish_on(
+    inner: &Inner,
+    channel: &str,
+    message: &str,
+    fallback: Fallback,
+) -> Result<(), CacheError> {
     let timeout = inner.timeout.max(Duration::from_secs(1));
     let routed = match inner.conn.load_full() {
         Some(conn) => {
@@ -947,6 +968,9 @@ async fn publish_on(inner: &Inner, channel: &str, message: &str) -> Result<(), C
     let Err(first) = routed else {
         return Ok(());
     };
+    if fallback == Fallback::No {
+        return Err(first);
+    }
     // The routed node is tried last: it has just failed.
     let known = inner.breakers.known_nodes();
     let owner = inner.breakers.node_of(channel);
