@@ -160,7 +160,7 @@ fn from_fields(
 /// `extensions.persistedQuery`: `{version: 1, sha256Hash: <64 hex>}`; other keys are ignored
 /// (clients add their own).
 fn persisted_query(value: Value) -> Result<PersistedQuery, GraphqlError> {
-    let Value::Object(mut map) = value else {
+    let Value::Object(map) = value else {
         return Err(GraphqlError::BadPersistedQuery(
             "extensions.persistedQuery must be an object".into(),
         ));
