@@ -34,17 +34,29 @@ pub struct Operation {
     pub name: Option<String>,
 }
 
-/// The operation `operation_name` selects in `query` (the only one when no name is given).
-/// `None` when the document does not parse, is over the limits, or selects nothing: such a
-/// request is not cached and the upstream reports the problem itself.
-pub fn analyse(query: &str, operation_name: Option<&str>) -> Option<Operation> {
+/// The document's syntax tree, parsed within the limits for untrusted input; `None` when it has
+/// errors or is over the limits.
+fn parse(query: &str) -> Option<apollo_parser::SyntaxTree> {
     let tree = Parser::new(query)
         .recursion_limit(RECURSION_LIMIT)
         .token_limit(TOKEN_LIMIT)
         .parse();
-    if tree.errors().next().is_some() {
-        return None;
-    }
+    tree.errors().next().is_none().then_some(tree)
+}
+
+/// Whether a token means anything (ignored tokens: whitespace, comments, commas).
+fn significant(kind: TokenKind) -> bool {
+    !matches!(
+        kind,
+        TokenKind::Whitespace | TokenKind::Comment | TokenKind::Comma | TokenKind::Eof
+    )
+}
+
+/// The operation `operation_name` selects in `query` (the only one when no name is given).
+/// `None` when the document does not parse, is over the limits, or selects nothing: such a
+/// request is not cached and the upstream reports the problem itself.
+pub fn analyse(query: &str, operation_name: Option<&str>) -> Option<Operation> {
+    let tree = parse(query)?;
     let mut chosen = None;
     let mut count = 0;
     for definition in tree.document().definitions() {
@@ -89,10 +101,7 @@ pub fn significant_tokens(query: &str, stop_after: usize) -> usize {
         let Ok(token) = token else {
             continue;
         };
-        if !matches!(
-            token.kind(),
-            TokenKind::Whitespace | TokenKind::Comment | TokenKind::Comma | TokenKind::Eof
-        ) {
+        if significant(token.kind()) {
             count += 1;
             if count > stop_after {
                 break;
@@ -108,28 +117,19 @@ pub fn normalized_within(query: &str, max_tokens: usize) -> Option<String> {
     if significant_tokens(query, max_tokens) > max_tokens {
         return None;
     }
-    let tree = Parser::new(query)
-        .recursion_limit(RECURSION_LIMIT)
-        .token_limit(TOKEN_LIMIT)
-        .parse();
-    if tree.errors().next().is_some() {
-        return None;
-    }
+    let tree = parse(query)?;
     let mut definitions: Vec<String> = Vec::new();
     for definition in tree.document().definitions() {
         let text = definition.syntax().text().to_string();
         let mut out = String::with_capacity(text.len());
         for token in Lexer::new(&text) {
             let token = token.ok()?;
-            match token.kind() {
-                TokenKind::Whitespace | TokenKind::Comment | TokenKind::Comma | TokenKind::Eof => {}
-                _ => {
-                    // One space between significant tokens keeps `a b` apart from `ab`.
-                    if !out.is_empty() {
-                        out.push(' ');
-                    }
-                    out.push_str(token.data());
+            if significant(token.kind()) {
+                // One space between significant tokens keeps `a b` apart from `ab`.
+                if !out.is_empty() {
+                    out.push(' ');
                 }
+                out.push_str(token.data());
             }
         }
         definitions.push(out);
