@@ -629,7 +629,7 @@ async fn black_hole_redis_does_not_stall_requests() {
         }
     });
     let app = Backend::start("app").await;
-    let proxy = Proxy::start(&config(
+    let proxy = Proxy::start_with_unusable_redis(&config(
         &app.url(),
         &format!("redis://127.0.0.1:{port}"),
         "",

@@ -725,7 +725,7 @@ async fn tls_redis_with_private_ca_is_shared_and_a_wrong_ca_degrades() {
 
     // A CA that did not sign the server's certificate: startup warns, the cache degrades,
     // requests are served by the upstream.
-    let wrong = Proxy::start(&config(
+    let wrong = Proxy::start_with_unusable_redis(&config(
         &app.url(),
         &tls_redis(server.port, &pki, &other.path("ca.pem")),
         "64MiB",

@@ -403,6 +403,15 @@ impl Proxy {
     ) -> Proxy {
         let mut proxy = Self::spawn_at(dir, config_path, config, env);
         proxy.wait_ready().await;
+        proxy.wait_for_reachable_redis().await;
+        proxy
+    }
+
+    /// Starts outrider on `config` whose Redis listens but will never be usable (a black hole,
+    /// a certificate it refuses): ready without waiting for Redis to come up.
+    pub async fn start_with_unusable_redis(config: &str) -> Proxy {
+        let mut proxy = Self::spawn(config);
+        proxy.wait_ready().await;
         proxy
     }
 
@@ -484,6 +493,49 @@ impl Proxy {
             }
             if Instant::now() > deadline {
                 panic!("outrider did not become ready; log:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// A replica serves before its Redis connection is made, and drops cache writes until then
+    /// (by design: Redis never delays a request). Tests that read what a fresh replica wrote
+    /// would race that connection, so start-up also waits, boundedly, for `/ready` to report
+    /// Redis up when the configured Redis is listening; a Redis that is down or refuses the
+    /// handshake on purpose only costs the bound.
+    async fn wait_for_reachable_redis(&self) {
+        let text = std::fs::read_to_string(&self.config_path).unwrap_or_default();
+        let Some(port) = ["redis://127.0.0.1:", "rediss://127.0.0.1:"]
+            .iter()
+            .find_map(|prefix| {
+                let rest = &text[text.find(prefix)? + prefix.len()..];
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                digits.parse::<u16>().ok()
+            })
+        else {
+            return;
+        };
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let ready = client()
+                .get(self.admin("/ready"))
+                .send()
+                .await
+                .ok()
+                .map(|r| r.json::<serde_json::Value>());
+            if let Some(body) = ready {
+                if body
+                    .await
+                    .ok()
+                    .and_then(|b| b["checks"]["redis"]["status"].as_str().map(str::to_owned))
+                    .as_deref()
+                    == Some("up")
+                {
+                    return;
+                }
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
