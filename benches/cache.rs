@@ -132,7 +132,7 @@ fn flights(c: &mut Criterion) {
         b.iter(|| {
             n += 1;
             let key = CacheKey::from_parts("bench", "", &[&n.to_le_bytes()]);
-            if let Flight::Leader(guard) = store.single_flight(black_box(&key)) {
+            if let Flight::Leader(guard) = store.single_flight(black_box(&key), None) {
                 guard.complete(None);
             }
         })
@@ -151,7 +151,7 @@ fn flights(c: &mut Criterion) {
                                 "",
                                 &[&t.to_le_bytes(), &i.to_le_bytes()],
                             );
-                            if let Flight::Leader(guard) = store.single_flight(&key) {
+                            if let Flight::Leader(guard) = store.single_flight(&key, None) {
                                 guard.complete(None);
                             }
                         }

@@ -685,6 +685,8 @@ impl Stage for HttpCache {
                 Tier::None
             },
         });
+        // What a fetch finishing from here on would replace (see `Store::single_flight`).
+        let seen = lookup.entry.clone();
         let mut entry = lookup.entry;
         let mut tier = lookup.tier;
         if self.policy.vary_match {
@@ -774,7 +776,7 @@ impl Stage for HttpCache {
             *cx.slot = Some(Box::new(state));
             return Ok(Verdict::Continue);
         }
-        match self.store.single_flight(&key) {
+        match self.store.single_flight(&key, seen.as_ref()) {
             Flight::Leader(guard) => state.leader = Some(guard),
             Flight::Follower(wait) => {
                 // Waiting past the upstream timeout would only add to the leader's failure.

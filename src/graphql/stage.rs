@@ -377,14 +377,14 @@ impl GraphqlStage {
             .as_ref()
             .map_or(Duration::ZERO, |rc| rc.stale_while_revalidate.get());
         let mut status = CacheStatus::Miss { stored: false };
-        if let Some(entry) = lookup.entry {
+        if let Some(entry) = &lookup.entry {
             let age = entry.age(now);
             // The entry's own lifetime already holds a smaller max-age; an edited route TTL
             // applies to entries stored before the edit.
             let fresh_for = entry.ttl.min(ttl);
             let left = fresh_for.as_secs() as i64 - age.as_secs() as i64;
             if age < fresh_for {
-                if let Some(answer) = Self::answer_from(&entry) {
+                if let Some(answer) = Self::answer_from(entry) {
                     self.store.record_at(
                         &self.route,
                         lookup.tier,
@@ -396,7 +396,7 @@ impl GraphqlStage {
                     return Some(answer);
                 }
             } else if age < fresh_for.saturating_add(swr) {
-                if let Some(answer) = Self::answer_from(&entry) {
+                if let Some(answer) = Self::answer_from(entry) {
                     if let Some(guard) = self.store.try_begin_revalidation(&key) {
                         cx.spawn_background(Box::new(RefreshJob {
                             key: key.clone(),
@@ -424,7 +424,7 @@ impl GraphqlStage {
             .record_at(&self.route, lookup.tier, Outcome::Miss);
         let mut cache = CacheCx::new(key, status, ttl);
         if !self.store.recently_uncacheable(&cache.key) {
-            match self.store.single_flight(&cache.key) {
+            match self.store.single_flight(&cache.key, lookup.entry.as_ref()) {
                 Flight::Leader(guard) => cache.leader = Some(guard),
                 Flight::Follower(wait) => {
                     // As the HTTP cache: wait at most `cache.lock_timeout` for the leader.

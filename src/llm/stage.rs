@@ -355,11 +355,11 @@ impl LlmStage {
         let lookup = self.store.lookup(&key).await;
         let ttl = self.config.cache.ttl.get();
         let mut status = CacheStatus::Miss { stored: false };
-        if let Some(entry) = lookup.entry {
+        if let Some(entry) = &lookup.entry {
             let age = entry.age(SystemTime::now());
             let fresh_for = entry.ttl.min(ttl);
             if age < fresh_for {
-                if let Some(answer) = Answer::from_stored(&entry, &[USAGE_HEADER]) {
+                if let Some(answer) = Answer::from_stored(entry, &[USAGE_HEADER]) {
                     self.store.record_at(
                         &self.route,
                         lookup.tier,
@@ -369,7 +369,7 @@ impl LlmStage {
                     state.outcome = "hit";
                     state.from_cache = true;
                     state.strip_usage = false;
-                    state.usage = Self::stored_usage(&entry);
+                    state.usage = Self::stored_usage(entry);
                     state.cache = Some(CacheCx {
                         key,
                         status: CacheStatus::Hit { ttl: left },
@@ -395,7 +395,7 @@ impl LlmStage {
         // for its answer. A stream does not wait: its first token would come only after the
         // other's last.
         if !req.stream && store && !self.store.recently_uncacheable(&cache.key) {
-            match self.store.single_flight(&cache.key) {
+            match self.store.single_flight(&cache.key, lookup.entry.as_ref()) {
                 Flight::Leader(guard) => cache.leader = Some(guard),
                 Flight::Follower(wait) => {
                     match wait.wait(self.lock_timeout.min(cx.upstream_timeout)).await {

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use super::breaker::{BreakerSettings, BreakerState};
 use super::budget::{InflightBudget, Reservation};
-use super::flight::{Flight, Flights, RevalidationGuard, Revalidations};
+use super::flight::{Flight, Flights, FollowerWait, RevalidationGuard, Revalidations};
 use super::invalidate::{self, Message, Repass, RepassBatch};
 use super::key::parse_hex32;
 use super::l1::L1;
@@ -438,9 +438,23 @@ impl Store {
         self.uncacheable.contains_key(&key.hash)
     }
 
-    /// Joins or starts the single upstream fetch for `key`.
-    pub fn single_flight(&self, key: &CacheKey) -> Flight {
-        self.flights.begin(key.hash, &self.metrics.sf_waits)
+    /// Joins or starts the single upstream fetch for `key`. `seen` is what this request's
+    /// lookup found (an expired entry, or nothing): a fetch that finished between that lookup
+    /// and now has left a different entry in L1, and the request is then handed that entry as
+    /// the fetch's follower would have been, instead of leading a second upstream call.
+    pub fn single_flight(&self, key: &CacheKey, seen: Option<&Arc<StoredResponse>>) -> Flight {
+        let flight = self.flights.begin(key.hash, &self.metrics.sf_waits);
+        let Flight::Leader(guard) = flight else {
+            return flight;
+        };
+        match self.lookup_l1(key) {
+            Some(entry) if seen.is_none_or(|seen| !Arc::ptr_eq(seen, &entry)) => {
+                // Anyone who joined this flight meanwhile is served the same entry.
+                guard.complete(Some(Arc::clone(&entry)));
+                Flight::Follower(FollowerWait::ready(entry, &self.metrics.sf_waits))
+            }
+            _ => Flight::Leader(guard),
+        }
     }
 
     /// `Some` for the one caller that should refresh a stale entry in the background.
@@ -984,10 +998,10 @@ mod tests {
     async fn flights_through_the_cache_do_not_leak() {
         let c = l1_only(0);
         let k = CacheKey::from_parts("apq", "q", &[b"x"]);
-        let Flight::Leader(g) = c.single_flight(&k) else {
+        let Flight::Leader(g) = c.single_flight(&k, None) else {
             panic!("first caller leads");
         };
-        let Flight::Follower(w) = c.single_flight(&k) else {
+        let Flight::Follower(w) = c.single_flight(&k, None) else {
             panic!("second caller follows");
         };
         let stored = c.store(&k, fresh(5)).await;
@@ -998,5 +1012,34 @@ mod tests {
         assert!(r.is_some() && c.try_begin_revalidation(&k).is_none());
         drop(r);
         assert!(c.try_begin_revalidation(&k).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_fetch_finished_since_the_lookup_serves_instead_of_leading_again() {
+        let c = l1_only(0);
+        let k = CacheKey::from_parts("llm", "r", &[b"q"]);
+        // Looked up and missed; the fetch that was in flight then completes...
+        let missed = c.lookup(&k).await.entry;
+        let Flight::Leader(g) = c.single_flight(&k, None) else {
+            panic!("first caller leads");
+        };
+        let stored = c.store(&k, fresh(5)).await;
+        g.complete(stored.clone());
+        // ...before this request asks to lead: it is served that fetch's entry.
+        let Flight::Follower(w) = c.single_flight(&k, missed.as_ref()) else {
+            panic!("served, not a second fetch");
+        };
+        let served = w.wait(Duration::from_secs(1)).await.entry();
+        assert!(served.is_some_and(|e| stored.is_some_and(|s| Arc::ptr_eq(&e, &s))));
+        assert_eq!(c.stats()["single_flight"]["in_flight"], 0);
+        assert_eq!(c.metrics().sf_waits.served.get(), 1);
+
+        // The entry this request's own lookup found (expired, say) is no reason to wait.
+        let seen = c.lookup(&k).await.entry;
+        let Flight::Leader(g) = c.single_flight(&k, seen.as_ref()) else {
+            panic!("the entry it already saw: it leads a refetch");
+        };
+        drop(g);
+        assert_eq!(c.stats()["single_flight"]["in_flight"], 0);
     }
 }

@@ -162,6 +162,16 @@ impl Drop for LeaderGuard {
 }
 
 impl FollowerWait {
+    /// A wait that ends at once with `entry`: the fetch it would have waited for is done.
+    pub(crate) fn ready(entry: Arc<StoredResponse>, counters: &WaitCounters) -> FollowerWait {
+        let (_, rx) = watch::channel(Some(Some(entry)));
+        FollowerWait {
+            rx,
+            slow: Arc::new(AtomicBool::new(false)),
+            counters: counters.clone(),
+        }
+    }
+
     /// Waits for the leader's result, at most `timeout` (`cache.lock_timeout`, like nginx's
     /// `proxy_cache_lock_timeout`).
     pub async fn wait(mut self, timeout: Duration) -> Waited {
