@@ -51,6 +51,17 @@ routes:
           upstream: local
         - when: {{ model: auto }}
           model: gpt-4o
+        - name: to-claude
+          when: {{ model: claude-auto }}
+          model: claude-x
+          upstream: anthropic
+          provider: anthropic
+        - name: to-claude-keyed
+          when: {{ model: claude-keyed }}
+          model: claude-x
+          upstream: anthropic
+          provider: anthropic
+          api_key: sk-ant-outriders-own
       pricing:
         gpt-4o-mini: {{ input_per_mtok: 0.15, output_per_mtok: 0.60 }}
         gpt-4o: {{ input_per_mtok: 2.5, output_per_mtok: 10 }}
@@ -965,6 +976,135 @@ async fn the_api_key_is_never_logged_shown_or_stored() {
     assert!(!log.contains("DO-NOT-LEAK"), "{log}");
 }
 
+/// An OpenAI client routed to an Anthropic upstream: the request leaves in the Messages shape
+/// with the key where Anthropic reads it, and every answer (JSON, stream, error) comes back in
+/// the OpenAI shape, cached and replayed like any other.
+#[tokio::test]
+async fn openai_requests_routed_to_anthropic_are_translated_both_ways() {
+    let s = setup().await;
+    let body = chat(
+        "to claude",
+        json!({"model": "claude-auto", "max_tokens": 20}),
+    );
+    let miss = send(&s.proxy, "/v1/chat/completions", &H, &body).await;
+    assert_eq!(miss.status, 200, "{}", miss.text());
+    assert_eq!(miss.cache(), "MISS");
+    assert_eq!(miss.header("x-outrider-llm-rule"), "to-claude");
+    let answer = miss.json();
+    assert_eq!(answer["object"], "chat.completion");
+    assert_eq!(answer["model"], "claude-x", "the model actually used");
+    assert_eq!(answer["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(
+        answer["choices"][0]["message"]["content"],
+        "echo to claude #1"
+    );
+    assert_eq!(answer["choices"][0]["finish_reason"], "stop");
+    assert_eq!(
+        answer["usage"],
+        json!({"prompt_tokens": 12, "completion_tokens": 6, "total_tokens": 18})
+    );
+    let sent = s.fake.last();
+    assert_eq!(sent.path, "/v1/messages");
+    assert_eq!(
+        sent.header("x-api-key"),
+        Some(KEY_A),
+        "the caller's key, unwrapped"
+    );
+    assert_eq!(sent.header("authorization"), None);
+    assert_eq!(sent.header("anthropic-version"), Some("2023-06-01"));
+    assert_eq!(
+        sent.body,
+        json!({"model": "claude-x", "max_tokens": 20, "temperature": 0,
+               "messages": [{"role": "user", "content": [{"type": "text", "text": "to claude"}]}]})
+    );
+    let hit = send(&s.proxy, "/v1/chat/completions", &H, &body).await;
+    assert_eq!(hit.cache(), "HIT");
+    assert_eq!(hit.body, miss.body);
+
+    // A stream: OpenAI chunks and `[DONE]` go out, recorded and replayed byte for byte.
+    let streamed = chat(
+        "to claude",
+        json!({"model": "claude-auto", "stream": true, "stream_options": {"include_usage": true}}),
+    );
+    let (resp, cache) = stream(&s.proxy, "/v1/chat/completions", &H, &streamed).await;
+    assert_eq!(cache, "MISS");
+    let (first, _) = read_all(resp).await;
+    let text = String::from_utf8(first.clone()).unwrap();
+    assert!(!text.contains("event:"), "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    let chunks: Vec<Value> = text
+        .split("\n\n")
+        .filter_map(|e| serde_json::from_str(e.strip_prefix("data: ")?).ok())
+        .collect();
+    let said: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(said, "echo to claude #2");
+    assert_eq!(
+        chunks[chunks.len() - 2]["choices"][0]["finish_reason"],
+        "stop"
+    );
+    assert_eq!(chunks[chunks.len() - 1]["usage"]["completion_tokens"], 6);
+    let (resp, cache) = stream(&s.proxy, "/v1/chat/completions", &H, &streamed).await;
+    assert_eq!(cache, "HIT");
+    assert_eq!(read_all(resp).await.0, first);
+    // Asked the same way, the OpenAI route's own model is another entry (another provider).
+    let own = chat("to claude", json!({"model": "gpt-4o", "max_tokens": 20}));
+    assert_eq!(
+        send(&s.proxy, "/v1/chat/completions", &H, &own)
+            .await
+            .cache(),
+        "MISS"
+    );
+    assert_eq!(s.fake.last().path, "/v1/chat/completions");
+
+    // A rule's own key replaces the caller's.
+    let keyed = chat("keyed", json!({"model": "claude-keyed"}));
+    assert_eq!(
+        send(&s.proxy, "/v1/chat/completions", &H, &keyed)
+            .await
+            .status,
+        200
+    );
+    let sent = s.fake.last();
+    assert_eq!(sent.header("x-api-key"), Some("sk-ant-outriders-own"));
+    assert_eq!(sent.body["max_tokens"], 4096, "the Messages API needs one");
+    assert!(!s.proxy.log().contains("sk-ant-outriders-own"));
+    let shown = s.proxy.admin_text("/config").await;
+    assert!(!shown.contains("sk-ant-outriders-own"), "{shown}");
+
+    // The provider's error comes back in OpenAI's shape with its status and Retry-After.
+    let calls = s.fake.calls();
+    let limited = send(
+        &s.proxy,
+        "/v1/chat/completions",
+        &[("authorization", AUTH_A), ("x-fake", "429")],
+        &chat("limited", json!({"model": "claude-auto"})),
+    )
+    .await;
+    assert_eq!(limited.status, 429);
+    assert_eq!(limited.header("retry-after"), "7");
+    assert_eq!(
+        limited.json(),
+        json!({"error": {"message": "slow down", "type": "rate_limit_error", "param": null, "code": null}})
+    );
+    // What Anthropic has no equivalent for is refused here, by name; nothing is sent.
+    let refused = send(
+        &s.proxy,
+        "/v1/chat/completions",
+        &H,
+        &chat("two", json!({"model": "claude-auto", "n": 2})),
+    )
+    .await;
+    assert_eq!(refused.status, 400);
+    assert!(refused.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("parameter n"));
+    assert_eq!(s.fake.calls(), calls + 1);
+}
+
 fn python() -> String {
     std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
 }
@@ -1004,10 +1144,10 @@ async fn the_official_python_sdks_see_the_same_objects_on_miss_and_hit() {
         "conformance failed:\n{stdout}\n{stderr}\nproxy log:\n{}",
         s.proxy.log()
     );
-    assert!(stdout.contains("{\"ok\": 6}"), "{stdout}");
-    // Six pairs of calls, each a miss then a hit (the helper's stream hits the raw stream's
-    // entry), and the rate-limited call; the bad requests never left outrider.
-    assert_eq!(s.fake.calls(), 6 + 1, "{stdout}");
+    assert!(stdout.contains("{\"ok\": 9}"), "{stdout}");
+    // Nine pairs of calls, each a miss then a hit (the helper's stream hits the raw stream's
+    // entry), and the two rate-limited calls; the bad requests never left outrider.
+    assert_eq!(s.fake.calls(), 9 + 2, "{stdout}");
 }
 
 /// Pingora replays at most 64 KiB of a body read before the upstream is chosen; a larger prompt

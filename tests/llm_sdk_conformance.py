@@ -41,36 +41,26 @@ def twice(name, call):
 oa = openai.OpenAI(base_url=BASE + "/v1", api_key="sk-sdk-conformance", max_retries=0)
 messages = [{"role": "user", "content": "conformance check"}]
 
-completion = twice(
-    "openai.chat",
-    lambda: oa.chat.completions.with_raw_response.create(
-        model="gpt-4o-mini", messages=messages, temperature=0
-    ),
-)
+
+def chat(model, **options):
+    """A raw chat-completions call of `model` on the conformance prompt, for `twice`."""
+    return lambda: oa.chat.completions.with_raw_response.create(
+        model=model, messages=messages, temperature=0, **options
+    )
+
+
+completion = twice("openai.chat", chat("gpt-4o-mini"))
 assert completion["choices"][0]["message"]["content"].startswith("echo conformance check")
 assert completion["usage"]["prompt_tokens"] == 11
 
-chunks = twice(
-    "openai.chat.stream",
-    lambda: oa.chat.completions.with_raw_response.create(
-        model="gpt-4o-mini", messages=messages, temperature=0, stream=True
-    ),
-)
+chunks = twice("openai.chat.stream", chat("gpt-4o-mini", stream=True))
 text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
 assert text.startswith("echo conformance check"), text
 # outrider asked for usage on the client's behalf; the client never sees that chunk.
 assert all(c["choices"] for c in chunks), "no usage-only chunk"
 
-with_usage = twice(
-    "openai.chat.stream.include_usage",
-    lambda: oa.chat.completions.with_raw_response.create(
-        model="gpt-4o-mini",
-        messages=messages,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-    ),
-)
+USAGE = {"stream": True, "stream_options": {"include_usage": True}}
+with_usage = twice("openai.chat.stream.include_usage", chat("gpt-4o-mini", **USAGE))
 assert with_usage[-1]["usage"]["completion_tokens"] == 7
 
 twice(
@@ -79,6 +69,27 @@ twice(
         model="text-embedding-3-small", input="conformance"
     ),
 )
+
+# Routed by a rule to an Anthropic upstream: the OpenAI SDK still parses OpenAI objects.
+routed = twice("openai.chat.to_anthropic", chat("claude-auto"))
+assert routed["model"] == "claude-x", routed
+assert routed["choices"][0]["message"]["content"].startswith("echo conformance check")
+assert routed["choices"][0]["finish_reason"] == "stop"
+assert routed["usage"]["prompt_tokens"] == 12
+routed_chunks = twice("openai.chat.stream.to_anthropic", chat("claude-auto", stream=True))
+text = "".join(c["choices"][0]["delta"].get("content") or "" for c in routed_chunks)
+assert text.startswith("echo conformance check"), text
+assert routed_chunks[-1]["choices"][0]["finish_reason"] == "stop"
+routed_usage = twice("openai.chat.stream.include_usage.to_anthropic", chat("claude-auto", **USAGE))
+assert routed_usage[-1]["usage"]["completion_tokens"] == 6
+try:
+    oa.chat.completions.create(
+        model="claude-auto", messages=messages, extra_headers={"x-fake": "429"}
+    )
+    sys.exit("expected a RateLimitError from the anthropic upstream")
+except openai.RateLimitError as e:
+    assert e.response.headers.get("retry-after") == "7"
+    assert e.body["message"] == "slow down", e.body
 
 an = anthropic.Anthropic(base_url=BASE, api_key="sk-ant-conformance", max_retries=0)
 message = twice(

@@ -141,9 +141,18 @@ pub struct RoutingRule {
     pub when: RuleWhen,
     /// The model the provider gets.
     pub model: String,
-    /// Another named upstream speaking the same API shape (an OpenAI-compatible server).
+    /// Another named upstream: one speaking the route's API shape (an OpenAI-compatible
+    /// server), or, with `provider`, another provider's.
     #[serde(default)]
     pub upstream: Option<String>,
+    /// The API shape `upstream` speaks when it is not the route's: `anthropic` on an `openai`
+    /// route, and outrider translates the request and the answer (stream included).
+    #[serde(default)]
+    pub provider: Option<Provider>,
+    /// The API key sent to this rule's upstream in place of the caller's (write it as
+    /// `"${ENV_VAR}"`); unset: the caller's key is forwarded. Shown as `***` by `/config`.
+    #[serde(default)]
+    pub api_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]

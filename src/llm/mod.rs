@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod sse;
 mod stage;
+pub mod translate;
 
 pub use config::LlmConfig;
 pub use error::LlmError;
@@ -51,6 +52,28 @@ impl RouteFeature for LlmConfig {
                     format!("{base}.model"),
                     "must name a model",
                 ));
+            }
+            if let Some(provider) = rule.provider.filter(|p| *p != self.provider) {
+                if provider != config::Provider::Anthropic {
+                    out.push(FieldProblem::new(
+                        format!("{base}.provider"),
+                        "only openai routes can be sent to another provider (anthropic)",
+                    ));
+                }
+                if rule.upstream.is_none() {
+                    out.push(FieldProblem::new(
+                        format!("{base}.provider"),
+                        "another provider needs its own upstream (set upstream)",
+                    ));
+                }
+            }
+            if let Some(key) = &rule.api_key {
+                if key.is_empty() || http::HeaderValue::from_str(key).is_err() {
+                    out.push(FieldProblem::new(
+                        format!("{base}.api_key"),
+                        "must be a non-empty header value (visible ASCII)",
+                    ));
+                }
             }
             if let Some(upstream) = &rule.upstream {
                 if !cx.config.upstreams.contains_key(upstream) {
@@ -161,5 +184,42 @@ mod tests {
             ""
         )
         .contains("routes[0].llm.pricing.m.input_per_mtok"));
+    }
+
+    #[test]
+    fn another_providers_rule_needs_an_upstream_and_a_direction_outrider_translates() {
+        assert_eq!(
+            problems(
+                "{ provider: openai, routing: [ { model: m, upstream: openai, provider: anthropic, api_key: k } ] }",
+                ""
+            ),
+            ""
+        );
+        let no_upstream = problems(
+            "{ provider: openai, routing: [ { model: m, provider: anthropic } ] }",
+            "",
+        );
+        assert!(
+            no_upstream.contains(
+                "routes[0].llm.routing[0].provider: another provider needs its own upstream"
+            ),
+            "{no_upstream}"
+        );
+        let reverse = problems(
+            "{ provider: anthropic, routing: [ { model: m, upstream: openai, provider: openai } ] }",
+            "",
+        );
+        assert!(
+            reverse.contains("only openai routes can be sent to another provider"),
+            "{reverse}"
+        );
+        let key = problems(
+            "{ provider: openai, routing: [ { model: m, api_key: \"\" } ] }",
+            "",
+        );
+        assert!(
+            key.contains("routes[0].llm.routing[0].api_key: must be a non-empty header value"),
+            "{key}"
+        );
     }
 }

@@ -15,6 +15,7 @@ use super::error::LlmError;
 use super::metrics::LlmMetrics;
 use super::protocol::{parse_request, read_event, usage_from_body, LlmRequest, Usage};
 use super::sse::Splitter;
+use super::translate::{self, StreamToOpenai};
 use crate::cache_headers::{directives, has_directive, CacheStatus};
 use crate::pipeline::{
     state_mut, state_ref, Answer, Completion, RequestCx, ResponseVerdict, Slot, SpanNotes, Stage,
@@ -45,6 +46,10 @@ struct Rule {
     headers: Vec<(http::HeaderName, String)>,
     model: String,
     upstream: Option<String>,
+    /// The provider the upstream speaks, when it is not the route's (outrider translates).
+    translate_to: Option<Provider>,
+    /// Sent to the upstream in place of the caller's key.
+    api_key: Option<http::HeaderValue>,
 }
 
 impl Rule {
@@ -121,7 +126,26 @@ struct LlmState {
     /// share of the store's in-flight byte budget.
     body: Option<(BytesMut, Reservation)>,
     content_type: Option<Bytes>,
+    /// The API shape of the upstream this request goes to.
+    upstream_provider: Provider,
+    /// Sent to the upstream in place of the caller's key (a routing rule's `api_key`).
+    api_key: Option<http::HeaderValue>,
+    /// The request was translated for another provider: its answer is translated back.
+    translation: Option<Box<Translation>>,
 }
+
+/// The answer's way back from an Anthropic upstream to an OpenAI client.
+struct Translation {
+    stream: StreamToOpenai,
+    /// A JSON answer (or an error) is translated whole, at its end.
+    pending: BytesMut,
+    /// The JSON answer outgrew [`MAX_TRANSLATED_BODY`].
+    overflow: bool,
+    created: u64,
+}
+
+/// Largest JSON answer held back to be translated.
+const MAX_TRANSLATED_BODY: usize = 16 * 1024 * 1024;
 
 impl LlmState {
     fn new(arrived: Instant) -> Self {
@@ -141,6 +165,9 @@ impl LlmState {
             first_byte: None,
             body: None,
             content_type: None,
+            upstream_provider: Provider::Openai,
+            api_key: None,
+            translation: None,
         }
     }
 }
@@ -173,6 +200,15 @@ impl LlmStage {
                     .collect(),
                 model: r.model.clone(),
                 upstream: r.upstream.clone(),
+                translate_to: r.provider.filter(|p| *p != config.provider),
+                api_key: r
+                    .api_key
+                    .as_deref()
+                    .and_then(|k| http::HeaderValue::from_str(k).ok())
+                    .map(|mut k| {
+                        k.set_sensitive(true);
+                        k
+                    }),
             })
             .collect();
         let known_models = config
@@ -237,6 +273,7 @@ impl LlmStage {
         path: &str,
         headers: &http::HeaderMap,
         scope: &[u8],
+        upstream_provider: Provider,
     ) -> CacheKey {
         let material = req.canonical_key_material();
         let mut header_bytes = Vec::new();
@@ -254,6 +291,7 @@ impl LlmStage {
             &[
                 KEY_DOMAIN,
                 self.provider().as_str().as_bytes(),
+                upstream_provider.as_str().as_bytes(),
                 path.as_bytes(),
                 &material,
                 if req.stream { b"stream" } else { b"whole" },
@@ -288,6 +326,7 @@ impl LlmStage {
         let path = cx.req.uri.path();
         let mut req = parse_request(self.provider(), path, body)?;
         let mut changed = false;
+        let mut translate_to = None;
         if let Some(rule) = self.rules.iter().find(|r| r.matches(&req, &cx.req.headers)) {
             if rule.model != req.model {
                 req.set_model(&rule.model);
@@ -301,17 +340,51 @@ impl LlmStage {
                 .with_label_values(&[&*self.route, &rule.name])
                 .inc();
             state.rule = Some(rule.name.clone());
+            state.api_key.clone_from(&rule.api_key);
+            translate_to = rule.translate_to;
         }
         state.model = req.model.clone();
+        state.upstream_provider = translate_to.unwrap_or(self.provider());
+        let translated = match translate_to {
+            Some(to) => {
+                if req.embeddings {
+                    return Err(LlmError::InvalidRequest(format!(
+                        "embeddings cannot be sent to the {} upstream this request is routed to",
+                        to.as_str()
+                    )));
+                }
+                let body = translate::openai_request_to_anthropic(&req.body)?;
+                let include_usage = req
+                    .body
+                    .get("stream_options")
+                    .and_then(|o| o.get("include_usage"))
+                    == Some(&serde_json::Value::Bool(true));
+                let created = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                state.translation = Some(Box::new(Translation {
+                    stream: StreamToOpenai::new(created, include_usage),
+                    pending: BytesMut::new(),
+                    overflow: false,
+                    created,
+                }));
+                Some(body)
+            }
+            None => None,
+        };
         // The key is made before usage is asked for: the client sees the same either way.
         let scope = self.scope(&cx.req.headers);
-        let key = scope.map(|s| self.key(&req, path, &cx.req.headers, &s));
-        if self.provider() == Provider::Openai && req.request_usage() {
+        let key = scope.map(|s| self.key(&req, path, &cx.req.headers, &s, state.upstream_provider));
+        if translated.is_none() && self.provider() == Provider::Openai && req.request_usage() {
             state.strip_usage = true;
             changed = true;
         }
         let answer = self.consult_cache(cx, state, &req, key).await;
-        if answer.is_none() && changed {
+        if let Some(body) = translated.filter(|_| answer.is_none()) {
+            let bytes =
+                serde_json::to_vec(&body).map_err(|e| LlmError::InvalidRequest(e.to_string()))?;
+            cx.replace_body(Bytes::from(bytes));
+        } else if answer.is_none() && changed {
             // Serialized only when the request goes to the provider, not for hits.
             let bytes = serde_json::to_vec(&req.body)
                 .map_err(|e| LlmError::InvalidRequest(e.to_string()))?;
@@ -516,6 +589,7 @@ impl Stage for LlmStage {
             return Ok(Verdict::Continue);
         };
         let mut state = LlmState::new(cx.arrived);
+        state.upstream_provider = self.provider();
         let verdict = match self.decide(cx, &mut state, &body).await {
             Ok(None) => Verdict::Continue,
             Ok(Some(answer)) => Verdict::Answer(answer),
@@ -541,9 +615,47 @@ impl Stage for LlmStage {
     }
 
     fn on_upstream_request(&self, slot: &mut Slot, req: &mut RequestHeader) {
-        if state_ref::<LlmState>(slot).is_some() {
-            // Usage is read from the body and answers are stored as sent: ask for it plain.
-            req.remove_header(&http::header::ACCEPT_ENCODING);
+        let Some(state) = state_ref::<LlmState>(slot) else {
+            return;
+        };
+        // Usage is read from the body and answers are stored as sent: ask for it plain.
+        req.remove_header(&http::header::ACCEPT_ENCODING);
+        if state.api_key.is_none() && state.translation.is_none() {
+            return;
+        }
+        // Both headers go: the upstream gets exactly one key, in the header its API reads.
+        let authorization = req.remove_header(&http::header::AUTHORIZATION);
+        let x_api_key = req.remove_header("x-api-key");
+        let key = match &state.api_key {
+            Some(configured) => Some(configured.as_bytes().to_vec()),
+            None => authorization
+                .as_ref()
+                .map(|v| {
+                    let v = v.as_bytes();
+                    v.strip_prefix(b"Bearer ").unwrap_or(v).to_vec()
+                })
+                .or_else(|| x_api_key.map(|v| v.as_bytes().to_vec())),
+        };
+        let header = key.map(|key| match state.upstream_provider {
+            Provider::Anthropic => ("x-api-key", key),
+            Provider::Openai => {
+                let mut bearer = b"Bearer ".to_vec();
+                bearer.extend_from_slice(&key);
+                ("authorization", bearer)
+            }
+        });
+        if let Some((name, value)) = header {
+            if let Ok(mut value) = http::HeaderValue::from_bytes(&value) {
+                value.set_sensitive(true);
+                let _ = req.insert_header(name, value);
+            }
+        }
+        if state.translation.is_some() {
+            req.set_uri(http::Uri::from_static("/v1/messages"));
+            if !req.headers.contains_key("anthropic-version") {
+                let _ = req.insert_header("anthropic-version", translate::ANTHROPIC_VERSION);
+            }
+            req.remove_header("openai-beta");
         }
     }
 
@@ -594,8 +706,9 @@ impl Stage for LlmStage {
         if let Some(rule) = &state.rule {
             let _ = resp.insert_header(RULE_HEADER, rule.as_str());
         }
-        if state.strip_usage && !state.from_cache {
-            // One event is removed from the stream: its length is no longer the upstream's.
+        if (state.strip_usage || state.translation.is_some()) && !state.from_cache {
+            // One event is removed from the stream, or the answer is translated: its length
+            // is no longer the upstream's.
             resp.remove_header(&http::header::CONTENT_LENGTH);
             let _ = resp.insert_header(http::header::TRANSFER_ENCODING, "chunked");
         }
@@ -619,7 +732,63 @@ impl Stage for LlmStage {
         if state.first_byte.is_none() && chunk.as_ref().is_some_and(|c| !c.is_empty()) {
             state.first_byte = Some(state.arrived.elapsed());
         }
-        if state.sse && state.status == 200 {
+        if let Some(translation) = state.translation.as_mut() {
+            if state.sse && state.status == 200 {
+                let mut events = Vec::new();
+                if let Some(c) = chunk.as_ref() {
+                    state.splitter.push(c, &mut events);
+                }
+                if end_of_stream {
+                    // A partial last event is not an event: nothing to translate.
+                    let _ = state.splitter.finish(&mut events);
+                }
+                let usage = state.usage.get_or_insert_with(Usage::default);
+                let mut out = BytesMut::new();
+                for event in &events {
+                    state.terminal |= read_event(Provider::Anthropic, event, usage).terminal;
+                    translation.stream.event(event, &mut out);
+                }
+                *chunk = (!out.is_empty() || end_of_stream).then(|| out.freeze());
+            } else {
+                if let Some(c) = chunk.take() {
+                    if translation.pending.len() + c.len() > MAX_TRANSLATED_BODY {
+                        translation.overflow = true;
+                    } else if !translation.overflow {
+                        translation.pending.extend_from_slice(&c);
+                    }
+                }
+                if end_of_stream {
+                    let upstream = translation.pending.split().freeze();
+                    let answer = (state.status == 200 && !translation.overflow)
+                        .then(|| {
+                            translate::anthropic_response_to_openai(&upstream, translation.created)
+                        })
+                        .flatten();
+                    let out = match answer {
+                        Some(answer) => answer,
+                        None => {
+                            if state.status == 200 {
+                                // Not a message after all: say so, and store nothing.
+                                tracing::warn!(
+                                    route = &*self.route,
+                                    "the anthropic upstream's answer could not be translated"
+                                );
+                                state.body = None;
+                                if let Some(cache) = state.cache.as_mut() {
+                                    cache.store = false;
+                                }
+                            }
+                            if translation.overflow {
+                                br#"{"error":{"message":"the provider's answer was too large to translate","type":"api_error","param":null,"code":null}}"#.to_vec()
+                            } else {
+                                translate::anthropic_error_to_openai(&upstream)
+                            }
+                        }
+                    };
+                    *chunk = Some(Bytes::from(out));
+                }
+            }
+        } else if state.sse && state.status == 200 {
             let mut events = Vec::new();
             if let Some(c) = chunk.as_ref() {
                 state.splitter.push(c, &mut events);
@@ -737,7 +906,7 @@ impl Stage for LlmStage {
         let Some(state) = state_ref::<LlmState>(slot) else {
             return;
         };
-        notes.attribute("gen_ai.system", self.provider().as_str());
+        notes.attribute("gen_ai.system", state.upstream_provider.as_str());
         if !state.model.is_empty() {
             notes.attribute("gen_ai.request.model", state.model.clone());
         }
