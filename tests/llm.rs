@@ -76,6 +76,12 @@ routes:
     upstream: anthropic
     llm:
       provider: anthropic
+      routing:
+        - name: to-llama
+          when: {{ model: claude-local }}
+          model: llama-3
+          upstream: local
+          provider: openai
       pricing:
         claude-x: {{ input_per_mtok: 3, output_per_mtok: 15 }}
       max_body: 64KiB
@@ -1105,6 +1111,86 @@ async fn openai_requests_routed_to_anthropic_are_translated_both_ways() {
     assert_eq!(s.fake.calls(), calls + 1);
 }
 
+/// And the other way: an Anthropic client routed to an OpenAI-compatible server (a local
+/// model) gets Anthropic messages and events.
+#[tokio::test]
+async fn anthropic_requests_routed_to_an_openai_server_are_translated_both_ways() {
+    let s = setup().await;
+    let h = [("x-api-key", KEY_A), ("anthropic-version", "2023-06-01")];
+    let body = json!({"model": "claude-local", "max_tokens": 64, "system": "be brief",
+        "messages": [{"role": "user", "content": "to llama"}]});
+    let miss = send(&s.proxy, "/v1/messages", &h, &body.to_string()).await;
+    assert_eq!(miss.status, 200, "{}", miss.text());
+    assert_eq!(miss.cache(), "MISS");
+    assert_eq!(miss.header("x-outrider-llm-rule"), "to-llama");
+    assert_eq!(
+        miss.json(),
+        json!({"id": "chatcmpl-1", "type": "message", "role": "assistant", "model": "llama-3",
+            "content": [{"type": "text", "text": "echo to llama #1"}],
+            "stop_reason": "end_turn", "stop_sequence": null,
+            "usage": {"input_tokens": 11, "output_tokens": 7}})
+    );
+    let sent = s.local.last();
+    assert_eq!(sent.path, "/v1/chat/completions");
+    assert_eq!(sent.header("authorization"), Some(AUTH_A));
+    assert_eq!(sent.header("x-api-key"), None);
+    assert_eq!(sent.header("anthropic-version"), None);
+    assert_eq!(
+        sent.body,
+        json!({"model": "llama-3", "max_tokens": 64, "messages": [
+            {"role": "system", "content": "be brief"}, {"role": "user", "content": "to llama"}]})
+    );
+    let hit = send(&s.proxy, "/v1/messages", &h, &body.to_string()).await;
+    assert_eq!((hit.cache(), &hit.body), ("HIT", &miss.body));
+
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let (resp, cache) = stream(&s.proxy, "/v1/messages", &h, &streamed.to_string()).await;
+    assert_eq!(cache, "MISS");
+    let (first, _) = read_all(resp).await;
+    let text = String::from_utf8(first.clone()).unwrap();
+    let names: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(
+        names.first().zip(names.last()),
+        Some((&"message_start", &"message_stop")),
+        "{text}"
+    );
+    assert!(
+        !text.contains("[DONE]") && !text.contains("chat.completion"),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#""usage":{"input_tokens":11,"output_tokens":7}"#),
+        "{text}"
+    );
+    let (resp, cache) = stream(&s.proxy, "/v1/messages", &h, &streamed.to_string()).await;
+    assert_eq!(cache, "HIT");
+    assert_eq!(read_all(resp).await.0, first);
+
+    // Errors in Anthropic's shape, status and Retry-After kept.
+    let limited = send(
+        &s.proxy,
+        "/v1/messages",
+        &[("x-api-key", KEY_A), ("x-fake", "429")],
+        &body.to_string(),
+    )
+    .await;
+    assert_eq!((limited.status, limited.header("retry-after")), (429, "7"));
+    assert_eq!(
+        limited.json(),
+        json!({"type": "error", "error": {"type": "rate_limit_error", "message": "Rate limit reached"}})
+    );
+    assert_eq!(s.local.calls(), 3);
+    assert_eq!(
+        s.fake.calls(),
+        0,
+        "the route's own upstream was never asked"
+    );
+}
+
 fn python() -> String {
     std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
 }
@@ -1144,10 +1230,13 @@ async fn the_official_python_sdks_see_the_same_objects_on_miss_and_hit() {
         "conformance failed:\n{stdout}\n{stderr}\nproxy log:\n{}",
         s.proxy.log()
     );
-    assert!(stdout.contains("{\"ok\": 9}"), "{stdout}");
+    assert!(stdout.contains("{\"ok\": 11}"), "{stdout}");
     // Nine pairs of calls, each a miss then a hit (the helper's stream hits the raw stream's
     // entry), and the two rate-limited calls; the bad requests never left outrider.
     assert_eq!(s.fake.calls(), 9 + 2, "{stdout}");
+    // Two more pairs went to the local OpenAI-compatible server, translated from Anthropic's
+    // shape (the stream helper hits the raw stream's entry).
+    assert_eq!(s.local.calls(), 2, "{stdout}");
 }
 
 /// Pingora replays at most 64 KiB of a body read before the upstream is chosen; a larger prompt

@@ -114,6 +114,31 @@ for _ in range(2):
         finals.append(s.get_final_message().model_dump())
 assert finals[0] == finals[1]
 
+# Routed by a rule to an OpenAI-compatible server: the Anthropic SDK still parses its objects.
+local = twice(
+    "anthropic.messages.to_openai",
+    lambda: an.messages.with_raw_response.create(
+        model="claude-local", max_tokens=64, messages=messages
+    ),
+)
+assert local["model"] == "llama-3" and local["stop_reason"] == "end_turn", local
+assert local["content"][0]["text"].startswith("echo conformance check")
+assert local["usage"]["output_tokens"] == 7
+local_events = twice(
+    "anthropic.messages.stream.to_openai",
+    lambda: an.messages.with_raw_response.create(
+        model="claude-local", max_tokens=64, messages=messages, stream=True
+    ),
+)
+assert local_events[0]["type"] == "message_start" and local_events[-1]["type"] == "message_stop"
+local_finals = []
+for _ in range(2):
+    with an.messages.stream(model="claude-local", max_tokens=64, messages=messages) as s:
+        local_finals.append(s.get_final_message().model_dump())
+assert local_finals[0] == local_finals[1]
+assert local_finals[0]["content"][0]["text"] == local["content"][0]["text"].replace("#1", "#2")
+assert local_finals[0]["usage"]["output_tokens"] == 7
+
 # Errors keep the SDK's exception types.
 try:
     oa.chat.completions.create(model="gpt-4o-mini", messages=[], extra_headers={"x-fake": "429"})

@@ -1,7 +1,8 @@
 //! `llm:` on a route: an LLM gateway in front of the OpenAI or Anthropic API (or an
 //! OpenAI-compatible server). It caches prompts' answers in the shared
 //! [`Store`](crate::store::Store) — streams recorded event by event and replayed byte for byte —
-//! scoped per API key by default, routes requests to a model tier by rules, and turns the
+//! scoped per API key by default, routes requests to a model tier by rules (translating to the
+//! other provider's API when a rule sends them there), and turns the
 //! provider's `usage` into token and cost metrics. The API key passes through to the provider
 //! and is never logged or stored (only a hash of it enters the cache key). The stage knows no
 //! other capability; the cache vocabulary comes from [`crate::cache_headers`].
@@ -53,19 +54,11 @@ impl RouteFeature for LlmConfig {
                     "must name a model",
                 ));
             }
-            if let Some(provider) = rule.provider.filter(|p| *p != self.provider) {
-                if provider != config::Provider::Anthropic {
-                    out.push(FieldProblem::new(
-                        format!("{base}.provider"),
-                        "only openai routes can be sent to another provider (anthropic)",
-                    ));
-                }
-                if rule.upstream.is_none() {
-                    out.push(FieldProblem::new(
-                        format!("{base}.provider"),
-                        "another provider needs its own upstream (set upstream)",
-                    ));
-                }
+            if rule.provider.is_some_and(|p| p != self.provider) && rule.upstream.is_none() {
+                out.push(FieldProblem::new(
+                    format!("{base}.provider"),
+                    "another provider needs its own upstream (set upstream)",
+                ));
             }
             if let Some(key) = &rule.api_key {
                 if key.is_empty() || http::HeaderValue::from_str(key).is_err() {
@@ -187,7 +180,7 @@ mod tests {
     }
 
     #[test]
-    fn another_providers_rule_needs_an_upstream_and_a_direction_outrider_translates() {
+    fn another_providers_rule_needs_its_own_upstream() {
         assert_eq!(
             problems(
                 "{ provider: openai, routing: [ { model: m, upstream: openai, provider: anthropic, api_key: k } ] }",
@@ -209,10 +202,7 @@ mod tests {
             "{ provider: anthropic, routing: [ { model: m, upstream: openai, provider: openai } ] }",
             "",
         );
-        assert!(
-            reverse.contains("only openai routes can be sent to another provider"),
-            "{reverse}"
-        );
+        assert_eq!(reverse, "", "both directions are translated");
         let key = problems(
             "{ provider: openai, routing: [ { model: m, api_key: \"\" } ] }",
             "",

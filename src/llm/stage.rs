@@ -15,7 +15,7 @@ use super::error::LlmError;
 use super::metrics::LlmMetrics;
 use super::protocol::{parse_request, read_event, usage_from_body, LlmRequest, Usage};
 use super::sse::Splitter;
-use super::translate::{self, StreamToOpenai};
+use super::translate::{self, Direction, StreamTranslator};
 use crate::cache_headers::{directives, has_directive, CacheStatus};
 use crate::pipeline::{
     state_mut, state_ref, Answer, Completion, RequestCx, ResponseVerdict, Slot, SpanNotes, Stage,
@@ -134,9 +134,10 @@ struct LlmState {
     translation: Option<Box<Translation>>,
 }
 
-/// The answer's way back from an Anthropic upstream to an OpenAI client.
+/// The answer's way back from another provider's upstream to the client.
 struct Translation {
-    stream: StreamToOpenai,
+    direction: Direction,
+    stream: StreamTranslator,
     /// A JSON answer (or an error) is translated whole, at its end.
     pending: BytesMut,
     /// The JSON answer outgrew [`MAX_TRANSLATED_BODY`].
@@ -345,15 +346,16 @@ impl LlmStage {
         }
         state.model = req.model.clone();
         state.upstream_provider = translate_to.unwrap_or(self.provider());
-        let translated = match translate_to {
-            Some(to) => {
+        let direction = translate_to.and_then(|to| Direction::between(self.provider(), to));
+        let translated = match direction {
+            Some(direction) => {
                 if req.embeddings {
                     return Err(LlmError::InvalidRequest(format!(
                         "embeddings cannot be sent to the {} upstream this request is routed to",
-                        to.as_str()
+                        state.upstream_provider.as_str()
                     )));
                 }
-                let body = translate::openai_request_to_anthropic(&req.body)?;
+                let body = direction.request(&req.body)?;
                 let include_usage = req
                     .body
                     .get("stream_options")
@@ -363,7 +365,8 @@ impl LlmStage {
                     .duration_since(SystemTime::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs());
                 state.translation = Some(Box::new(Translation {
-                    stream: StreamToOpenai::new(created, include_usage),
+                    direction,
+                    stream: direction.stream(created, include_usage),
                     pending: BytesMut::new(),
                     overflow: false,
                     created,
@@ -650,12 +653,20 @@ impl Stage for LlmStage {
                 let _ = req.insert_header(name, value);
             }
         }
-        if state.translation.is_some() {
-            req.set_uri(http::Uri::from_static("/v1/messages"));
-            if !req.headers.contains_key("anthropic-version") {
-                let _ = req.insert_header("anthropic-version", translate::ANTHROPIC_VERSION);
+        match state.translation.as_ref().map(|t| t.direction) {
+            Some(direction @ Direction::OpenaiToAnthropic) => {
+                req.set_uri(http::Uri::from_static(direction.upstream_path()));
+                if !req.headers.contains_key("anthropic-version") {
+                    let _ = req.insert_header("anthropic-version", translate::ANTHROPIC_VERSION);
+                }
+                req.remove_header("openai-beta");
             }
-            req.remove_header("openai-beta");
+            Some(direction @ Direction::AnthropicToOpenai) => {
+                req.set_uri(http::Uri::from_static(direction.upstream_path()));
+                req.remove_header("anthropic-version");
+                req.remove_header("anthropic-beta");
+            }
+            None => {}
         }
     }
 
@@ -745,7 +756,7 @@ impl Stage for LlmStage {
                 let usage = state.usage.get_or_insert_with(Usage::default);
                 let mut out = BytesMut::new();
                 for event in &events {
-                    state.terminal |= read_event(Provider::Anthropic, event, usage).terminal;
+                    state.terminal |= read_event(state.upstream_provider, event, usage).terminal;
                     translation.stream.event(event, &mut out);
                 }
                 *chunk = (!out.is_empty() || end_of_stream).then(|| out.freeze());
@@ -761,7 +772,9 @@ impl Stage for LlmStage {
                     let upstream = translation.pending.split().freeze();
                     let answer = (state.status == 200 && !translation.overflow)
                         .then(|| {
-                            translate::anthropic_response_to_openai(&upstream, translation.created)
+                            translation
+                                .direction
+                                .response(&upstream, translation.created)
                         })
                         .flatten();
                     let out = match answer {
@@ -771,7 +784,7 @@ impl Stage for LlmStage {
                                 // Not a message after all: say so, and store nothing.
                                 tracing::warn!(
                                     route = &*self.route,
-                                    "the anthropic upstream's answer could not be translated"
+                                    "the other provider's answer could not be translated"
                                 );
                                 state.body = None;
                                 if let Some(cache) = state.cache.as_mut() {
@@ -779,9 +792,12 @@ impl Stage for LlmStage {
                                 }
                             }
                             if translation.overflow {
-                                br#"{"error":{"message":"the provider's answer was too large to translate","type":"api_error","param":null,"code":null}}"#.to_vec()
+                                translation.direction.error(
+                                    500,
+                                    br#"{"error":{"message":"the provider's answer was too large to translate"}}"#,
+                                )
                             } else {
-                                translate::anthropic_error_to_openai(&upstream)
+                                translation.direction.error(state.status, &upstream)
                             }
                         }
                     };

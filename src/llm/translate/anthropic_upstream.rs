@@ -1,21 +1,16 @@
-//! Cross-provider routing: a routing rule may send an OpenAI-shaped chat completion to an
-//! Anthropic Messages upstream. The request is rewritten into the Messages shape, and the answer
-//! (a JSON body, an error, or an event stream) back into what the OpenAI client library expects,
-//! so the client never learns which provider answered. What has no Anthropic equivalent is
-//! refused with a 400 naming the parameter, never dropped silently. Pure functions and a stream
-//! state machine, no I/O.
+//! An OpenAI chat completion sent to an Anthropic Messages upstream: the request in the
+//! Messages shape, the answer (a JSON body, an error, or an event stream) back as the OpenAI
+//! client library expects it.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 
 use bytes::{BufMut, BytesMut};
 use serde_json::{json, Map, Value};
 
-use super::error::LlmError;
-use super::sse::Event;
+use super::{refuse, write_event};
+use crate::llm::error::LlmError;
+use crate::llm::sse::Event;
 
-/// The Messages API version outrider speaks when the client did not name one.
-pub const ANTHROPIC_VERSION: &str = "2023-06-01";
 /// The Messages API requires `max_tokens`; OpenAI clients often leave it out.
 pub const DEFAULT_MAX_TOKENS: u64 = 4096;
 
@@ -30,12 +25,8 @@ const DROPPED: &[&str] = &[
     "service_tier",
 ];
 
-fn refuse(message: impl Into<String>) -> LlmError {
-    LlmError::InvalidRequest(message.into())
-}
-
 /// An OpenAI chat-completions body in the Anthropic Messages shape.
-pub fn openai_request_to_anthropic(body: &Map<String, Value>) -> Result<Value, LlmError> {
+pub fn request(body: &Map<String, Value>) -> Result<Value, LlmError> {
     let mut out = Map::new();
     let mut max_tokens = None;
     let mut parallel_tools = true;
@@ -318,7 +309,7 @@ fn usage_json(usage: &Value) -> Value {
 }
 
 /// A complete Anthropic message as an OpenAI `chat.completion`; `None` if it is not one.
-pub fn anthropic_response_to_openai(body: &[u8], created: u64) -> Option<Vec<u8>> {
+pub fn response(body: &[u8], created: u64) -> Option<Vec<u8>> {
     let message: Value = serde_json::from_slice(body).ok()?;
     let blocks = message.get("content")?.as_array()?;
     let mut text = String::new();
@@ -363,7 +354,7 @@ pub fn anthropic_response_to_openai(body: &[u8], created: u64) -> Option<Vec<u8>
 
 /// An Anthropic error body (`{"type":"error","error":{"type","message"}}`, or anything else)
 /// in OpenAI's error shape, so the client library raises its usual exception.
-pub fn anthropic_error_to_openai(body: &[u8]) -> Vec<u8> {
+pub fn error(body: &[u8]) -> Vec<u8> {
     let parsed: Option<Value> = serde_json::from_slice(body).ok();
     let error = parsed.as_ref().and_then(|v| v.get("error"));
     let message = error
@@ -417,7 +408,7 @@ impl StreamToOpenai {
         if self.include_usage {
             chunk["usage"] = Value::Null;
         }
-        data(&chunk, out);
+        write_event(None, &chunk, out);
     }
 
     /// Appends what `event` becomes (possibly nothing) to `out`.
@@ -504,12 +495,12 @@ impl StreamToOpenai {
                         "choices": [],
                         "usage": usage_json(&Value::Object(self.usage.clone())),
                     });
-                    data(&usage, out);
+                    write_event(None, &usage, out);
                 }
                 out.put_slice(b"data: [DONE]\n\n");
             }
             Some("error") => {
-                let error = anthropic_error_to_openai(event.data.as_bytes());
+                let error = error(event.data.as_bytes());
                 out.put_slice(b"data: ");
                 out.put_slice(&error);
                 out.put_slice(b"\n\n");
@@ -530,22 +521,13 @@ impl StreamToOpenai {
     }
 }
 
-fn data(value: &Value, out: &mut BytesMut) {
-    let mut line = String::with_capacity(256);
-    let _ = write!(line, "data: {value}\n\n");
-    out.put_slice(line.as_bytes());
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::llm::sse::Splitter;
+    use crate::llm::translate::{testing, Direction, StreamTranslator};
 
     fn translate(body: Value) -> Result<Value, LlmError> {
-        let Value::Object(map) = body else {
-            panic!("object")
-        };
-        openai_request_to_anthropic(&map)
+        testing::request(Direction::OpenaiToAnthropic, body)
     }
 
     #[test]
@@ -654,10 +636,8 @@ mod tests {
             "stop_reason": "tool_use",
             "usage": {"input_tokens": 10, "cache_read_input_tokens": 5, "output_tokens": 4},
         });
-        let out: Value = serde_json::from_slice(
-            &anthropic_response_to_openai(body.to_string().as_bytes(), 7).unwrap(),
-        )
-        .unwrap();
+        let out: Value =
+            serde_json::from_slice(&response(body.to_string().as_bytes(), 7).unwrap()).unwrap();
         assert_eq!(
             out,
             json!({
@@ -669,35 +649,26 @@ mod tests {
                 "usage": {"prompt_tokens": 15, "completion_tokens": 4, "total_tokens": 19},
             })
         );
-        assert!(anthropic_response_to_openai(b"not json", 7).is_none());
-        let error: Value = serde_json::from_slice(&anthropic_error_to_openai(
+        assert!(response(b"not json", 7).is_none());
+        let shaped: Value = serde_json::from_slice(&error(
             br#"{"type":"error","error":{"type":"overloaded_error","message":"busy"}}"#,
         ))
         .unwrap();
         assert_eq!(
-            error,
+            shaped,
             json!({"error": {"message": "busy", "type": "overloaded_error", "param": null, "code": null}})
         );
-        let raw: Value =
-            serde_json::from_slice(&anthropic_error_to_openai(b"bad gateway")).unwrap();
+        let raw: Value = serde_json::from_slice(&error(b"bad gateway")).unwrap();
         assert_eq!(raw["error"]["message"], "bad gateway");
     }
 
     fn run_stream(events: &str, include_usage: bool) -> Vec<Value> {
-        let mut split = Splitter::default();
-        let mut parsed = Vec::new();
-        split.push(events.as_bytes(), &mut parsed);
-        let mut translator = StreamToOpenai::new(9, include_usage);
-        let mut out = BytesMut::new();
-        for event in &parsed {
-            translator.event(event, &mut out);
-        }
-        let text = String::from_utf8(out.to_vec()).unwrap();
-        text.split("\n\n")
-            .filter(|e| !e.is_empty())
+        let translator = StreamTranslator::ToOpenai(StreamToOpenai::new(9, include_usage));
+        testing::stream(translator, events.as_bytes())
+            .iter()
             .map(|e| {
-                let data = e.strip_prefix("data: ").unwrap();
-                serde_json::from_str(data).unwrap_or(Value::String(data.to_owned()))
+                assert_eq!(e.event, None, "OpenAI events are unnamed");
+                serde_json::from_str(&e.data).unwrap_or(Value::String(e.data.clone()))
             })
             .collect()
     }
