@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use pingora_http::ResponseHeader;
 
 use super::config::{percentile, LimitKey, SloConfig};
-use super::limit::{Limiter, LimiterSpec, Permit, Rejection};
+use super::limit::{Aim, Limiter, LimiterSpec, Permit, Rejection};
 use super::rate::{RateDecision, RateLimiter};
 use super::{decisions, Kind, Objective, SloRegistry};
 use crate::pipeline::registry::{BuildCx, FieldProblem, RouteFeature, ValidateCx};
@@ -116,13 +116,22 @@ impl RouteFeature for SloConfig {
         let limiter = enforce
             .filter(|e| e.adaptive || e.max_concurrency.is_some())
             .map(|e| {
-                let tightest = self.latency.values().map(|t| t.get()).min();
+                let aims = self
+                    .latency
+                    .iter()
+                    .filter_map(|(key, threshold)| {
+                        Some(Aim {
+                            quantile: percentile(key).ok()?,
+                            latency: adaptive_target(threshold.get(), e.queue_timeout.get()),
+                        })
+                    })
+                    .collect();
                 registry.limiter(
                     route,
                     LimiterSpec {
                         max: e.max_concurrency.unwrap_or(DEFAULT_ADAPTIVE_CEILING),
                         adaptive: e.adaptive,
-                        target: tightest.map(|t| adaptive_target(t, e.queue_timeout.get())),
+                        aims,
                         queue_size: e.queue_size,
                     },
                 )
