@@ -16,17 +16,9 @@ pub struct LimiterSpec {
     /// The fixed limit, or the adaptive limit's ceiling.
     pub max: u32,
     pub adaptive: bool,
-    /// What the adaptive limit keeps upstream latency under: one aim per latency objective.
-    pub aims: Vec<Aim>,
+    /// The latency the adaptive limit keeps requests under (the tightest latency objective).
+    pub target: Option<Duration>,
     pub queue_size: u32,
-}
-
-/// "At least `quantile` of the requests complete within `latency`" (a latency objective, its
-/// threshold already lowered to leave room for the queue wait).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Aim {
-    pub quantile: f64,
-    pub latency: Duration,
 }
 
 /// Why a request was not admitted.
@@ -46,10 +38,11 @@ struct State {
     /// Current limit; a float so the adaptive controller can move it gradually.
     limit: f64,
     waiters: VecDeque<oneshot::Sender<Permit>>,
-    /// Latency samples since the last adaptation (allocated once, at most [`WINDOW_SAMPLES`]):
-    /// the limit answers to the window's percentile that each objective names — not the
-    /// slowest sample, which one stray pause sets and which would hold a p95 objective to p100.
-    window: Vec<Duration>,
+    /// Latency samples since the last adaptation.
+    samples: u32,
+    /// The slowest sample since the last adaptation: the objective is a tail percentile, so
+    /// the limit answers to the tail, not the average.
+    slowest: Duration,
     window_started: Instant,
     /// How long a slot is held, smoothed (EWMA): with the limit, how fast the queue moves.
     mean_hold: Option<Duration>,
@@ -127,13 +120,10 @@ impl Drop for Permit {
 
 /// How often the adaptive limit moves, at most.
 const ADAPT_EVERY: Duration = Duration::from_millis(100);
-const ADAPT_MIN_SAMPLES: usize = 10;
-/// A window also ends when it holds this many samples (a busy route adapts faster).
-const WINDOW_SAMPLES: usize = 256;
+const ADAPT_MIN_SAMPLES: u32 = 10;
 
 impl Limiter {
     pub fn new(spec: LimiterSpec) -> Arc<Limiter> {
-        let window = if spec.adaptive { WINDOW_SAMPLES } else { 0 };
         let start = if spec.adaptive {
             // Start low and earn the headroom: an overloaded app is protected from the start.
             f64::from(spec.max.clamp(1, 20))
@@ -146,7 +136,8 @@ impl Limiter {
                 in_flight: 0,
                 limit: start,
                 waiters: VecDeque::new(),
-                window: Vec::with_capacity(window),
+                samples: 0,
+                slowest: Duration::ZERO,
                 window_started: Instant::now(),
                 mean_hold: None,
             }),
@@ -238,36 +229,24 @@ impl Limiter {
         }
     }
 
-    /// Gradient step: shrink the limit in proportion to how far the window's latency at an
-    /// objective's percentile is over that objective's aim (the worst objective decides), grow
-    /// it (by about √limit) while every one is inside.
+    /// Gradient step: shrink the limit in proportion to how far the window's slowest response
+    /// is over the target, grow it (by about √limit) while it is inside.
     /// `busy` is how many requests were in flight: the limit only grows while it is used
     /// (at least half of it), so an idle route does not drift to its ceiling.
     fn adapt(&self, s: &mut State, latency: Duration, busy: u32) {
-        if self.spec.aims.is_empty() {
+        let Some(target) = self.spec.target else {
+            return;
+        };
+        s.samples += 1;
+        s.slowest = s.slowest.max(latency);
+        if s.samples < ADAPT_MIN_SAMPLES || s.window_started.elapsed() < ADAPT_EVERY {
             return;
         }
-        if s.window.len() < WINDOW_SAMPLES {
-            s.window.push(latency);
-        }
-        let full = s.window.len() >= WINDOW_SAMPLES;
-        if !full && (s.window.len() < ADAPT_MIN_SAMPLES || s.window_started.elapsed() < ADAPT_EVERY)
-        {
-            return;
-        }
-        s.window.sort_unstable();
-        let gradient = self
-            .spec
-            .aims
-            .iter()
-            .map(|aim| {
-                let observed = quantile(&s.window, aim.quantile).as_secs_f64();
-                aim.latency.as_secs_f64() / observed.max(1e-6)
-            })
-            .fold(f64::INFINITY, f64::min)
-            .clamp(0.5, 1.0);
-        s.window.clear();
+        let slowest = s.slowest.as_secs_f64();
+        s.samples = 0;
+        s.slowest = Duration::ZERO;
         s.window_started = Instant::now();
+        let gradient = (target.as_secs_f64() / slowest.max(1e-6)).clamp(0.5, 1.0);
         let in_use = f64::from(busy) >= s.limit / 2.0;
         let headroom = if gradient >= 1.0 && in_use {
             s.limit.sqrt()
@@ -280,12 +259,6 @@ impl Limiter {
     }
 }
 
-/// The `q` quantile of `sorted` (nearest rank; not empty).
-fn quantile(sorted: &[Duration], q: f64) -> Duration {
-    let rank = (q * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,7 +268,7 @@ mod tests {
         Limiter::new(LimiterSpec {
             max,
             adaptive: false,
-            aims: Vec::new(),
+            target: None,
             queue_size: queue,
         })
     }
@@ -404,10 +377,7 @@ mod tests {
         let limiter = Limiter::new(LimiterSpec {
             max: 100,
             adaptive: true,
-            aims: vec![Aim {
-                quantile: 0.95,
-                latency: Duration::from_millis(50),
-            }],
+            target: Some(Duration::from_millis(50)),
             queue_size: 10,
         });
         let start = limiter.snapshot().0;
@@ -438,31 +408,6 @@ mod tests {
             }
         }
         assert_eq!(limiter.snapshot().0, before);
-        // A p95 aim answers to the window's 95th percentile: a few stray slow responses
-        // (under 5 %) do not hold the limit down; more than that do.
-        let mixed = |slow_per_hundred: usize| {
-            let mut s = limiter.state.lock();
-            s.limit = 40.0;
-            let before = s.limit;
-            for _ in 0..10 {
-                // The window stays open for 99 samples, and the 100th closes it.
-                s.window_started = Instant::now() + Duration::from_secs(3600);
-                for i in 0..100 {
-                    if i == 99 {
-                        s.window_started = Instant::now() - ADAPT_EVERY;
-                    }
-                    let slow = i < slow_per_hundred;
-                    let latency = Duration::from_millis(if slow { 400 } else { 10 });
-                    limiter.adapt(&mut s, latency, 40);
-                }
-            }
-            s.limit - before
-        };
-        assert!(
-            mixed(3) > 0.0,
-            "3 % slow: inside a p95 aim, the limit grows"
-        );
-        assert!(mixed(8) < 0.0, "8 % slow: over it, the limit shrinks");
         // A timed-out request takes 10 % off at once.
         limiter.state.lock().limit = 50.0;
         limiter.state.lock().in_flight = 1;

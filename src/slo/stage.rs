@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use pingora_http::ResponseHeader;
 
 use super::config::{percentile, LimitKey, SloConfig};
-use super::limit::{Aim, Limiter, LimiterSpec, Permit, Rejection};
+use super::limit::{Limiter, LimiterSpec, Permit, Rejection};
 use super::rate::{RateDecision, RateLimiter};
 use super::{decisions, Kind, Objective, SloRegistry};
 use crate::pipeline::registry::{BuildCx, FieldProblem, RouteFeature, ValidateCx};
@@ -116,22 +116,13 @@ impl RouteFeature for SloConfig {
         let limiter = enforce
             .filter(|e| e.adaptive || e.max_concurrency.is_some())
             .map(|e| {
-                let aims = self
-                    .latency
-                    .iter()
-                    .filter_map(|(key, threshold)| {
-                        Some(Aim {
-                            quantile: percentile(key).ok()?,
-                            latency: adaptive_target(threshold.get(), e.queue_timeout.get()),
-                        })
-                    })
-                    .collect();
+                let tightest = self.latency.values().map(|t| t.get()).min();
                 registry.limiter(
                     route,
                     LimiterSpec {
                         max: e.max_concurrency.unwrap_or(DEFAULT_ADAPTIVE_CEILING),
                         adaptive: e.adaptive,
-                        aims,
+                        target: tightest.map(|t| adaptive_target(t, e.queue_timeout.get())),
                         queue_size: e.queue_size,
                     },
                 )
