@@ -1189,6 +1189,37 @@ async fn anthropic_requests_routed_to_an_openai_server_are_translated_both_ways(
         0,
         "the route's own upstream was never asked"
     );
+
+    // A stream that fails mid-way (an error chunk, then `[DONE]`) ends at Anthropic's error
+    // event and is never stored, translated or not.
+    let failing = [
+        ("x-api-key", KEY_A),
+        ("anthropic-version", "2023-06-01"),
+        ("x-fake", "stream-error"),
+    ];
+    let mut broken = streamed.clone();
+    broken["messages"][0]["content"] = json!("this one fails");
+    for _ in 0..2 {
+        let (resp, cache) = stream(&s.proxy, "/v1/messages", &failing, &broken.to_string()).await;
+        assert_eq!(cache, "MISS");
+        let text = String::from_utf8(read_all(resp).await.0).unwrap();
+        assert!(
+            text.contains("event: error") && text.contains("generation failed"),
+            "{text}"
+        );
+        assert!(!text.contains("message_stop"), "{text}");
+    }
+    let plain = chat("this one fails", json!({"stream": true}));
+    let failing = [("authorization", AUTH_A), ("x-fake", "stream-error")];
+    for _ in 0..2 {
+        let (resp, cache) = stream(&s.proxy, "/v1/chat/completions", &failing, &plain).await;
+        assert_eq!(
+            cache, "MISS",
+            "an OpenAI stream with an error chunk is not stored either"
+        );
+        read_all(resp).await;
+    }
+    assert_eq!((s.local.calls(), s.fake.calls()), (5, 2));
 }
 
 fn python() -> String {

@@ -248,6 +248,10 @@ pub struct EventFacts {
     pub terminal: bool,
     /// An OpenAI usage-only chunk (`choices: []` with `usage`).
     pub usage_only: bool,
+    /// The provider reported a failure inside the stream (OpenAI-compatible servers send
+    /// `data: {"error": …}` and may still end with `[DONE]`; Anthropic sends `event: error`):
+    /// the recording must not be stored, whatever ends the stream.
+    pub error: bool,
 }
 
 /// Reads one stream event, updating `usage` from it.
@@ -259,13 +263,15 @@ pub fn read_event(provider: Provider, event: &Event, usage: &mut Usage) -> Event
                 facts.terminal = true;
                 return facts;
             }
-            // Only chunks that mention usage are parsed.
-            if !event.data.contains("\"usage\"") {
+            // Only chunks that mention usage or an error are parsed.
+            let has_error = event.data.contains("\"error\"");
+            if !has_error && !event.data.contains("\"usage\"") {
                 return facts;
             }
             let Ok(chunk) = serde_json::from_str::<Value>(&event.data) else {
                 return facts;
             };
+            facts.error = has_error && chunk.get("error").is_some_and(|e| !e.is_null());
             if let Some(u) = chunk.get("usage").filter(|u| u.is_object()) {
                 usage.input = field(u, "prompt_tokens").unwrap_or(usage.input);
                 usage.output = field(u, "completion_tokens").unwrap_or(usage.output);
@@ -277,6 +283,10 @@ pub fn read_event(provider: Provider, event: &Event, usage: &mut Usage) -> Event
             let kind = event.event.as_deref();
             if kind == Some("message_stop") {
                 facts.terminal = true;
+                return facts;
+            }
+            if kind == Some("error") {
+                facts.error = true;
                 return facts;
             }
             if !matches!(kind, Some("message_start" | "message_delta")) {
@@ -408,5 +418,12 @@ mod tests {
             }
         );
         assert!(read_event(Provider::Anthropic, &ev(Some("message_stop"), "{}"), &mut u).terminal);
+        // Failures inside a stream, in each provider's form.
+        let anthropic_error = ev(Some("error"), r#"{"type":"error","error":{"type":"x"}}"#);
+        assert!(read_event(Provider::Anthropic, &anthropic_error, &mut u).error);
+        let openai_error = ev(None, r#"{"error":{"message":"generation failed"}}"#);
+        assert!(read_event(Provider::Openai, &openai_error, &mut u).error);
+        let null_error = ev(None, r#"{"choices":[],"usage":null,"error":null}"#);
+        assert!(!read_event(Provider::Openai, &null_error, &mut u).error);
     }
 }

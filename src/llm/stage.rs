@@ -119,6 +119,8 @@ struct LlmState {
     status: u16,
     /// The stream's terminal event went by.
     terminal: bool,
+    /// The stream reported an error: never stored.
+    failed: bool,
     usage: Option<Usage>,
     from_cache: bool,
     first_byte: Option<Duration>,
@@ -161,6 +163,7 @@ impl LlmState {
             splitter: Splitter::default(),
             status: 0,
             terminal: false,
+            failed: false,
             usage: None,
             from_cache: false,
             first_byte: None,
@@ -274,7 +277,7 @@ impl LlmStage {
         path: &str,
         headers: &http::HeaderMap,
         scope: &[u8],
-        upstream_provider: Provider,
+        translated_for: Option<Provider>,
     ) -> CacheKey {
         let material = req.canonical_key_material();
         let mut header_bytes = Vec::new();
@@ -286,20 +289,27 @@ impl LlmStage {
                 header_bytes.push(0);
             }
         }
-        CacheKey::from_parts(
-            &self.route,
-            &req.model,
-            &[
-                KEY_DOMAIN,
-                self.provider().as_str().as_bytes(),
-                upstream_provider.as_str().as_bytes(),
-                path.as_bytes(),
-                &material,
-                if req.stream { b"stream" } else { b"whole" },
-                &header_bytes,
-                scope,
-            ],
-        )
+        let stream: &[u8] = if req.stream { b"stream" } else { b"whole" };
+        let parts = [
+            KEY_DOMAIN,
+            self.provider().as_str().as_bytes(),
+            path.as_bytes(),
+            &material,
+            stream,
+            &header_bytes,
+            scope,
+        ];
+        match translated_for {
+            // Only translated answers name the other provider: keys of everything else stay
+            // as they were, so an upgrade keeps the entries already stored.
+            Some(upstream) => {
+                let mut translated = parts.to_vec();
+                translated.push(b"translated-for");
+                translated.push(upstream.as_str().as_bytes());
+                CacheKey::from_parts(&self.route, &req.model, &translated)
+            }
+            None => CacheKey::from_parts(&self.route, &req.model, &parts),
+        }
     }
 
     fn stored_usage(entry: &StoredResponse) -> Option<Usage> {
@@ -377,7 +387,15 @@ impl LlmStage {
         };
         // The key is made before usage is asked for: the client sees the same either way.
         let scope = self.scope(&cx.req.headers);
-        let key = scope.map(|s| self.key(&req, path, &cx.req.headers, &s, state.upstream_provider));
+        let key = scope.map(|s| {
+            self.key(
+                &req,
+                path,
+                &cx.req.headers,
+                &s,
+                direction.map(|_| state.upstream_provider),
+            )
+        });
         if translated.is_none() && self.provider() == Provider::Openai && req.request_usage() {
             state.strip_usage = true;
             changed = true;
@@ -511,7 +529,7 @@ impl LlmStage {
         let Some(cache) = state.cache.as_mut() else {
             return;
         };
-        if !cache.store || state.status != 200 || (state.sse && !state.terminal) {
+        if !cache.store || state.status != 200 || (state.sse && (!state.terminal || state.failed)) {
             return;
         }
         let ttl = self.config.cache.ttl.get();
@@ -635,7 +653,10 @@ impl Stage for LlmStage {
                 .as_ref()
                 .map(|v| {
                     let v = v.as_bytes();
-                    v.strip_prefix(b"Bearer ").unwrap_or(v).to_vec()
+                    match v.get(..7) {
+                        Some(scheme) if scheme.eq_ignore_ascii_case(b"bearer ") => v[7..].to_vec(),
+                        _ => v.to_vec(),
+                    }
                 })
                 .or_else(|| x_api_key.map(|v| v.as_bytes().to_vec())),
         };
@@ -717,6 +738,10 @@ impl Stage for LlmStage {
         if let Some(rule) = &state.rule {
             let _ = resp.insert_header(RULE_HEADER, rule.as_str());
         }
+        if state.translation.is_some() && !state.from_cache {
+            // What leaves is outrider's own plain rendering, whatever the upstream encoded.
+            resp.remove_header(&http::header::CONTENT_ENCODING);
+        }
         if (state.strip_usage || state.translation.is_some()) && !state.from_cache {
             // One event is removed from the stream, or the answer is translated: its length
             // is no longer the upstream's.
@@ -756,9 +781,11 @@ impl Stage for LlmStage {
                 let usage = state.usage.get_or_insert_with(Usage::default);
                 let mut out = BytesMut::new();
                 for event in &events {
-                    state.terminal |= read_event(state.upstream_provider, event, usage).terminal;
+                    let facts = read_event(state.upstream_provider, event, usage);
+                    state.failed |= facts.error;
                     translation.stream.event(event, &mut out);
                 }
+                state.terminal = translation.stream.complete();
                 *chunk = (!out.is_empty() || end_of_stream).then(|| out.freeze());
             } else {
                 if let Some(c) = chunk.take() {
@@ -819,6 +846,7 @@ impl Stage for LlmStage {
             for event in &events {
                 let facts = read_event(self.provider(), event, usage);
                 state.terminal |= facts.terminal;
+                state.failed |= facts.error;
                 if let Some(kept) = kept.as_mut() {
                     if !facts.usage_only {
                         kept.extend_from_slice(&without_null_usage(&event.raw));

@@ -260,6 +260,15 @@ async fn handle(state: Arc<Shared>, req: Request<Incoming>) -> Response<BoxBody>
     if fake == "early-close" {
         events.truncate(events.len() / 2);
     }
+    if fake == "stream-error" && !anthropic {
+        // What vLLM sends when generation fails mid-way: an error chunk, then `[DONE]`.
+        events.truncate(2);
+        events.push(format!(
+            "data: {}\n\n",
+            json!({"error": {"message": "generation failed", "type": "server_error", "code": 500}})
+        ));
+        events.push("data: [DONE]\n\n".to_owned());
+    }
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
     tokio::spawn(async move {
         for (i, event) in events.into_iter().enumerate() {

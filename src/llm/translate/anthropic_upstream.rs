@@ -31,6 +31,10 @@ pub fn request(body: &Map<String, Value>) -> Result<Value, LlmError> {
     let mut max_tokens = None;
     let mut parallel_tools = true;
     for (name, value) in body {
+        // Several client libraries send unset parameters as explicit nulls.
+        if value.is_null() {
+            continue;
+        }
         match name.as_str() {
             n if SAME_NAME.contains(&n) => {
                 out.insert(name.clone(), value.clone());
@@ -88,12 +92,15 @@ pub fn request(body: &Map<String, Value>) -> Result<Value, LlmError> {
         "max_tokens".into(),
         Value::from(max_tokens.unwrap_or(DEFAULT_MAX_TOKENS)),
     );
-    if !parallel_tools {
+    // Anthropic takes the flag on a tool choice, and only when there are tools to call.
+    if !parallel_tools && out.contains_key("tools") {
         let choice = out
             .entry("tool_choice")
             .or_insert_with(|| json!({ "type": "auto" }));
         if let Value::Object(choice) = choice {
-            choice.insert("disable_parallel_tool_use".into(), Value::Bool(true));
+            if choice.get("type").and_then(Value::as_str) != Some("none") {
+                choice.insert("disable_parallel_tool_use".into(), Value::Bool(true));
+            }
         }
     }
     Ok(Value::Object(out))
@@ -383,6 +390,9 @@ pub struct StreamToOpenai {
     usage: Map<String, Value>,
     /// Anthropic content block index → OpenAI tool call index.
     tool_calls: HashMap<u64, u64>,
+    /// `message_stop` went by, and no error before it.
+    stopped: bool,
+    failed: bool,
 }
 
 impl StreamToOpenai {
@@ -394,7 +404,14 @@ impl StreamToOpenai {
             model: Value::Null,
             usage: Map::new(),
             tool_calls: HashMap::new(),
+            stopped: false,
+            failed: false,
         }
+    }
+
+    /// The whole answer went by (worth storing).
+    pub fn complete(&self) -> bool {
+        self.stopped && !self.failed
     }
 
     fn chunk(&self, delta: Value, finish: Value, out: &mut BytesMut) {
@@ -486,6 +503,7 @@ impl StreamToOpenai {
                 self.chunk(json!({}), finish_reason(stop), out);
             }
             Some("message_stop") => {
+                self.stopped = true;
                 if self.include_usage {
                     let usage = json!({
                         "id": self.id,
@@ -500,6 +518,7 @@ impl StreamToOpenai {
                 out.put_slice(b"data: [DONE]\n\n");
             }
             Some("error") => {
+                self.failed = true;
                 let error = error(event.data.as_bytes());
                 out.put_slice(b"data: ");
                 out.put_slice(&error);
@@ -577,6 +596,24 @@ mod tests {
             plain["max_tokens"], DEFAULT_MAX_TOKENS,
             "required by the Messages API"
         );
+    }
+
+    #[test]
+    fn nulls_are_absent_and_parallel_calls_need_tools() {
+        let out = translate(json!({"model": "m", "temperature": null, "tools": null,
+            "tool_choice": null, "response_format": null, "parallel_tool_calls": false,
+            "messages": [{"role": "user", "content": "hi"}]}))
+        .unwrap();
+        assert_eq!(
+            out,
+            json!({"model": "m", "max_tokens": DEFAULT_MAX_TOKENS,
+                "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]})
+        );
+        let none = translate(json!({"model": "m", "messages": [], "tool_choice": "none",
+            "parallel_tool_calls": false,
+            "tools": [{"type": "function", "function": {"name": "f"}}]}))
+        .unwrap();
+        assert_eq!(none["tool_choice"], json!({"type": "none"}));
     }
 
     #[test]
@@ -714,6 +751,17 @@ mod tests {
         );
         assert_eq!(chunks[5]["choices"], json!([]));
         assert_eq!(chunks[6], Value::String("[DONE]".into()));
+
+        let mut failed = StreamTranslator::ToOpenai(StreamToOpenai::new(9, false));
+        let error = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"busy\"}}\n\n";
+        testing::stream_with(&mut failed, [STREAM, error].concat().as_bytes());
+        assert!(
+            !failed.complete(),
+            "an error anywhere: not an answer to keep"
+        );
+        let mut whole = StreamTranslator::ToOpenai(StreamToOpenai::new(9, false));
+        testing::stream_with(&mut whole, STREAM.as_bytes());
+        assert!(whole.complete());
 
         let plain = run_stream(STREAM, false);
         assert_eq!(plain.len(), 6, "no usage chunk when the client did not ask");

@@ -95,6 +95,15 @@ pub enum StreamTranslator {
 }
 
 impl StreamTranslator {
+    /// The provider's stream ended properly and without an error: the translation may be
+    /// stored (a bare terminal event or an error followed by one is not an answer).
+    pub fn complete(&self) -> bool {
+        match self {
+            StreamTranslator::ToOpenai(t) => t.complete(),
+            StreamTranslator::ToAnthropic(t) => t.complete(),
+        }
+    }
+
     /// Appends what `event` becomes (possibly nothing) to `out`.
     pub fn event(&mut self, event: &Event, out: &mut BytesMut) {
         match self {
@@ -137,6 +146,11 @@ mod testing {
 
     /// The translated events of `stream` (whole events, as the provider sent them).
     pub fn stream(mut translator: StreamTranslator, stream: &[u8]) -> Vec<Event> {
+        stream_with(&mut translator, stream)
+    }
+
+    /// As [`stream`], keeping the translator to ask it afterwards.
+    pub fn stream_with(translator: &mut StreamTranslator, stream: &[u8]) -> Vec<Event> {
         let mut events = Vec::new();
         Splitter::default().push(stream, &mut events);
         let mut out = BytesMut::new();

@@ -18,6 +18,10 @@ pub fn request(body: &Map<String, Value>) -> Result<Value, LlmError> {
     let mut out = Map::new();
     let mut messages = Vec::new();
     for (name, value) in body {
+        // Several client libraries send unset parameters as explicit nulls.
+        if value.is_null() {
+            continue;
+        }
         match name.as_str() {
             n if SAME_NAME.contains(&n) => {
                 out.insert(name.clone(), value.clone());
@@ -264,6 +268,14 @@ pub fn response(body: &[u8]) -> Option<Vec<u8>> {
             content.push(json!({ "type": "text", "text": text }));
         }
     }
+    // A refusal is said in text, as Anthropic's own refusals are.
+    let refusal = message
+        .get("refusal")
+        .and_then(Value::as_str)
+        .filter(|r| !r.is_empty());
+    if let Some(refusal) = refusal.filter(|_| content.is_empty()) {
+        content.push(json!({ "type": "text", "text": refusal }));
+    }
     if let Some(Value::Array(calls)) = message.get("tool_calls") {
         for call in calls {
             let function = call.get("function").unwrap_or(&Value::Null);
@@ -285,7 +297,11 @@ pub fn response(body: &[u8]) -> Option<Vec<u8>> {
         "role": "assistant",
         "model": completion.get("model").cloned().unwrap_or(Value::Null),
         "content": content,
-        "stop_reason": stop_reason(choice.get("finish_reason").and_then(Value::as_str)),
+        "stop_reason": if refusal.is_some() {
+            Value::from("refusal")
+        } else {
+            stop_reason(choice.get("finish_reason").and_then(Value::as_str))
+        },
         "stop_sequence": null,
         "usage": usage_of(completion.get("usage")),
     });
@@ -335,6 +351,7 @@ pub struct StreamToAnthropic {
     stop_reason: Option<String>,
     usage: Option<Value>,
     done: bool,
+    failed: bool,
 }
 
 impl StreamToAnthropic {
@@ -378,7 +395,9 @@ impl StreamToAnthropic {
         let Ok(chunk) = serde_json::from_str::<Value>(&event.data) else {
             return;
         };
-        if let Some(error) = chunk.get("error") {
+        if let Some(error) = chunk.get("error").filter(|e| !e.is_null()) {
+            // An Anthropic stream ends at its error: whatever follows (`[DONE]`) is not sent.
+            self.failed = true;
             let message = error.get("message").and_then(Value::as_str).unwrap_or("");
             write_event(
                 Some("error"),
@@ -408,7 +427,11 @@ impl StreamToAnthropic {
             return;
         };
         let delta = choice.get("delta").unwrap_or(&Value::Null);
-        if let Some(text) = delta.get("content").and_then(Value::as_str) {
+        let text = delta
+            .get("content")
+            .and_then(Value::as_str)
+            .or_else(|| delta.get("refusal").and_then(Value::as_str));
+        if let Some(text) = text {
             if !text.is_empty() {
                 if self.open != Some(Open::Text) {
                     self.open_block(Open::Text, json!({ "type": "text", "text": "" }), out);
@@ -444,9 +467,14 @@ impl StreamToAnthropic {
         }
     }
 
+    /// The whole answer went by (worth storing).
+    pub fn complete(&self) -> bool {
+        self.started && self.done && !self.failed
+    }
+
     /// `[DONE]`: the open block ends, then the message, with its stop reason and usage.
     fn finish(&mut self, out: &mut BytesMut) {
-        if self.done || !self.started {
+        if self.done || !self.started || self.failed {
             return;
         }
         self.done = true;
@@ -544,6 +572,54 @@ mod tests {
             let error = translate(body).unwrap_err().to_string();
             assert!(error.contains(says), "{error} should mention {says}");
         }
+    }
+
+    #[test]
+    fn nulls_are_absent_and_refusals_are_said() {
+        let out = translate(
+            json!({"model": "m", "max_tokens": 5, "top_k": null, "system": null,
+            "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
+        );
+        let refused = json!({"id": "c", "model": "m", "choices": [{"finish_reason": "stop",
+            "message": {"role": "assistant", "content": null, "refusal": "I can't help with that."}}]});
+        let out: Value =
+            serde_json::from_slice(&response(refused.to_string().as_bytes()).unwrap()).unwrap();
+        assert_eq!(
+            out["content"],
+            json!([{"type": "text", "text": "I can't help with that."}])
+        );
+        assert_eq!(out["stop_reason"], "refusal");
+    }
+
+    #[test]
+    fn a_failed_or_empty_stream_is_not_complete() {
+        let failed = concat!(
+            "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+            "data: {\"error\":{\"message\":\"generation failed\"}}\n\n",
+            "data: [DONE]\n\n",
+        );
+        let mut translator = StreamTranslator::ToAnthropic(StreamToAnthropic::default());
+        let events = testing::stream_with(&mut translator, failed.as_bytes());
+        let kinds: Vec<&str> = events.iter().filter_map(|e| e.event.as_deref()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "message_start",
+                "content_block_start",
+                "content_block_delta",
+                "error"
+            ],
+            "the stream ends at the error"
+        );
+        assert!(!translator.complete());
+        let mut bare = StreamTranslator::ToAnthropic(StreamToAnthropic::default());
+        assert!(testing::stream_with(&mut bare, b"data: [DONE]\n\n").is_empty());
+        assert!(!bare.complete(), "nothing came: nothing to store");
     }
 
     #[test]
