@@ -1,20 +1,22 @@
 //! Micro-batching on a bounded pool of compute threads, off the proxy's async workers.
 //!
-//! A request's rows are queued as one job with a oneshot for its answer. Each compute thread in
-//! turn takes the queue and collects jobs until `max_size` rows are waiting or `max_wait` has
-//! passed since the first was queued (and then whatever is already queued, up to `max_size`),
-//! then releases the queue (the next thread collects while this one computes), runs the rows
-//! as one tensor and hands every job its own rows back.
+//! A request's rows are queued as one job with a oneshot for its answer. A compute thread waits
+//! for the first job, then sleeps until `max_size` rows are waiting or `max_wait` has passed
+//! since the first was queued, takes the batch (up to `max_size` rows; another thread may
+//! collect the rest while this one computes), runs the rows as one tensor and hands every job
+//! its own rows back. A submitter wakes a compute thread only for a batch's first job and when
+//! the batch is full — not for every job: on a shared CPU each wake is two context switches,
+//! which cost more than the model's run.
 //! Admission is bounded by the number of jobs waiting or running (`max_queue`); past it a job is
 //! refused at once (`overloaded`). A job whose deadline passed is answered without running.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use tokio::sync::oneshot;
 
 use super::error::InferenceError;
@@ -52,15 +54,24 @@ impl Drop for Admitted {
     }
 }
 
+/// Jobs waiting for a compute thread, in arrival order.
+#[derive(Default)]
+struct Pending {
+    jobs: VecDeque<Job>,
+    rows: usize,
+    /// The batcher is gone: run what is queued, then end.
+    closed: bool,
+}
+
 struct Queue {
-    rx: Receiver<Job>,
-    /// A job that did not fit the previous batch; it starts the next one.
-    carry: Option<Job>,
+    pending: Mutex<Pending>,
+    /// Signalled for a batch's first job, a full batch, leftovers, and closing.
+    ready: Condvar,
 }
 
 /// One model's queue and compute threads. Dropping it ends the threads once the queue is empty.
 pub struct Batcher {
-    tx: Mutex<Sender<Job>>,
+    queue: Arc<Queue>,
     admitted: Arc<AtomicUsize>,
     max_queue: usize,
     pub threads: usize,
@@ -84,8 +95,10 @@ impl Batcher {
         knobs: Knobs,
         metrics: Arc<ModelMetrics>,
     ) -> Result<Batcher, std::io::Error> {
-        let (tx, rx) = mpsc::channel();
-        let queue = Arc::new(Mutex::new(Queue { rx, carry: None }));
+        let queue = Arc::new(Queue {
+            pending: Mutex::new(Pending::default()),
+            ready: Condvar::new(),
+        });
         let knobs = Arc::new(ArcSwap::from_pointee(knobs));
         let admitted = Arc::new(AtomicUsize::new(0));
         for i in 0..threads.max(1) {
@@ -97,7 +110,7 @@ impl Batcher {
                 .spawn(move || work(&queue, &knobs, &metrics))?;
         }
         Ok(Batcher {
-            tx: Mutex::new(tx),
+            queue,
             admitted,
             max_queue,
             threads,
@@ -146,58 +159,77 @@ impl Batcher {
             reply,
             _admitted: admitted,
         };
-        self.tx
-            .lock()
-            .send(job)
-            .map_err(|_| InferenceError::Unavailable(name))?;
+        let max_size = self.knobs.load().max_size;
+        let mut pending = self.queue.pending.lock();
+        if pending.closed {
+            return Err(InferenceError::Unavailable(name));
+        }
+        let before = pending.rows;
+        pending.rows += job.rows;
+        pending.jobs.push_back(job);
+        // A batch's first job starts a collector's clock; a full batch ends its wait early.
+        // Jobs in between only join the queue.
+        let wake = pending.jobs.len() == 1 || (before < max_size && pending.rows >= max_size);
+        drop(pending);
+        if wake {
+            self.queue.ready.notify_one();
+        }
         Ok(rx)
     }
 }
 
-fn work(queue: &Mutex<Queue>, knobs: &ArcSwap<Knobs>, metrics: &ModelMetrics) {
-    loop {
-        let jobs = {
-            let mut queue = queue.lock();
-            match collect(&mut queue, **knobs.load()) {
-                Some(jobs) => jobs,
-                // The batcher was dropped (model removed or its threads changed).
-                None => return,
-            }
-        };
+impl Drop for Batcher {
+    fn drop(&mut self) {
+        self.queue.pending.lock().closed = true;
+        self.queue.ready.notify_all();
+    }
+}
+
+fn work(queue: &Queue, knobs: &ArcSwap<Knobs>, metrics: &ModelMetrics) {
+    // The batcher was dropped (model removed or its threads changed) and the queue is empty.
+    while let Some(jobs) = collect(queue, knobs) {
         run_jobs(jobs, metrics);
     }
 }
 
 /// The next batch: the first job (waiting for one), then others until `max_size` rows or
-/// `max_wait` after the first was queued, then whatever is already queued (with `max_wait: 0`,
-/// a batch is exactly what queued while the previous one ran: no added latency). `None` once
-/// the batcher is gone.
-fn collect(queue: &mut Queue, knobs: Knobs) -> Option<Vec<Job>> {
-    let first = match queue.carry.take() {
-        Some(job) => job,
-        None => queue.rx.recv().ok()?,
-    };
-    let until = first.queued + knobs.max_wait;
-    let mut rows = first.rows;
-    let mut jobs = vec![first];
-    while rows < knobs.max_size {
-        let left = until.saturating_duration_since(Instant::now());
-        let next = if left.is_zero() {
-            queue.rx.try_recv().map_err(|_| RecvTimeoutError::Timeout)
-        } else {
-            queue.rx.recv_timeout(left)
+/// `max_wait` after the first was queued, then whatever is already queued up to `max_size` (with
+/// `max_wait: 0`, a batch is exactly what queued while the previous one ran: no added latency).
+/// A job that would take the batch over `max_size` starts the next one. `None` once the batcher
+/// is gone and nothing is left.
+fn collect(queue: &Queue, knobs: &ArcSwap<Knobs>) -> Option<Vec<Job>> {
+    let mut pending = queue.pending.lock();
+    let knobs = loop {
+        let Some(first) = pending.jobs.front() else {
+            if pending.closed {
+                return None;
+            }
+            queue.ready.wait(&mut pending);
+            continue;
         };
-        match next {
-            Ok(job) if rows + job.rows > knobs.max_size => {
-                queue.carry = Some(job);
-                break;
-            }
-            Ok(job) => {
-                rows += job.rows;
-                jobs.push(job);
-            }
-            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+        let knobs = **knobs.load();
+        let until = first.queued + knobs.max_wait;
+        if pending.rows >= knobs.max_size || pending.closed || Instant::now() >= until {
+            break knobs;
         }
+        // Woken early only when the batch fills (or the batcher closes).
+        queue.ready.wait_until(&mut pending, until);
+    };
+    let mut jobs = Vec::new();
+    let mut rows = 0;
+    while let Some(job) = pending.jobs.front() {
+        if !jobs.is_empty() && rows + job.rows > knobs.max_size {
+            break;
+        }
+        rows += job.rows;
+        jobs.extend(pending.jobs.pop_front());
+    }
+    pending.rows -= rows;
+    let left = !pending.jobs.is_empty();
+    drop(pending);
+    if left {
+        // The rest is the next batch's: another thread may collect it while this one computes.
+        queue.ready.notify_one();
     }
     Some(jobs)
 }
@@ -322,8 +354,15 @@ mod tests {
         let config: crate::inference::config::ModelConfig =
             serde_yaml_ng::from_str("path: examples/models/risk.onnx").unwrap();
         let model = Arc::new(LoadedModel::load("risk", &bytes, &config).unwrap());
-        let (tx, rx) = mpsc::channel();
-        let mut queue = Queue { rx, carry: None };
+        let queue = Queue {
+            pending: Mutex::new(Pending::default()),
+            ready: Condvar::new(),
+        };
+        let push = |job: Job| {
+            let mut pending = queue.pending.lock();
+            pending.rows += job.rows;
+            pending.jobs.push_back(job);
+        };
         let admitted = Arc::new(AtomicUsize::new(0));
         let job = || Job {
             model: model.clone(),
@@ -335,20 +374,41 @@ mod tests {
             _admitted: Admitted(admitted.clone()),
         };
         for _ in 0..5 {
-            tx.send(job()).unwrap();
+            push(job());
         }
-        let knobs = |max_size| Knobs {
-            max_size,
-            max_wait: Duration::ZERO,
+        let knobs = |max_size| {
+            ArcSwap::from_pointee(Knobs {
+                max_size,
+                max_wait: Duration::ZERO,
+            })
         };
         // Everything queued joins at once, up to max_size; the rest starts the next batch.
-        assert_eq!(collect(&mut queue, knobs(3)).unwrap().len(), 3);
-        assert_eq!(collect(&mut queue, knobs(32)).unwrap().len(), 2);
+        assert_eq!(collect(&queue, &knobs(3)).unwrap().len(), 3);
+        assert_eq!(collect(&queue, &knobs(32)).unwrap().len(), 2);
+        assert_eq!(queue.pending.lock().rows, 0);
         // Nothing more queued: the next job runs alone, without waiting for company.
-        tx.send(job()).unwrap();
-        assert_eq!(collect(&mut queue, knobs(32)).unwrap().len(), 1);
-        drop(tx);
-        assert!(collect(&mut queue, knobs(32)).is_none());
+        push(job());
+        assert_eq!(collect(&queue, &knobs(32)).unwrap().len(), 1);
+        // Closed with work left: the work is done first, then the thread ends.
+        push(job());
+        queue.pending.lock().closed = true;
+        assert_eq!(collect(&queue, &knobs(32)).unwrap().len(), 1);
+        assert!(collect(&queue, &knobs(32)).is_none());
+        // A full batch is taken at once, long before its wait would be over.
+        queue.pending.lock().closed = false;
+        for _ in 0..4 {
+            push(job());
+        }
+        let long = ArcSwap::from_pointee(Knobs {
+            max_size: 4,
+            max_wait: Duration::from_secs(30),
+        });
+        let started = Instant::now();
+        assert_eq!(collect(&queue, &long).unwrap().len(), 4);
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "did not wait out max_wait"
+        );
     }
 
     #[test]
