@@ -6,7 +6,8 @@
 //! collect the rest while this one computes), runs the rows as one tensor and hands every job
 //! its own rows back. A submitter wakes a compute thread only for a batch's first job and when
 //! the batch is full — not for every job: on a shared CPU each wake is two context switches,
-//! which cost more than the model's run.
+//! which cost more than the model's run. (A thread whose batch another thread took still wakes
+//! once at that batch's deadline, and a reload of the knobs wakes them all.)
 //! Admission is bounded by the number of jobs waiting or running (`max_queue`); past it a job is
 //! refused at once (`overloaded`). A job whose deadline passed is answered without running.
 
@@ -99,27 +100,32 @@ impl Batcher {
             pending: Mutex::new(Pending::default()),
             ready: Condvar::new(),
         });
-        let knobs = Arc::new(ArcSwap::from_pointee(knobs));
-        let admitted = Arc::new(AtomicUsize::new(0));
+        // Built first: if a thread cannot be spawned, dropping it closes the queue and ends the
+        // threads already started.
+        let batcher = Batcher {
+            queue,
+            admitted: Arc::new(AtomicUsize::new(0)),
+            max_queue,
+            threads,
+            knobs: Arc::new(ArcSwap::from_pointee(knobs)),
+        };
         for i in 0..threads.max(1) {
-            let queue = queue.clone();
-            let knobs = knobs.clone();
+            let queue = batcher.queue.clone();
+            let knobs = batcher.knobs.clone();
             let metrics = metrics.clone();
             std::thread::Builder::new()
                 .name(format!("outrider-infer-{name}-{i}"))
                 .spawn(move || work(&queue, &knobs, &metrics))?;
         }
-        Ok(Batcher {
-            queue,
-            admitted,
-            max_queue,
-            threads,
-            knobs,
-        })
+        Ok(batcher)
     }
 
     pub fn set_knobs(&self, knobs: Knobs) {
         self.knobs.store(Arc::new(knobs));
+        // A collector asleep on the old knobs looks again (a smaller batch may be due now); the
+        // lock makes sure it is asleep, not between reading the old knobs and waiting.
+        drop(self.queue.pending.lock());
+        self.queue.ready.notify_all();
     }
 
     pub fn max_queue(&self) -> usize {
