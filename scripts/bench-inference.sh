@@ -7,11 +7,12 @@
 # Prints req/s, p50/p99 latency and CPU per request of the process that answered (from
 # /proc/<pid>/stat before and after each run), and the ratios measured in this run.
 # Env: DURATION (s, default 8), CONNS (default 64), BATCH (the model's batch: map, default
-# "{ max_size: 32, max_wait: 1ms }").
+# "{ max_size: 32, max_wait: 1ms }"), WARMUP (s of the same load before each closed-loop
+# measurement, uncounted, for both servers; default 2).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
-DURATION=${DURATION:-8} CONNS=${CONNS:-64} BATCH=${BATCH:-"{ max_size: 32, max_wait: 1ms }"}
+DURATION=${DURATION:-8} CONNS=${CONNS:-64} WARMUP=${WARMUP:-2} BATCH=${BATCH:-"{ max_size: 32, max_wait: 1ms }"}
 APP_PORT=18001 PORT=18100 ADMIN=18190
 W=$(mktemp -d -t outrider-inferbench.XXXXXX)
 PIDS=()

@@ -20,9 +20,13 @@ HZ=$(getconf CLK_TCK)
 
 # One wrk run on CPU 0 against url; prints a table row: req/s, p50, p99 and the CPU per request
 # of the process that answered (from /proc/<pid>/stat before and after). With $W set, also leaves
-# "req/s p99 cpu_us" in $W/<name> for the script's ratios.
+# "req/s p99 cpu_us" in $W/<name> for the script's ratios. With $WARMUP (seconds) set, the same
+# load runs that long first, uncounted (first-run costs: allocator pages, lazy set-up, accepts).
 measure() { # name pid url [lua]
   local name=$1 pid=$2 url=$3 script=${4:-} before after out reqs rps p50 p99 cpu
+  if [[ ${WARMUP:-0} != 0 ]]; then
+    taskset -c 0 wrk -t1 -c"$CONNS" -d"${WARMUP}s" ${script:+-s "$script"} "$url" >/dev/null
+  fi
   before=$(ticks "$pid")
   out=$(taskset -c 0 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency ${script:+-s "$script"} "$url")
   after=$(ticks "$pid")

@@ -19,8 +19,9 @@
 #          capacity (oha open loop, summarised by scripts/overload-report.py): no protection
 #          (plain outrider), nginx with limit_conn, outrider with a fixed limit, outrider adaptive; admitted p50/p95/p99, goodput, shed
 #          ratio and shed answer latency (as the client saw it, and as outrider decided it, from
-#          outrider_slo_admission_wait_seconds). Capacity is probed closed-loop with wrk. Env
-#          OVERLOAD_SECONDS (default 10).
+#          outrider_slo_admission_wait_seconds), over the whole run and in "steady" from its
+#          first second on. Each proxy gets a warm-up of the same load first. Capacity is probed
+#          closed-loop with wrk. Env OVERLOAD_SECONDS (default 10), OVERLOAD_WARMUP (default 2).
 #   graphql  a GraphQL APQ hit from the response cache (hashed GET and hash-only POST) next to an
 #          L1 HTTP cache hit and the same query sent straight to the FastAPI example
 #          (scripts/bench-graphql.sh)
@@ -242,12 +243,25 @@ NGINX
       # (a few ms under CFS) is not counted as the proxy's latency. Without the privilege, as is.
       rt=()
       if chrt -f 50 true 2>/dev/null; then rt=(chrt -f 50); fi
+      # Each proxy first gets OVERLOAD_WARMUP seconds (default 2) of the same load, not counted:
+      # a freshly started process pays once for its allocator's first pages, its upstream
+      # connections and its first accepts, and the measured run is about the steady state.
+      warmup=${OVERLOAD_WARMUP:-2}
       run_sut() { # name port
         for _ in $(seq 100); do curl -fs -o /dev/null "http://127.0.0.1:$2/healthz" && break; sleep 0.1; done
         printf '%-22s ' "$1"
+        if [[ $warmup != 0 ]]; then
+          taskset -c 1 "${rt[@]}" "$oha" -z "${warmup}s" -q "$rate" -c 512 --no-tui \
+            --output-format json "http://127.0.0.1:$2/api/items/1" >/dev/null
+          sleep 2 # what the warm-up left queued in the app drains
+        fi
+        rm -f "$OUT/oha-overload.db"
+        # --db-url keeps every answer (due time, end, status): the report also gives the
+        # figures from the first second on, once oha has opened its 512 connections.
         taskset -c 1 "${rt[@]}" "$oha" -z "${secs}s" -q "$rate" --latency-correction -c 512 --no-tui \
-          --stats-success-breakdown --output-format json "http://127.0.0.1:$2/api/items/1" >"$OUT/oha-overload.json"
-        python3 scripts/overload-report.py "$OUT/oha-overload.json" "$secs" "$rate"
+          --stats-success-breakdown --db-url "$OUT/oha-overload.db" --output-format json \
+          "http://127.0.0.1:$2/api/items/1" >"$OUT/oha-overload.json" 2>"$OUT/oha-overload.err"
+        python3 scripts/overload-report.py "$OUT/oha-overload.json" "$secs" "$rate" "$OUT/oha-overload.db"
       }
       overload_config() { # slo section
         cat <<YAML

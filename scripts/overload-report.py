@@ -3,9 +3,15 @@ latency percentiles, goodput, shed ratio (503/429) and the shed answers' latency
 oha sent the requests open-loop (on schedule whether or not earlier ones finished, latency counted
 from when each was due), so queueing anywhere shows up in the figures.
 
-usage: overload-report.py OHA_JSON SECONDS RATE
+With OHA_DB (oha's --db-url: one row per answered request, timed from when it was due), also
+the same figures for the steady state: requests due from STEADY_FROM seconds into the run
+(default 1), after oha has opened its connections (512 in the first ~0.25 s, each one's first
+request paying for the accept).
+
+usage: overload-report.py OHA_JSON SECONDS RATE [OHA_DB [STEADY_FROM]]
 """
 import json
+import sqlite3
 import sys
 
 report = json.load(open(sys.argv[1]))
@@ -26,6 +32,31 @@ def ms(table, p):
     return None if value is None else round(value * 1000, 2)
 
 
+
+
+def steady(db_path, steady_from):
+    """Admitted p95/p99 and shed p50/p99 (ms) over the requests due after `steady_from` s."""
+    rows = sqlite3.connect(db_path).execute(
+        "SELECT end - start_latency_correction, status FROM oha WHERE start_latency_correction >= ?",
+        (steady_from,),
+    ).fetchall()
+
+    def pct(values, p):
+        values = sorted(values)
+        return None if not values else round(values[min(len(values) - 1, int(p * len(values)))] * 1000, 2)
+
+    ok = [d for d, status in rows if 200 <= status < 300]
+    shed = [d for d, status in rows if status in (429, 503)]
+    return {
+        "from_s": steady_from,
+        "admitted_p95_ms": pct(ok, 0.95),
+        "admitted_p99_ms": pct(ok, 0.99),
+        "shed_p50_ms": pct(shed, 0.5),
+        "shed_p99_ms": pct(shed, 0.99),
+        "shed_p99_9_ms": pct(shed, 0.999),
+    }
+
+
 print(json.dumps({
     "scheduled": scheduled,
     "answered": answered,
@@ -39,4 +70,6 @@ print(json.dumps({
     "shed_p99_ms": ms("latencyPercentilesNotSuccessful", "p99"),
     "other_status": answered - ok - shed,
     "failed": scheduled - answered,
+    **({"steady": steady(sys.argv[4], float(sys.argv[5]) if len(sys.argv) > 5 else 1.0)}
+       if len(sys.argv) > 4 else {}),
 }))

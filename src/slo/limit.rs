@@ -49,18 +49,23 @@ struct State {
 }
 
 impl State {
-    /// How long the `position`-th waiter (from 1) can expect to wait: a slot frees every
-    /// mean hold / limit on average, and the first one about half a hold from now (the requests
-    /// in flight are partway through). `None` for the first waiter, whose wait depends on how
-    /// far along the requests in flight are (not tracked), and until a slot has been given
-    /// back once.
+    /// How long the `position`-th waiter (from 1) can expect to wait. It gets a slot at the
+    /// k-th release from now, k = (in flight − limit) + position: after the adaptive limit
+    /// has shrunk, the requests over it must finish before anyone waiting is let in. Slots
+    /// come back about every mean hold / in flight, the first about half of that from now
+    /// (the requests in flight are partway through). `None` when the very next release lets
+    /// this request in (its wait depends on how far along the requests in flight are, which
+    /// is not tracked), and until a slot has been given back once.
     fn expected_wait(&self, position: usize) -> Option<Duration> {
-        if position < 2 {
+        let limit = self.limit.floor().max(1.0);
+        let excess = (f64::from(self.in_flight) - limit).max(0.0);
+        let releases = excess + position as f64;
+        if releases < 2.0 {
             return None;
         }
-        let slots = self.limit.floor().max(1.0);
+        let releasing = f64::from(self.in_flight).max(limit);
         self.mean_hold
-            .map(|hold| hold.mul_f64((position as f64 - 0.5) / slots))
+            .map(|hold| hold.mul_f64((releases - 0.5) / releasing))
     }
 }
 
@@ -347,6 +352,37 @@ mod tests {
         assert!(queued);
         drop(first_permit);
         assert!(second.await.unwrap().unwrap().1);
+    }
+
+    #[tokio::test]
+    async fn after_the_limit_shrinks_the_requests_over_it_count_against_the_wait() {
+        let limiter = fixed(4, 10);
+        limiter.state.lock().mean_hold = Some(Duration::from_millis(100));
+        let held: Vec<_> = (0..4)
+            .map(|_| {
+                limiter
+                    .acquire(Duration::ZERO)
+                    .now_or_never()
+                    .unwrap()
+                    .unwrap()
+            })
+            .collect();
+        // At the limit, the first waiter is let in by the very next release: it queues even
+        // with a short wait.
+        assert_eq!(limiter.state.lock().expected_wait(1), None);
+        // The limit drops to 1 with 4 in flight: 4 releases before the first waiter's turn,
+        // one every ~25 ms, the first ~12.5 ms from now: ~87.5 ms.
+        limiter.state.lock().limit = 1.0;
+        assert_eq!(
+            limiter.state.lock().expected_wait(1),
+            Some(Duration::from_micros(87_500))
+        );
+        let refused = limiter.acquire(Duration::from_millis(50)).now_or_never();
+        assert_eq!(
+            refused.map(|r| r.err()),
+            Some(Some(Rejection::WouldTimeOut))
+        );
+        drop(held);
     }
 
     #[test]
