@@ -123,6 +123,13 @@ impl Drop for Permit {
     }
 }
 
+/// An adaptive limiter queues a request only when it expects a slot within this share of the
+/// request's wait bound. The limit already keeps the app busy (at overload a freed slot is
+/// refilled by the next arrival), so the queue is there for short gaps: a long wait would
+/// only add to the admitted request's latency, which the limit's aim leaves room for, and
+/// every misjudged long wait ends as a slow shed.
+const ADAPTIVE_QUEUE_SHARE: u32 = 4;
+
 /// How often the adaptive limit moves, at most.
 const ADAPT_EVERY: Duration = Duration::from_millis(100);
 const ADAPT_MIN_SAMPLES: u32 = 10;
@@ -181,7 +188,12 @@ impl Limiter {
             if s.waiters.len() >= self.spec.queue_size as usize || wait.is_zero() {
                 return Err(Rejection::QueueFull);
             }
-            if s.expected_wait(s.waiters.len() + 1) > Some(wait) {
+            let acceptable = if self.spec.adaptive {
+                wait / ADAPTIVE_QUEUE_SHARE
+            } else {
+                wait
+            };
+            if s.expected_wait(s.waiters.len() + 1) > Some(acceptable) {
                 return Err(Rejection::WouldTimeOut);
             }
             let (tx, rx) = oneshot::channel();
@@ -383,6 +395,44 @@ mod tests {
             Some(Some(Rejection::WouldTimeOut))
         );
         drop(held);
+    }
+
+    #[tokio::test]
+    async fn an_adaptive_limit_queues_only_short_waits() {
+        let limiter_with = |adaptive| {
+            let limiter = Limiter::new(LimiterSpec {
+                max: 1,
+                adaptive,
+                target: Some(Duration::from_millis(50)),
+                queue_size: 10,
+            });
+            limiter.state.lock().mean_hold = Some(Duration::from_millis(100));
+            limiter
+        };
+        for adaptive in [false, true] {
+            let limiter = limiter_with(adaptive);
+            let _held = limiter
+                .acquire(Duration::ZERO)
+                .now_or_never()
+                .unwrap()
+                .unwrap();
+            let first = {
+                let limiter = limiter.clone();
+                tokio::spawn(async move { limiter.acquire(Duration::from_secs(30)).await })
+            };
+            while limiter.snapshot().2 == 0 {
+                tokio::task::yield_now().await;
+            }
+            // The second waiter expects ~150 ms, within its 400 ms bound but over a quarter
+            // of it: a fixed limit queues it, an adaptive one sheds it at once.
+            let second = limiter.acquire(Duration::from_millis(400)).now_or_never();
+            if adaptive {
+                assert_eq!(second.map(|r| r.err()), Some(Some(Rejection::WouldTimeOut)));
+            } else {
+                assert!(second.is_none(), "a fixed limit queues it (still waiting)");
+            }
+            first.abort();
+        }
     }
 
     #[test]
