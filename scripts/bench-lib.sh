@@ -21,7 +21,8 @@ HZ=$(getconf CLK_TCK)
 # One wrk run on CPU 0 against url; prints a table row: req/s, p50, p99 and the CPU per request
 # of the process that answered (from /proc/<pid>/stat before and after). With $W set, also leaves
 # "req/s p99 cpu_us" in $W/<name> for the script's ratios. With $WARMUP (seconds) set, the same
-# load runs that long first, uncounted (first-run costs: allocator pages, lazy set-up, accepts).
+# load runs that long first, uncounted (first-run costs: allocator pages, lazy set-up, accepts);
+# bench-inference.sh sets it (default 2), the other scripts only when WARMUP is in their env.
 measure() { # name pid url [lua]
   local name=$1 pid=$2 url=$3 script=${4:-} before after out reqs rps p50 p99 cpu
   if [[ ${WARMUP:-0} != 0 ]]; then

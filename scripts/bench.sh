@@ -245,7 +245,9 @@ NGINX
       if chrt -f 50 true 2>/dev/null; then rt=(chrt -f 50); fi
       # Each proxy first gets OVERLOAD_WARMUP seconds (default 2) of the same load, not counted:
       # a freshly started process pays once for its allocator's first pages, its upstream
-      # connections and its first accepts, and the measured run is about the steady state.
+      # connections and its first accepts, and the measured run is about the steady state (the
+      # warm-up also trains outrider's adaptive limit; the server-side shed histogram printed
+      # below includes the warm-up's sheds).
       warmup=${OVERLOAD_WARMUP:-2}
       run_sut() { # name port
         for _ in $(seq 100); do curl -fs -o /dev/null "http://127.0.0.1:$2/healthz" && break; sleep 0.1; done
@@ -260,7 +262,8 @@ NGINX
         # figures from the first second on, once oha has opened its 512 connections.
         taskset -c 1 "${rt[@]}" "$oha" -z "${secs}s" -q "$rate" --latency-correction -c 512 --no-tui \
           --stats-success-breakdown --db-url "$OUT/oha-overload.db" --output-format json \
-          "http://127.0.0.1:$2/api/items/1" >"$OUT/oha-overload.json" 2>"$OUT/oha-overload.err"
+          "http://127.0.0.1:$2/api/items/1" >"$OUT/oha-overload.json" 2>"$OUT/oha-overload.err" ||
+          { echo; cat "$OUT/oha-overload.err" >&2; exit 1; }
         python3 scripts/overload-report.py "$OUT/oha-overload.json" "$secs" "$rate" "$OUT/oha-overload.db"
       }
       overload_config() { # slo section

@@ -32,14 +32,15 @@ def ms(table, p):
     return None if value is None else round(value * 1000, 2)
 
 
-
-
 def steady(db_path, steady_from):
     """Admitted p95/p99 and shed p50/p99 (ms) over the requests due after `steady_from` s."""
     rows = sqlite3.connect(db_path).execute(
-        "SELECT end - start_latency_correction, status FROM oha WHERE start_latency_correction >= ?",
+        "SELECT end - COALESCE(start_latency_correction, start), status FROM oha"
+        " WHERE COALESCE(start_latency_correction, start) >= ?",
         (steady_from,),
     ).fetchall()
+    if not rows:
+        sys.exit(f"{db_path}: no requests due after {steady_from} s")
 
     def pct(values, p):
         values = sorted(values)

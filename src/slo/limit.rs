@@ -31,6 +31,9 @@ pub enum Rejection {
     /// The slots were freeing up too slowly for this request's turn to come within its wait
     /// bound: refused on arrival rather than after waiting in vain.
     WouldTimeOut,
+    /// An adaptive limiter expected this request's turn within its wait bound but not within
+    /// the short share of it that it queues for: shed (not a deadline miss).
+    LongWait,
 }
 
 struct State {
@@ -51,21 +54,26 @@ struct State {
 impl State {
     /// How long the `position`-th waiter (from 1) can expect to wait. It gets a slot at the
     /// k-th release from now, k = (in flight − limit) + position: after the adaptive limit
-    /// has shrunk, the requests over it must finish before anyone waiting is let in. Slots
-    /// come back about every mean hold / in flight, the first about half of that from now
-    /// (the requests in flight are partway through). `None` when the very next release lets
-    /// this request in (its wait depends on how far along the requests in flight are, which
-    /// is not tracked), and until a slot has been given back once.
+    /// has shrunk, the requests over it must finish before anyone waiting is let in. While
+    /// the requests now in flight (N) finish, a slot comes back about every mean hold / N, the
+    /// first about half of that from now (they are partway through); a later release waits
+    /// for a request admitted meanwhile, which holds its slot for a whole mean hold, and only
+    /// `limit` of those run at once. `None` when the very next release lets this request in
+    /// (its wait depends on how far along the requests in flight are, which is not tracked),
+    /// and until a slot has been given back once.
     fn expected_wait(&self, position: usize) -> Option<Duration> {
         let limit = self.limit.floor().max(1.0);
-        let excess = (f64::from(self.in_flight) - limit).max(0.0);
-        let releases = excess + position as f64;
+        let in_flight = f64::from(self.in_flight).max(limit);
+        let releases = in_flight - limit + position as f64;
         if releases < 2.0 {
             return None;
         }
-        let releasing = f64::from(self.in_flight).max(limit);
+        // Releases past the first N come a whole hold after the one `limit` earlier:
+        // t(k) = t(k − m·limit) + m·hold, with k − m·limit among the first N.
+        let later_rounds = ((releases - in_flight) / limit).ceil().max(0.0);
+        let draining = releases - later_rounds * limit;
         self.mean_hold
-            .map(|hold| hold.mul_f64((releases - 0.5) / releasing))
+            .map(|hold| hold.mul_f64((draining - 0.5) / in_flight) + hold.mul_f64(later_rounds))
     }
 }
 
@@ -125,9 +133,9 @@ impl Drop for Permit {
 
 /// An adaptive limiter queues a request only when it expects a slot within this share of the
 /// request's wait bound. The limit already keeps the app busy (at overload a freed slot is
-/// refilled by the next arrival), so the queue is there for short gaps: a long wait would
-/// only add to the admitted request's latency, which the limit's aim leaves room for, and
-/// every misjudged long wait ends as a slow shed.
+/// refilled by the next arrival), so the queue only bridges short gaps: a long wait adds to
+/// the admitted request's latency, eating into the objective the limit steers by, and each
+/// misjudged one ends as a shed that took the whole wait.
 const ADAPTIVE_QUEUE_SHARE: u32 = 4;
 
 /// How often the adaptive limit moves, at most.
@@ -188,13 +196,12 @@ impl Limiter {
             if s.waiters.len() >= self.spec.queue_size as usize || wait.is_zero() {
                 return Err(Rejection::QueueFull);
             }
-            let acceptable = if self.spec.adaptive {
-                wait / ADAPTIVE_QUEUE_SHARE
-            } else {
-                wait
-            };
-            if s.expected_wait(s.waiters.len() + 1) > Some(acceptable) {
+            let expected = s.expected_wait(s.waiters.len() + 1);
+            if expected > Some(wait) {
                 return Err(Rejection::WouldTimeOut);
+            }
+            if self.spec.adaptive && expected > Some(wait / ADAPTIVE_QUEUE_SHARE) {
+                return Err(Rejection::LongWait);
             }
             let (tx, rx) = oneshot::channel();
             s.waiters.push_back(tx);
@@ -389,6 +396,12 @@ mod tests {
             limiter.state.lock().expected_wait(1),
             Some(Duration::from_micros(87_500))
         );
+        // The second waiter needs a fifth release: after the four in flight, the request
+        // the first waiter's slot admitted must finish too, a whole hold later: ~187.5 ms.
+        assert_eq!(
+            limiter.state.lock().expected_wait(2),
+            Some(Duration::from_micros(187_500))
+        );
         let refused = limiter.acquire(Duration::from_millis(50)).now_or_never();
         assert_eq!(
             refused.map(|r| r.err()),
@@ -399,7 +412,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_adaptive_limit_queues_only_short_waits() {
-        let limiter_with = |adaptive| {
+        for adaptive in [false, true] {
             let limiter = Limiter::new(LimiterSpec {
                 max: 1,
                 adaptive,
@@ -407,10 +420,6 @@ mod tests {
                 queue_size: 10,
             });
             limiter.state.lock().mean_hold = Some(Duration::from_millis(100));
-            limiter
-        };
-        for adaptive in [false, true] {
-            let limiter = limiter_with(adaptive);
             let _held = limiter
                 .acquire(Duration::ZERO)
                 .now_or_never()
@@ -423,14 +432,21 @@ mod tests {
             while limiter.snapshot().2 == 0 {
                 tokio::task::yield_now().await;
             }
-            // The second waiter expects ~150 ms, within its 400 ms bound but over a quarter
-            // of it: a fixed limit queues it, an adaptive one sheds it at once.
+            // The second waiter expects ~150 ms: within a 400 ms bound but over a quarter of
+            // it, so a fixed limit queues it and an adaptive one sheds it at once (a shed, not
+            // a deadline miss: the wait would have fitted).
             let second = limiter.acquire(Duration::from_millis(400)).now_or_never();
             if adaptive {
-                assert_eq!(second.map(|r| r.err()), Some(Some(Rejection::WouldTimeOut)));
+                assert_eq!(second.map(|r| r.err()), Some(Some(Rejection::LongWait)));
             } else {
                 assert!(second.is_none(), "a fixed limit queues it (still waiting)");
             }
+            // Within a quarter of a 1 s bound: both queue it.
+            let short = limiter.acquire(Duration::from_secs(1)).now_or_never();
+            assert!(
+                short.is_none(),
+                "queued (still waiting), adaptive: {adaptive}"
+            );
             first.abort();
         }
     }
