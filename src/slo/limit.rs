@@ -31,8 +31,9 @@ pub enum Rejection {
     /// The slots were freeing up too slowly for this request's turn to come within its wait
     /// bound: refused on arrival rather than after waiting in vain.
     WouldTimeOut,
-    /// An adaptive limiter expected this request's turn within its wait bound but not within
-    /// the short share of it that it queues for: shed (not a deadline miss).
+    /// An adaptive limiter judged the wait not worth it (longer than the short share of its
+    /// bound it queues for, or than the gap to the next arrival, or the app has stopped giving
+    /// slots back): shed (not a deadline miss).
     LongWait,
 }
 
@@ -49,6 +50,12 @@ struct State {
     window_started: Instant,
     /// How long a slot is held, smoothed (EWMA): with the limit, how fast the queue moves.
     mean_hold: Option<Duration>,
+    /// Time between requests asking for a slot, smoothed (adaptive limiters only): how long a
+    /// freed slot would stay empty if nobody waited for it.
+    mean_gap: Option<Duration>,
+    last_arrival: Option<Instant>,
+    /// When a slot was last given back: a queue that stopped moving is not worth joining.
+    last_release: Option<Instant>,
 }
 
 impl State {
@@ -74,6 +81,39 @@ impl State {
         let draining = releases - later_rounds * limit;
         self.mean_hold
             .map(|hold| hold.mul_f64((draining - 0.5) / in_flight) + hold.mul_f64(later_rounds))
+    }
+
+    fn note_arrival(&mut self, now: Instant) {
+        if let Some(previous) = self.last_arrival {
+            let gap = now.saturating_duration_since(previous);
+            self.mean_gap = Some(match self.mean_gap {
+                // One idle spell counts as at most 8x the mean.
+                Some(mean) => mean.mul_f64(0.95) + gap.min(mean * 8).mul_f64(0.05),
+                None => gap,
+            });
+        }
+        self.last_arrival = Some(now);
+    }
+
+    /// Whether an adaptive limiter should queue a request that expects to wait `expected`
+    /// (`None`: the very next release). Waiting buys the app one gap between arrivals of
+    /// slot time (without the waiter, a freed slot stays empty until the next request comes)
+    /// and costs the waiter its wait, plus the whole wait bound when the app stalls. So it
+    /// queues only a wait within `share` (a short part of its bound) and no longer than the
+    /// mean gap between arrivals: at sustained overload the next arrival refills a freed slot
+    /// within that gap anyway, and the queue only added latency, and sheds that took the whole
+    /// bound each time the app paused. Nor while no slot has come back for longer than `share`
+    /// and four times the usual time between releases: the app has stopped answering and the
+    /// estimate no longer holds.
+    fn worth_queueing(&self, expected: Option<Duration>, share: Duration, now: Instant) -> bool {
+        let between_releases = self
+            .mean_hold
+            .map_or(Duration::ZERO, |hold| hold / self.in_flight.max(1));
+        let stalled = self.last_release.is_some_and(|last| {
+            now.saturating_duration_since(last) > share.max(between_releases * 4)
+        });
+        let bound = self.mean_gap.map_or(share, |gap| gap.min(share));
+        !stalled && expected.is_none_or(|wait| wait <= bound)
     }
 }
 
@@ -160,6 +200,9 @@ impl Limiter {
                 slowest: Duration::ZERO,
                 window_started: Instant::now(),
                 mean_hold: None,
+                mean_gap: None,
+                last_arrival: None,
+                last_release: None,
             }),
         })
     }
@@ -188,6 +231,10 @@ impl Limiter {
     ) -> Result<(Permit, bool), Rejection> {
         let receiver = {
             let mut s = self.state.lock();
+            let now = self.spec.adaptive.then(Instant::now);
+            if let Some(now) = now {
+                s.note_arrival(now);
+            }
             if f64::from(s.in_flight) < s.limit.floor().max(1.0) {
                 s.in_flight += 1;
                 return Ok((self.permit(), false));
@@ -200,8 +247,10 @@ impl Limiter {
             if expected > Some(wait) {
                 return Err(Rejection::WouldTimeOut);
             }
-            if self.spec.adaptive && expected > Some(wait / ADAPTIVE_QUEUE_SHARE) {
-                return Err(Rejection::LongWait);
+            if let Some(now) = now {
+                if !s.worth_queueing(expected, wait / ADAPTIVE_QUEUE_SHARE, now) {
+                    return Err(Rejection::LongWait);
+                }
             }
             let (tx, rx) = oneshot::channel();
             s.waiters.push_back(tx);
@@ -225,6 +274,9 @@ impl Limiter {
 
     fn release(self: &Arc<Self>, sample: Option<Sample>, held: Duration) {
         let mut s = self.state.lock();
+        if self.spec.adaptive {
+            s.last_release = Some(Instant::now());
+        }
         // One outlier (a long stream, a timeout) moves the mean by at most 60 %.
         s.mean_hold = Some(match s.mean_hold {
             Some(mean) => mean.mul_f64(0.8) + held.min(mean * 4).mul_f64(0.2),
@@ -297,6 +349,44 @@ mod tests {
         })
     }
 
+    /// A limit of one, held, whose slots have been held 100 ms each.
+    fn one_held_slot(adaptive: bool) -> (Arc<Limiter>, Permit) {
+        let limiter = Limiter::new(LimiterSpec {
+            max: 1,
+            adaptive,
+            target: Some(Duration::from_millis(50)),
+            queue_size: 10,
+        });
+        limiter.state.lock().mean_hold = Some(Duration::from_millis(100));
+        let held = limiter.acquire(Duration::ZERO).now_or_never().unwrap();
+        (limiter, held.unwrap().0)
+    }
+
+    /// An adaptive limiter shed the request at once; a fixed one queued it (still waiting).
+    fn shed_only_if_adaptive(adaptive: bool, outcome: Option<Result<(Permit, bool), Rejection>>) {
+        if adaptive {
+            assert_eq!(outcome.map(|r| r.err()), Some(Some(Rejection::LongWait)));
+        } else {
+            assert!(outcome.is_none(), "a fixed limit queues it (still waiting)");
+        }
+    }
+
+    /// A request that waits up to `wait` in its own task, returned once it is in the queue.
+    async fn queued_waiter(
+        limiter: &Arc<Limiter>,
+        wait: Duration,
+    ) -> tokio::task::JoinHandle<Result<(Permit, bool), Rejection>> {
+        let waiting = limiter.snapshot().2;
+        let waiter = {
+            let limiter = limiter.clone();
+            tokio::spawn(async move { limiter.acquire(wait).await })
+        };
+        while limiter.snapshot().2 == waiting {
+            tokio::task::yield_now().await;
+        }
+        waiter
+    }
+
     #[tokio::test]
     async fn admits_up_to_the_limit_then_queues_then_sheds() {
         let limiter = fixed(2, 1);
@@ -309,14 +399,7 @@ mod tests {
             Some(Rejection::QueueFull)
         );
         // One waiter fits in the queue and gets the slot the first request frees.
-        let waiting = {
-            let limiter = limiter.clone();
-            tokio::spawn(async move { limiter.acquire(Duration::from_secs(30)).await })
-        };
-        tokio::task::yield_now().await;
-        while limiter.snapshot().2 == 0 {
-            tokio::task::yield_now().await;
-        }
+        let waiting = queued_waiter(&limiter, Duration::from_secs(30)).await;
         // The queue (size 1) is full now.
         assert_eq!(
             limiter.acquire(Duration::from_secs(30)).await.err(),
@@ -345,15 +428,8 @@ mod tests {
         // Slots have been held 100 ms each.
         limiter.state.lock().mean_hold = Some(Duration::from_millis(100));
         let held = limiter.acquire(Duration::ZERO).await.unwrap();
-        let queue = |wait: Duration| {
-            let limiter = limiter.clone();
-            tokio::spawn(async move { limiter.acquire(wait).await })
-        };
         // The first waiter always queues: the slot may free any moment.
-        let first = queue(Duration::from_secs(30));
-        while limiter.snapshot().2 == 0 {
-            tokio::task::yield_now().await;
-        }
+        let first = queued_waiter(&limiter, Duration::from_secs(30)).await;
         // The second would wait ~150 ms; willing to wait 10 ms: refused without waiting.
         let refused = limiter.acquire(Duration::from_millis(10)).now_or_never();
         assert_eq!(
@@ -362,10 +438,7 @@ mod tests {
         );
         assert_eq!(limiter.snapshot(), (1, 1, 1));
         // Willing to wait long enough: queued behind the first.
-        let second = queue(Duration::from_secs(30));
-        while limiter.snapshot().2 < 2 {
-            tokio::task::yield_now().await;
-        }
+        let second = queued_waiter(&limiter, Duration::from_secs(30)).await;
         drop(held);
         let (first_permit, queued) = first.await.unwrap().unwrap();
         assert!(queued);
@@ -413,34 +486,15 @@ mod tests {
     #[tokio::test]
     async fn an_adaptive_limit_queues_only_short_waits() {
         for adaptive in [false, true] {
-            let limiter = Limiter::new(LimiterSpec {
-                max: 1,
-                adaptive,
-                target: Some(Duration::from_millis(50)),
-                queue_size: 10,
-            });
-            limiter.state.lock().mean_hold = Some(Duration::from_millis(100));
-            let _held = limiter
-                .acquire(Duration::ZERO)
-                .now_or_never()
-                .unwrap()
-                .unwrap();
-            let first = {
-                let limiter = limiter.clone();
-                tokio::spawn(async move { limiter.acquire(Duration::from_secs(30)).await })
-            };
-            while limiter.snapshot().2 == 0 {
-                tokio::task::yield_now().await;
-            }
+            let (limiter, _held) = one_held_slot(adaptive);
+            // Requests arrive seconds apart: a freed slot would stay empty that long.
+            limiter.state.lock().mean_gap = Some(Duration::from_secs(5));
+            let first = queued_waiter(&limiter, Duration::from_secs(30)).await;
             // The second waiter expects ~150 ms: within a 400 ms bound but over a quarter of
             // it, so a fixed limit queues it and an adaptive one sheds it at once (a shed, not
             // a deadline miss: the wait would have fitted).
             let second = limiter.acquire(Duration::from_millis(400)).now_or_never();
-            if adaptive {
-                assert_eq!(second.map(|r| r.err()), Some(Some(Rejection::LongWait)));
-            } else {
-                assert!(second.is_none(), "a fixed limit queues it (still waiting)");
-            }
+            shed_only_if_adaptive(adaptive, second);
             // Within a quarter of a 1 s bound: both queue it.
             let short = limiter.acquire(Duration::from_secs(1)).now_or_never();
             assert!(
@@ -449,6 +503,66 @@ mod tests {
             );
             first.abort();
         }
+    }
+
+    #[tokio::test]
+    async fn an_adaptive_limit_does_not_queue_a_wait_the_next_arrival_would_fill() {
+        for adaptive in [false, true] {
+            let (limiter, _held) = one_held_slot(adaptive);
+            // A request every ~10 ms: whoever is shed now, a slot freed in ~150 ms is taken
+            // by a newcomer within ~10 ms of freeing.
+            limiter.state.lock().mean_gap = Some(Duration::from_millis(10));
+            // The next release lets the first waiter in: worth waiting for.
+            let first = queued_waiter(&limiter, Duration::from_secs(30)).await;
+            let second = limiter.acquire(Duration::from_secs(1)).now_or_never();
+            shed_only_if_adaptive(adaptive, second);
+            // Requests seconds apart: the same wait is worth it.
+            limiter.state.lock().mean_gap = Some(Duration::from_secs(5));
+            let third = limiter.acquire(Duration::from_secs(1)).now_or_never();
+            assert!(
+                third.is_none(),
+                "queued (still waiting), adaptive: {adaptive}"
+            );
+            first.abort();
+        }
+    }
+
+    #[tokio::test]
+    async fn an_adaptive_limit_does_not_queue_while_no_slot_comes_back() {
+        for adaptive in [false, true] {
+            let (limiter, _held) = one_held_slot(adaptive);
+            limiter.state.lock().mean_gap = Some(Duration::from_secs(5));
+            // Slots come back about every 100 ms; none for 2 s: the app has stopped answering.
+            limiter.state.lock().last_release = Some(Instant::now() - Duration::from_secs(2));
+            let first = limiter.acquire(Duration::from_secs(1)).now_or_never();
+            shed_only_if_adaptive(adaptive, first);
+            // The last one came back 10 ms ago: the next is due any moment.
+            limiter.state.lock().last_release = Some(Instant::now() - Duration::from_millis(10));
+            let second = limiter.acquire(Duration::from_secs(1)).now_or_never();
+            assert!(
+                second.is_none(),
+                "queued (still waiting), adaptive: {adaptive}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_adaptive_limit_learns_the_gap_between_arrivals() {
+        let (limiter, _held) = one_held_slot(true);
+        let start = Instant::now();
+        let mut s = limiter.state.lock();
+        // Forget the arrival of the request that holds the slot.
+        s.last_arrival = None;
+        s.mean_gap = None;
+        s.note_arrival(start);
+        s.note_arrival(start + Duration::from_millis(10));
+        assert_eq!(s.mean_gap, Some(Duration::from_millis(10)));
+        // 0.95 x 10 ms + 0.05 x 20 ms.
+        s.note_arrival(start + Duration::from_millis(30));
+        assert_eq!(s.mean_gap, Some(Duration::from_micros(10_500)));
+        // An idle hour counts as at most 8x the mean: 0.95 x 10.5 + 0.05 x 84 ms.
+        s.note_arrival(start + Duration::from_secs(3600));
+        assert_eq!(s.mean_gap, Some(Duration::from_micros(14_175)));
     }
 
     #[test]
