@@ -5,7 +5,9 @@
 # compute thread) alone on CPU 1 answering the same route in-process with the same risk.onnx.
 # Single-row requests at CONNS connections (no prediction cache: every request runs the model).
 # Prints req/s, p50/p99 latency and CPU per request of the process that answered (from
-# /proc/<pid>/stat before and after each run), and the ratios measured in this run.
+# /proc/<pid>/stat before and after each run), and the ratios measured in this run; with nginx
+# installed, also nginx returning a fixed string of the same shape from CPU 1: the floor of
+# what any server answers at on this host in this run.
 # Env: DURATION (s, default 8), CONNS (default 64), BATCH (the model's batch: map, default
 # "{ max_size: 32, max_wait: 1ms }"), WARMUP (s of the same load before each closed-loop
 # measurement, uncounted, for both servers; default 2).
@@ -67,14 +69,40 @@ echo "| scenario | req/s | p50 | p99 | CPU µs/req (answering process) |"
 echo "|---|---|---|---|---|"
 measure in-process "$SUT_PID" "http://127.0.0.1:$PORT/api/predict/risk" "$W/post.lua"
 measure app-direct "$APP_PID" "http://127.0.0.1:$APP_PORT/api/predict/risk" "$W/post.lua"
+# The floor on this host right now: nginx (one process, CPU 1 like outrider) answering the same
+# POST with a fixed string of the same shape: no model, no JSON, just HTTP over loopback.
+if command -v nginx >/dev/null 2>&1; then
+  mkdir -p "$W/nginx"
+  cat >"$W/nginx/nginx.conf" <<NGINX
+master_process off; daemon off; worker_processes 1; pid $W/nginx/nginx.pid; error_log $W/nginx/error.log;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $W/nginx; proxy_temp_path $W/nginx; fastcgi_temp_path $W/nginx;
+  uwsgi_temp_path $W/nginx; scgi_temp_path $W/nginx;
+  server { listen 127.0.0.1:18102; default_type application/json;
+    location / { return 200 '{"risk":[0.5336988568305969],"model":"risk","model_version":1}'; } }
+}
+NGINX
+  taskset -c 1 nginx -c "$W/nginx/nginx.conf" &
+  NGINX_PID=$!; PIDS+=("$NGINX_PID")
+  wait_port "http://127.0.0.1:18102/"
+  measure nginx-fixed-string "$NGINX_PID" "http://127.0.0.1:18102/api/predict/risk" "$W/post.lua"
+fi
 read -r ours_rps ours_p99 ours_cpu <"$W/in-process"
 read -r app_rps _ app_cpu <"$W/app-direct"
-python3 - "$ours_rps" "$app_rps" "$ours_cpu" "$app_cpu" "$ours_p99" <<'PY'
-import sys
-ours, app, ours_cpu, app_cpu, p99 = sys.argv[1:]
+floor_p99=-
+if [[ -f $W/nginx-fixed-string ]]; then read -r _ floor_p99 _ <"$W/nginx-fixed-string"; fi
+python3 - "$ours_rps" "$app_rps" "$ours_cpu" "$app_cpu" "$ours_p99" "$floor_p99" <<'PY'
+import re, sys
+ours, app, ours_cpu, app_cpu, p99, floor = sys.argv[1:]
+def ms(text):  # wrk prints 812.00us, 2.56ms or 1.02s
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 print(f"# throughput in-process / app: {float(ours) / float(app):.1f}x (target >= 10x); "
       f"CPU per request app / in-process: {float(app_cpu) / max(float(ours_cpu), 1e-9):.1f}x; "
-      f"in-process p99 {p99} (target <= 5ms)")
+      f"in-process p99 {p99} (target <= 5ms)"
+      + (f"; p99 in-process / nginx fixed string: {ms(p99) / ms(floor):.2f}x" if floor != "-" else ""))
 PY
 curl -fsS "http://127.0.0.1:$ADMIN/metrics" | awk '/^outrider_inference_batch_size_(sum|count)/ {v[$1]=$2} END {for (k in v) printf "# %s %s\n", k, v[k]}'
 
