@@ -54,8 +54,10 @@ struct State {
     /// freed slot would stay empty if nobody waited for it.
     mean_gap: Option<Duration>,
     last_arrival: Option<Instant>,
-    /// When a slot was last given back: a queue that stopped moving is not worth joining.
-    last_release: Option<Instant>,
+    /// When a slot last changed hands (given back, or granted at once): slots that stopped
+    /// coming back are not worth waiting for. A grant counts so that after an idle spell the
+    /// first requests over the limit are not mistaken for a paused app.
+    last_progress: Option<Instant>,
 }
 
 impl State {
@@ -87,8 +89,12 @@ impl State {
         if let Some(previous) = self.last_arrival {
             let gap = now.saturating_duration_since(previous);
             self.mean_gap = Some(match self.mean_gap {
-                // One idle spell counts as at most 8x the mean.
-                Some(mean) => mean.mul_f64(0.95) + gap.min(mean * 8).mul_f64(0.05),
+                // One idle spell counts as at most 8x the mean (of at least 100 µs, so a
+                // mean that started at a zero gap still grows).
+                Some(mean) => {
+                    let cap = mean.max(Duration::from_micros(100)) * 8;
+                    mean.mul_f64(0.95) + gap.min(cap).mul_f64(0.05)
+                }
                 None => gap,
             });
         }
@@ -109,7 +115,7 @@ impl State {
         let between_releases = self
             .mean_hold
             .map_or(Duration::ZERO, |hold| hold / self.in_flight.max(1));
-        let stalled = self.last_release.is_some_and(|last| {
+        let stalled = self.last_progress.is_some_and(|last| {
             now.saturating_duration_since(last) > share.max(between_releases * 4)
         });
         let bound = self.mean_gap.map_or(share, |gap| gap.min(share));
@@ -202,7 +208,7 @@ impl Limiter {
                 mean_hold: None,
                 mean_gap: None,
                 last_arrival: None,
-                last_release: None,
+                last_progress: None,
             }),
         })
     }
@@ -237,6 +243,9 @@ impl Limiter {
             }
             if f64::from(s.in_flight) < s.limit.floor().max(1.0) {
                 s.in_flight += 1;
+                if now.is_some() {
+                    s.last_progress = now;
+                }
                 return Ok((self.permit(), false));
             }
             s.waiters.retain(|w| !w.is_closed());
@@ -275,7 +284,7 @@ impl Limiter {
     fn release(self: &Arc<Self>, sample: Option<Sample>, held: Duration) {
         let mut s = self.state.lock();
         if self.spec.adaptive {
-            s.last_release = Some(Instant::now());
+            s.last_progress = Some(Instant::now());
         }
         // One outlier (a long stream, a timeout) moves the mean by at most 60 %.
         s.mean_hold = Some(match s.mean_hold {
@@ -382,6 +391,7 @@ mod tests {
             tokio::spawn(async move { limiter.acquire(wait).await })
         };
         while limiter.snapshot().2 == waiting {
+            assert!(!waiter.is_finished(), "the request was not queued");
             tokio::task::yield_now().await;
         }
         waiter
@@ -533,17 +543,38 @@ mod tests {
             let (limiter, _held) = one_held_slot(adaptive);
             limiter.state.lock().mean_gap = Some(Duration::from_secs(5));
             // Slots come back about every 100 ms; none for 2 s: the app has stopped answering.
-            limiter.state.lock().last_release = Some(Instant::now() - Duration::from_secs(2));
+            limiter.state.lock().last_progress = Some(Instant::now() - Duration::from_secs(2));
             let first = limiter.acquire(Duration::from_secs(1)).now_or_never();
             shed_only_if_adaptive(adaptive, first);
             // The last one came back 10 ms ago: the next is due any moment.
-            limiter.state.lock().last_release = Some(Instant::now() - Duration::from_millis(10));
+            limiter.state.lock().last_progress = Some(Instant::now() - Duration::from_millis(10));
             let second = limiter.acquire(Duration::from_secs(1)).now_or_never();
             assert!(
                 second.is_none(),
                 "queued (still waiting), adaptive: {adaptive}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn after_an_idle_spell_the_first_request_over_the_limit_still_queues() {
+        let limiter = Limiter::new(LimiterSpec {
+            max: 1,
+            adaptive: true,
+            target: Some(Duration::from_millis(50)),
+            queue_size: 10,
+        });
+        {
+            let mut s = limiter.state.lock();
+            s.mean_hold = Some(Duration::from_millis(100));
+            s.mean_gap = Some(Duration::from_secs(5));
+            // The route has been quiet for 10 s (more than a quarter of the 30 s wait below).
+            s.last_progress = Some(Instant::now() - Duration::from_secs(10));
+        }
+        // A request takes the free slot: the slots are moving again.
+        let _held = limiter.acquire(Duration::ZERO).await.unwrap();
+        let next = queued_waiter(&limiter, Duration::from_secs(30)).await;
+        next.abort();
     }
 
     #[test]
