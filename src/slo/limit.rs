@@ -108,9 +108,9 @@ impl State {
     /// queues only a wait within `share` (a short part of its bound) and no longer than the
     /// mean gap between arrivals: at sustained overload the next arrival refills a freed slot
     /// within that gap anyway, and the queue only added latency, and sheds that took the whole
-    /// bound each time the app paused. Nor while no slot has come back for longer than `share`
-    /// and four times the usual time between releases: the app has stopped answering and the
-    /// estimate no longer holds.
+    /// bound each time the app paused. Nor while no slot has changed hands for longer than
+    /// `share` and four times the usual time between releases: the app has stopped answering
+    /// and the estimate no longer holds.
     fn worth_queueing(&self, expected: Option<Duration>, share: Duration, now: Instant) -> bool {
         let between_releases = self
             .mean_hold
